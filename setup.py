@@ -1,0 +1,30 @@
+"""Builds vitkern._C, the fused CPU kernels in csrc/, with torch's cpp_extension (ninja when present).
+
+Set VITKERN_NO_EXT=1 to skip the extension (the package then runs on its 'reference' backend) and
+VITKERN_PORTABLE=1 to build without -march=native.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("VITKERN_NO_EXT") != "1":
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # no torch in the build environment: install without the extension
+        CppExtension = None
+    if CppExtension is not None:
+        cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+        if os.environ.get("VITKERN_PORTABLE") != "1":
+            cxx.append("-march=native")
+        ext_modules = [CppExtension("vitkern._C", sorted(glob.glob("csrc/*.cpp")),
+                                    extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+        cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+setup(
+    name="vitkern",
+    packages=find_packages(include=["vitkern", "vitkern.*"]),
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

@@ -1,0 +1,125 @@
+"""The public functions: an SDPA-compatible one and a flash-attn-style packed (varlen) one.
+
+Both validate, reshape to the canonical layout with views (backends/base.py), pick a backend, and call the
+custom op in ops.py.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import backends, checks
+from . import dropout as _dropout
+from .ops import attention_fwd
+
+
+def _seed(dropout_p: float) -> Optional[Tensor]:
+    return _dropout.new_seed() if dropout_p > 0 else None
+
+
+def _prod(xs) -> int:
+    return math.prod(int(x) for x in xs)
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``.
+
+    query [..., Hq, Nq, D], key [..., Hk, Nk, D], value [..., Hk, Nk, Dv] -> [..., Hq, Nq, Dv].
+    Leading dims broadcast; with ``enable_gqa`` Hq must be a multiple of Hk. ``attn_mask`` broadcasts to
+    [..., Hq, Nq, Nk]: bool (True = takes part) or float (added to the scores). ``is_causal`` keeps key j <= query
+    i (top-left aligned, as torch); it may be combined with a mask. A query with no key left gives 0, not NaN.
+    ``backend``: None (fastest that can serve), or a name from ``available_backends()``.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        checks.tensor(name, x, min_ndim=2)
+    checks.qkv_dtypes_devices(query, key, value)
+    checks.head_dims(query, key, value, n_axis=-2)
+    checks.scalar_args(dropout_p, scale, is_causal)
+    nq, d, nk, dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
+    if key.shape[:-2] != value.shape[:-2]:
+        raise ValueError(f"value: expected batch/head dims {tuple(key.shape[:-2])} (the key's), got "
+                         f"{tuple(value.shape[:-2])}")
+    if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+        hq, hk = query.shape[-3], key.shape[-3]
+        if hq % hk:
+            raise ValueError(f"key: with enable_gqa the query heads ({hq}) must be a multiple of the key heads, "
+                             f"got {hk}")
+        lead = _broadcast("query/key", query.shape[:-3], key.shape[:-3])
+        q_lead, kv_lead = lead + (hq,), lead + (hk,)
+    else:
+        q_lead = kv_lead = _broadcast("query/key/value", query.shape[:-2], key.shape[:-2])
+    b = _prod(q_lead[:-1]) if q_lead else 1
+    hq = q_lead[-1] if q_lead else 1
+    hk = kv_lead[-1] if kv_lead else 1
+    q4 = query.expand(*q_lead, nq, d).reshape(b, hq, nq, d)
+    k4 = key.expand(*kv_lead, nk, d).reshape(b, hk, nk, d)
+    v4 = value.expand(*kv_lead, nk, dv).reshape(b, hk, nk, dv)
+    mask4 = None
+    if attn_mask is not None:
+        checks.attn_mask(attn_mask, query, tuple(q_lead) + (nq, nk))
+        mask4 = attn_mask.expand(*q_lead, nq, nk).reshape(b, hq, nq, nk)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    name = backends.select(backend, q4, k4, v4, mask4, None, dropout_p)
+    out, _ = attention_fwd(q4, k4, v4, mask4, None, None, _seed(dropout_p), -1, -1, scale, is_causal,
+                           float(dropout_p), name)
+    return out.reshape(*q_lead, nq, dv)
+
+
+def _broadcast(what: str, *shapes) -> tuple:
+    try:
+        return tuple(torch.broadcast_shapes(*shapes))
+    except RuntimeError:
+        raise ValueError(f"{what}: expected batch/head dims that broadcast together, got "
+                         f"{', '.join(str(tuple(s)) for s in shapes)}") from None
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor] = None,
+                     max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None, *,
+                     scale: Optional[float] = None, dropout_p: float = 0.0, is_causal: bool = False,
+                     return_lse: bool = False, backend: Optional[str] = None):
+    """Attention over packed sequences (flash-attn's varlen layout); the block-diagonal mask is never built.
+
+    q [Tq, H, D], k [Tk, Hk, D], v [Tk, Hk, Dv] (H a multiple of Hk); cu_seqlens_q / cu_seqlens_k int32/int64
+    [S + 1] (0, ..., T; zero-length sequences allowed; cu_seqlens_k=None means cu_seqlens_q). Query tokens of
+    sequence s attend only to key tokens of sequence s; ``is_causal`` is top-left aligned within each sequence.
+    ``max_seqlen_*`` are optional hints (no device sync is needed without them).
+    Returns out [Tq, H, Dv], and with ``return_lse`` also lse float32 [H, Tq] (-inf for a query with no key).
+    """
+    checks.tensor("q", q, ndim=3)
+    checks.tensor("k", k, ndim=3)
+    checks.tensor("v", v, ndim=3)
+    checks.qkv_dtypes_devices(q, k, v)
+    checks.head_dims(q, k, v, n_axis=0)
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"v: expected {k.shape[1]} heads (the key's), got {v.shape[1]}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k: expected a head count dividing the query's {q.shape[1]}, got {k.shape[1]}")
+    checks.scalar_args(dropout_p, scale, is_causal)
+    checks.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    if cu_seqlens_k is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError(f"cu_seqlens_k: needed when k has a different token count ({k.shape[0]}) than q "
+                             f"({q.shape[0]})")
+        cu_seqlens_k = cu_seqlens_q
+    else:
+        checks.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+        if cu_seqlens_k.numel() != cu_seqlens_q.numel():
+            raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (as cu_seqlens_q), got "
+                             f"{cu_seqlens_k.numel()}")
+    max_q = checks.max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
+    max_k = checks.max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    # [T, H, D] viewed as [1, H, T, D]: the kernels see one batch whose blocks cu_seqlens delimits.
+    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+    name = backends.select(backend, q4, k4, v4, None, cu_seqlens_q, dropout_p)
+    out, lse = attention_fwd(q4, k4, v4, None, cu_seqlens_q, cu_seqlens_k, _seed(dropout_p), max_q, max_k, scale,
+                             is_causal, float(dropout_p), name)
+    out = out[0].transpose(0, 1)
+    return (out, lse[0]) if return_lse else out

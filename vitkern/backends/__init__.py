@@ -1,0 +1,72 @@
+"""Backend registry and selection.
+
+``backend=None`` walks the device's priority list and takes the first backend that is available and accepts
+the input; ``reference`` accepts everything, so automatic selection never fails where some backend could serve.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .base import Backend
+from .reference import ReferenceBackend
+
+_REGISTRY: dict[str, Backend] = {}
+# Fastest first. Triton serves CPU tensors only under TRITON_INTERPRET=1, and only when named explicitly.
+_PRIORITY = {"cuda": ["triton", "reference"], "cpu": ["cpu", "reference"]}
+
+
+def register(backend: Backend) -> None:
+    _REGISTRY[backend.name] = backend
+
+
+def known_backends() -> list[str]:
+    return list(_REGISTRY)
+
+
+def get(name: str) -> Backend:
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"backend: expected one of {sorted(_REGISTRY)} or None, got {name!r}")
+    return _REGISTRY[name]
+
+
+def available_backends() -> list[str]:
+    """Names of the backends this install can run (on some device)."""
+    return [name for name, be in _REGISTRY.items() if be.available()]
+
+
+def select(name: Optional[str], q, k, v, mask, cu_seqlens_q, dropout_p) -> str:
+    """Name of the backend that will run this (canonical-layout) call; raises ValueError if ``name`` can't."""
+    if name is not None:
+        be = get(name)
+        if not be.available():
+            raise ValueError(f"backend={name!r}: {be.unavailable_reason()}")
+        why = be.unsupported_reason(q, k, v, mask, cu_seqlens_q, dropout_p)
+        if why is not None:
+            raise ValueError(f"backend={name!r} can't take this input: {why}")
+        return name
+    for cand in _PRIORITY.get(q.device.type, ["reference"]):
+        be = _REGISTRY.get(cand)
+        if be is not None and be.available() and be.unsupported_reason(q, k, v, mask, cu_seqlens_q,
+                                                                        dropout_p) is None:
+            return cand
+    return "reference"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+register(ReferenceBackend())
+
+
+def _register_optional() -> None:
+    # Imported here, not at the top, so a missing extension or Triton never breaks `import vitkern`.
+    from . import cpu as _cpu  # noqa: F401  (registers itself)
+    try:
+        from . import triton_backend as _triton  # noqa: F401
+    except ImportError:
+        pass
+
+
+_register_optional()
