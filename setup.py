@@ -15,7 +15,8 @@ if os.environ.get("VITKERN_NO_EXT") != "1":
     except ImportError:  # no torch in the build environment: install without the extension
         CppExtension = None
     if CppExtension is not None:
-        cxx = ["-O3", "-std=c++17", "-fopenmp", "-DNDEBUG"]
+        # The C++ standard is left to torch (C++17 up to 2.13, C++20 from 2.14).
+        cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
         if os.environ.get("VITKERN_PORTABLE") != "1":
             cxx.append("-march=native")
         ext_modules = [CppExtension("vitkern._C", sorted(glob.glob("csrc/*.cpp")),
