@@ -1,0 +1,93 @@
+"""The ``triton`` backend: fused forward/backward Triton kernels (vitkern/triton_kernels/) for CUDA tensors.
+
+On CPU tensors it runs only under ``TRITON_INTERPRET=1`` (Triton's numpy interpreter, for tests at tiny sizes).
+The kernel modules are imported on first use, so the interpreter setting is read when the kernels are defined,
+not when vitkern is imported.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import triton  # noqa: F401  (an install without Triton raises ImportError here and the backend is not registered)
+
+from . import register
+from .base import Backend, empty_bhnd
+
+MAX_HEAD_DIM = 256
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    from ..triton_kernels.config import interpreting
+    return interpreting()
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    def available(self) -> bool:
+        return torch.cuda.is_available() or _interpreting()
+
+    def unavailable_reason(self) -> str:
+        return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run CPU tensors in Triton's interpreter)"
+
+    def unsupported_reason(self, q, k, v, mask, cu_seqlens_q, dropout_p) -> Optional[str]:
+        interp = _interpreting()
+        if q.device.type == "cpu" and not interp:
+            return "it runs on CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter)"
+        if q.device.type not in ("cpu", "cuda"):
+            return f"it runs on CUDA tensors, got tensors on {q.device}"
+        if q.dtype not in _DTYPES:
+            return f"dtype must be one of float16, bfloat16, float32, got {q.dtype}"
+        if interp and (q.dtype == torch.bfloat16 or (mask is not None and mask.dtype == torch.bfloat16)):
+            return "Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic"
+        d, dv = q.shape[-1], v.shape[-1]
+        if max(d, dv) > MAX_HEAD_DIM:
+            return (f"head dims up to {MAX_HEAD_DIM} (a larger tile does not fit a GPU's registers/shared memory), "
+                    f"got D={d}, Dv={dv}")
+        if mask is not None and mask.dtype != torch.bool and mask.dtype not in _DTYPES + (torch.float64,):
+            return f"a float mask must be float16, bfloat16, float32 or float64, got {mask.dtype}"
+        return None
+
+    def forward(self, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p):
+        from ..triton_kernels.attention_fwd import attention_forward
+        b, hq, nq, _ = q.shape
+        out = empty_bhnd(b, hq, nq, v.shape[3], q)
+        lse = torch.empty(b, hq, nq, dtype=torch.float32, device=q.device)
+        with _on_device(q):
+            return attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
+                                     out, lse)
+
+    def backward(self, dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
+                 dropout_p, mask_grad):
+        from ..triton_kernels.attention_bwd import attention_backward
+        b, hq, nq, d = q.shape
+        hk, nk = k.shape[1], k.shape[2]
+        dq = empty_bhnd(b, hq, nq, d, q)
+        dk = empty_bhnd(b, hk, nk, d, k)
+        dv = empty_bhnd(b, hk, nk, v.shape[3], v)
+        # Tiles the kernels skip (masked out, causal, empty rows) are never written: dmask starts at zero.
+        dmask = q.new_zeros((b, hq, nq, nk), dtype=mask.dtype) if mask_grad else q.new_empty(0)
+        with _on_device(q):
+            return attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale,
+                                      is_causal, dropout_p, mask_grad, dq, dk, dv, dmask)
+
+
+class _on_device:
+    """Launch on the tensors' GPU (not the current one) when they live on a CUDA device."""
+
+    def __init__(self, x):
+        self._ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else None
+
+    def __enter__(self):
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+register(TritonBackend())

@@ -1,0 +1,13 @@
+"""Triton kernels of vitkern's ``triton`` backend (vitkern/backends/triton_backend.py).
+
+One file per kernel family:
+    attention_fwd.py   forward: online softmax, LSE out (dense, masked, packed varlen)
+    attention_bwd.py   backward: delta pre-pass, dK/dV kernel, dQ kernel (deterministic, no atomics)
+    tile_ops.py        @triton.jit helpers shared by both (tile loads, masking, counter-based dropout)
+    mask_summary.py    per-tile summary of a dense mask (torch ops on device), so empty tiles are skipped
+    varlen_map.py      program -> (sequence, block) map for packed batches, built on device without a sync
+    config.py          block sizes and launch parameters
+
+Importing this package defines the kernels: set ``TRITON_INTERPRET=1`` before importing it to run them on CPU
+tensors with Triton's interpreter.
+"""

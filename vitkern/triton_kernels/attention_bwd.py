@@ -1,0 +1,336 @@
+"""Backward attention kernels: delta pre-pass, then dK/dV and dQ in two kernels with no atomics.
+
+With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout applied), delta = rowsum(dO * O)
+= rowsum(P * dP), dS = P * (dP - delta):
+    dV = P_dropped^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   dMask = dS (float mask, when asked).
+- ``_bwd_preprocess``: delta [B, Hq, Nq] and the LSE in log2 units, with +inf for rows that had no key (so P
+  comes out 0 there and every gradient of such a row is 0);
+- ``_bwd_dkdv_kernel``: one program per (key tile, key/value head) walks the query tiles of every query head of
+  its group (GQA sums in registers), so dK/dV are written once: deterministic;
+- ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles; it also writes dMask.
+Features and limits are those of attention_fwd.py (varlen map, mask summary ranges, causal, dropout
+bit-exact with the forward). The two-kernel split recomputes Q K^T and dO V^T once more than an atomic-add
+dQ would; it buys a deterministic result without a workspace.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import config, varlen_map
+from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
+from .mask_summary import tile_summary
+from .tile_ops import LOG2E, dropout_keep, load_rows, mask_scores, store_rows
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _bwd_preprocess(Out, DOut, Lse, Delta, Lse2,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    stride_db, stride_dh, stride_dm, stride_dd,
+                    num_heads, num_rows, head_dim_v,
+                    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(num_rows, BLOCK_M)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m.to(tl.int64)
+    o = load_rows(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_om
+                  + offs_dv[None, :] * stride_od, offs_m, num_rows, offs_dv, head_dim_v, False, False)
+    do = load_rows(DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows[:, None] * stride_dm
+                   + offs_dv[None, :] * stride_dd, offs_m, num_rows, offs_dv, head_dim_v, False, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    row_ptr = pid_bh.to(tl.int64) * num_rows + rows
+    in_rows = offs_m < num_rows
+    lse = tl.load(Lse + row_ptr, mask=in_rows, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    tl.store(Delta + row_ptr, delta, mask=in_rows)
+    tl.store(Lse2 + row_ptr, lse2, mask=in_rows)
+
+
+@triton.jit
+def _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
+                scale_log2, seed, bh, drop_threshold, drop_scale,
+                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                EVEN_N: tl.constexpr, PRECISION: tl.constexpr):
+    """For one [BM, BN] tile: P with dropout applied (for dV) and dS, both float32."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state, MASK_KIND, IS_CAUSAL, EVEN_N)
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if HAS_DROPOUT:
+        keep = dropout_keep(seed, bh, rows, cols, drop_threshold)
+        p_dropped = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    else:
+        p_dropped = p
+    ds = p * (dp - delta[:, None])
+    return p_dropped, ds
+
+
+@triton.jit(do_not_specialize=["num_n_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse2, Delta, DK, DV, Mask, TileState, ColLo, ColHi, CuQ, CuK, BlockSeq, BlockStart,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_cb, stride_ch, stride_cn,
+    num_heads, num_kv_heads, groups, num_n_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
+    scale, scale_log2, seed, drop_threshold, drop_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_n = pid % num_n_blocks
+    pid_bhk = pid // num_n_blocks
+    b = pid_bhk // num_kv_heads
+    hk = pid_bhk % num_kv_heads
+    if IS_VARLEN:
+        seq = tl.load(BlockSeq + pid_n)
+        n_start = tl.load(BlockStart + pid_n)
+        q_start = tl.load(CuQ + seq).to(tl.int64)
+        q_len = (tl.load(CuQ + seq + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuK + seq).to(tl.int64)
+        k_len = (tl.load(CuK + seq + 1) - k_start).to(tl.int32)
+    else:
+        n_start = pid_n * BLOCK_N
+        q_start = 0
+        k_start = 0
+        q_len = seq_len_q
+        k_len = seq_len_k
+    offs_n = n_start + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    cols = k_start + offs_n.to(tl.int64)
+    b64 = b.to(tl.int64)
+    k = load_rows(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kn
+                  + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
+    v = load_rows(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vn
+                  + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+
+    # Query tiles that can see this key tile: causal keeps queries >= n_start.
+    t_first = 0
+    if IS_CAUSAL:
+        t_first = n_start // BLOCK_M
+    t_end = tl.cdiv(q_len, BLOCK_M)
+    if IS_VARLEN:
+        t_end = tl.where(n_start < k_len, t_end, 0)
+    for g in range(0, groups):
+        h = hk * groups + g
+        bh = b * num_heads + h
+        t_lo = t_first
+        t_hi = t_end
+        if HAS_SUMMARY:
+            c_off = b64 * stride_cb + h.to(tl.int64) * stride_ch + pid_n * stride_cn
+            t_lo = tl.maximum(t_lo, tl.load(ColLo + c_off))
+            t_hi = tl.minimum(t_hi, tl.load(ColHi + c_off))
+            state_base = TileState + b64 * stride_tb + h.to(tl.int64) * stride_th + pid_n * stride_tn
+        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
+        do_base = DOut + b64 * stride_db + h.to(tl.int64) * stride_dh
+        row_base = bh.to(tl.int64) * seq_len_q
+        mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + offs_n[None, :] * stride_mn
+        for t in range(t_lo, t_hi):
+            offs_m = t * BLOCK_M + offs_m0
+            tile_state = 2
+            if HAS_SUMMARY:
+                tile_state = tl.load(state_base + t * stride_tm).to(tl.int32)
+            if tile_state != 0:
+                rows = q_start + offs_m.to(tl.int64)
+                q = load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                              offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+                do = load_rows(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                               offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+                if EVEN_M:
+                    lse2 = tl.load(Lse2 + row_base + rows)
+                    delta = tl.load(Delta + row_base + rows)
+                else:
+                    lse2 = tl.load(Lse2 + row_base + rows, mask=offs_m < q_len, other=float("inf"))
+                    delta = tl.load(Delta + row_base + rows, mask=offs_m < q_len, other=0.0)
+                p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
+                                            mask_base + rows[:, None] * stride_mm, tile_state, scale_log2,
+                                            seed, bh, drop_threshold, drop_scale,
+                                            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, EVEN_N, PRECISION)
+                dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dk = dk * scale
+    store_rows(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
+               + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, k_len, offs_d, head_dim,
+               EVEN_N, EVEN_D)
+    store_rows(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
+               + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, k_len, offs_dv, head_dim_v,
+               EVEN_N, EVEN_D)
+
+
+@triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
+def _bwd_dq_kernel(
+    Q, K, V, DOut, Lse2, Delta, DQ, DMask, Mask, TileState, RowLo, RowHi, CuQ, CuK, BlockSeq, BlockStart,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_gb, stride_gh, stride_gm, stride_gn,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_rb, stride_rh, stride_rm,
+    num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
+    scale, scale_log2, seed, drop_threshold, drop_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // groups
+    if IS_VARLEN:
+        seq = tl.load(BlockSeq + pid_m)
+        m_start = tl.load(BlockStart + pid_m)
+        q_start = tl.load(CuQ + seq).to(tl.int64)
+        q_len = (tl.load(CuQ + seq + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuK + seq).to(tl.int64)
+        k_len = (tl.load(CuK + seq + 1) - k_start).to(tl.int32)
+    else:
+        m_start = pid_m * BLOCK_M
+        q_start = 0
+        k_start = 0
+        q_len = seq_len_q
+        k_len = seq_len_k
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = q_start + offs_m.to(tl.int64)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                  offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+    do = load_rows(DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm
+                   + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+    row_ptr = pid_bh.to(tl.int64) * seq_len_q + rows
+    if EVEN_M:
+        lse2 = tl.load(Lse2 + row_ptr)
+        delta = tl.load(Delta + row_ptr)
+    else:
+        lse2 = tl.load(Lse2 + row_ptr, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(Delta + row_ptr, mask=offs_m < q_len, other=0.0)
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
+    dmask_base = DMask + b64 * stride_gb + h64 * stride_gh + rows[:, None] * stride_gm
+
+    n_end = k_len
+    if IS_CAUSAL:
+        n_end = tl.minimum(n_end, m_start + BLOCK_M)
+    if IS_VARLEN:
+        n_end = tl.where(m_start < q_len, n_end, 0)
+    t_lo = 0
+    t_hi = tl.cdiv(n_end, BLOCK_N)
+    if HAS_SUMMARY:
+        r_off = b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
+        t_lo = tl.maximum(tl.load(RowLo + r_off), 0)
+        t_hi = tl.minimum(t_hi, tl.load(RowHi + r_off))
+        state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for t in range(t_lo, t_hi):
+        offs_n = t * BLOCK_N + offs_n0
+        tile_state = 2
+        if HAS_SUMMARY:
+            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
+        if tile_state != 0:
+            cols = k_start + offs_n.to(tl.int64)
+            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                          offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
+            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                          offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
+            p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
+                                        mask_base + offs_n[None, :] * stride_mn, tile_state, scale_log2,
+                                        seed, pid_bh, drop_threshold, drop_scale,
+                                        MASK_KIND, IS_CAUSAL, HAS_DROPOUT, EVEN_N, PRECISION)
+            if MASK_GRAD:
+                store_rows(dmask_base + offs_n[None, :] * stride_gn, ds.to(DMask.dtype.element_ty),
+                           offs_m, q_len, offs_n, k_len, EVEN_M, EVEN_N)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = dq * scale
+    store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+               dq.to(DQ.dtype.element_ty), offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
+                       dropout_p, mask_grad, dq, dk, dv, dmask):
+    """Fill dq / dk / dv (shapes of q / k / v, any strides) and, when mask_grad, dmask [B, Hq, Nq, Nk] (which
+    must arrive zeroed: skipped tiles are not written).
+
+    dout / out [B, Hq, Nq, Dv], lse float32 [B, Hq, Nq] contiguous (the forward's), other arguments as in
+    attention_fwd.attention_forward.
+    """
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = config.backward_config(D, Dv, q.dtype)
+    block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
+    precision = config.input_precision(q.dtype)
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    _bwd_preprocess[(triton.cdiv(Nq, cfg.block_m) * B * Hq,)](
+        out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Nq, Dv,
+        BLOCK_M=cfg.block_m, BLOCK_DV=block_dv)
+
+    varlen = cu_q is not None
+    dummy = lse2
+    if varlen:
+        m_seq, m_start, num_m_blocks = varlen_map.block_map(cu_q, Nq, cfg.block_m, max_q)
+        n_seq, n_start, num_n_blocks = varlen_map.block_map(cu_k, Nk, cfg.block_n, max_k)
+        even_m = even_n = False
+    else:
+        m_seq = m_start = n_seq = n_start = cu_q = cu_k = dummy
+        num_m_blocks, num_n_blocks = triton.cdiv(Nq, cfg.block_m), triton.cdiv(Nk, cfg.block_n)
+        even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
+    summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
+    mk = mask_for_kernel(mask) if mask is not None else dummy
+    m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    if summary is not None:
+        st = summary.state
+        t_strides = st.stride()
+        lo_r, hi_r, lo_c, hi_c = summary.row_lo, summary.row_hi, summary.col_lo, summary.col_hi
+        r_strides, c_strides = lo_r.stride(), lo_c.stride()
+    else:
+        st = lo_r = hi_r = lo_c = hi_c = dummy
+        t_strides, r_strides, c_strides = (0, 0, 0, 0), (0, 0, 0), (0, 0, 0)
+    d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
+    flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                 MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
+                 IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
+                 EVEN_D=(D == block_d and Dv == block_dv), PRECISION=precision,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    scale_log2 = scale * 1.4426950408889634
+    _bwd_dkdv_kernel[(num_n_blocks * B * Hk,)](
+        q, k, v, dout, lse2, delta, dk, dv, mk, st, lo_c, hi_c, cu_q, cu_k, n_seq, n_start,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
+        *t_strides, *c_strides,
+        Hq, Hk, Hq // Hk, num_n_blocks, Nq, Nk, D, Dv, scale, scale_log2, d_seed, d_thr, d_scale, **flags)
+    dm = dmask if mask_grad else dummy
+    g_strides = dmask.stride() if mask_grad else (0, 0, 0, 0)
+    _bwd_dq_kernel[(num_m_blocks * B * Hq,)](
+        q, k, v, dout, lse2, delta, dq, dm, mk, st, lo_r, hi_r, cu_q, cu_k, m_seq, m_start,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides, *g_strides,
+        *t_strides, *r_strides,
+        Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale_log2, d_seed, d_thr, d_scale,
+        MASK_GRAD=bool(mask_grad), **flags)
+    return dq, dk, dv, dmask

@@ -1,0 +1,208 @@
+"""Forward attention kernel: out = softmax(q k^T * scale + mask) v with an online softmax, and the LSE.
+
+Features
+- one kernel for dense [B, H, N, D] batches and packed varlen batches (IS_VARLEN: cu_seqlens with a device-side
+  program map, zero-length sequences, Nq != Nk, no host sync);
+- dense masks (MASK_KIND 1 bool / 2 float) read through their strides (stride-0 broadcast dims are never
+  materialized), with a per-tile summary (mask_summary.py) that skips empty tiles, skips the mask load on full
+  tiles and bounds the key loop of each query tile;
+- causal (top-left aligned, per sequence for varlen), grouped-query attention (Hq a multiple of Hk);
+- fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32 is opted into);
+- head dims 1..256 padded to a power of two >= 16 with masked loads; Dv may differ from D;
+- dropout with vitkern/dropout.py's counter-based hash (bit-exact), the same keep-mask regenerated backward;
+- a row with no key gives out = 0 and lse = -inf; exp2 with the scale folded into one multiply.
+Limits
+- head dims > 256 are not served (register/shared-memory budget); float64 is not served;
+- the mask summary is recomputed for each call (forward and backward); a mask is assumed not to change between
+  the forward and the backward.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import config, varlen_map
+from .mask_summary import tile_summary
+from .tile_ops import LN2, LOG2E, dropout_keep, load_rows, mask_scores, store_rows
+
+
+@triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
+def _attention_fwd_kernel(
+    Q, K, V, Out, Lse, Mask, TileState, TileLo, TileHi, CuQ, CuK, BlockSeq, BlockStart,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_tb, stride_th, stride_tm, stride_tn,
+    stride_rb, stride_rh, stride_rm,
+    num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
+    scale_log2, seed, drop_threshold, drop_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # A 1-D grid (axis 0 allows 2**31 programs; axes 1-2 only 65535): consecutive programs are the query
+    # blocks of one head, so that head's K/V stay in L2.
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // groups
+    if IS_VARLEN:
+        seq = tl.load(BlockSeq + pid_m)
+        m_start = tl.load(BlockStart + pid_m)
+        q_start = tl.load(CuQ + seq).to(tl.int64)
+        q_len = (tl.load(CuQ + seq + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuK + seq).to(tl.int64)
+        k_len = (tl.load(CuK + seq + 1) - k_start).to(tl.int32)
+    else:
+        m_start = pid_m * BLOCK_M
+        q_start = 0
+        k_start = 0
+        q_len = seq_len_q
+        k_len = seq_len_k
+
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = q_start + offs_m.to(tl.int64)          # token index in the (packed) sequence
+
+    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+              + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    q = load_rows(q_ptrs, offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+
+    # Key tiles this query tile visits: [t_lo, t_hi).
+    n_end = k_len
+    if IS_CAUSAL:
+        n_end = tl.minimum(n_end, m_start + BLOCK_M)
+    if IS_VARLEN:
+        n_end = tl.where(m_start < q_len, n_end, 0)   # a program past the last block does nothing
+    t_lo = 0
+    t_hi = tl.cdiv(n_end, BLOCK_N)
+    if HAS_SUMMARY:
+        r_off = b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + pid_m * stride_rm
+        t_lo = tl.maximum(tl.load(TileLo + r_off), 0)
+        t_hi = tl.minimum(t_hi, tl.load(TileHi + r_off))
+        state_base = TileState + b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + pid_m * stride_tm
+    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + rows[:, None] * stride_mm
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for t in range(t_lo, t_hi):
+        n_start = t * BLOCK_N
+        offs_n = n_start + offs_n0
+        tile_state = 2
+        if HAS_SUMMARY:
+            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
+        if tile_state != 0:
+            cols = k_start + offs_n.to(tl.int64)
+            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                          offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n[None, :] * stride_mn,
+                            tile_state, MASK_KIND, IS_CAUSAL, EVEN_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 from making NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, pid_bh, rows, cols, drop_threshold)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                          offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + rows[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    store_rows(o_ptrs, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+    lse_ptrs = Lse + pid_bh.to(tl.int64) * seq_len_q + rows
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=offs_m < q_len)
+
+
+def dropout_args(seed, dropout_p: float) -> tuple[int, int, float]:
+    """(seed, threshold, 1 / (1 - p)) as kernel arguments: uint32 bit patterns passed as int32 so that every
+    seed launches the same compiled kernel."""
+    if dropout_p <= 0:
+        return 0, 0, 1.0
+    from .. import dropout as _dropout
+
+    def as_i32(x: int) -> int:
+        x &= 0xFFFFFFFF
+        return x - 2**32 if x >= 2**31 else x
+    s = int(seed.reshape(-1)[0]) if seed is not None else 0
+    scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+    return as_i32(s), as_i32(_dropout.threshold(dropout_p)), scale
+
+
+def mask_kind(mask) -> int:
+    if mask is None:
+        return 0
+    return 1 if mask.dtype == torch.bool else 2
+
+
+def mask_for_kernel(mask):
+    """The mask tensor as the kernel reads it: bool as uint8 (same bytes, any strides), float as is."""
+    if mask is not None and mask.dtype == torch.bool:
+        return mask.view(torch.uint8)
+    return mask
+
+
+def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out, lse):
+    """Fill out [B, Hq, Nq, Dv] (any strides) and lse float32 [B, Hq, Nq] (contiguous).
+
+    q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] (any strides); mask None or [B, Hq, Nq, Nk] bool/float
+    (dense only); cu_q / cu_k None or int [S + 1] with B == 1 (packed layout).
+    """
+    B, Hq, Nq, D = q.shape
+    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    cfg = config.forward_config(D, Dv, q.dtype)
+    block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
+    varlen = cu_q is not None
+    dummy = lse
+    if varlen:
+        block_seq, block_start, num_m_blocks = varlen_map.block_map(cu_q, Nq, cfg.block_m, max_q)
+        even_m = even_n = False
+    else:
+        block_seq = block_start = cu_q = cu_k = dummy
+        num_m_blocks = triton.cdiv(Nq, cfg.block_m)
+        even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
+    summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
+    mk = mask_for_kernel(mask) if mask is not None else dummy
+    m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    if summary is not None:
+        st, lo, hi = summary.state, summary.row_lo, summary.row_hi
+        t_strides, r_strides = st.stride(), lo.stride()
+    else:
+        st = lo = hi = dummy
+        t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
+    d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
+    grid = (num_m_blocks * B * Hq,)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse, mk, st, lo, hi, cu_q, cu_k, block_seq, block_start,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides, *t_strides, *r_strides,
+        Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv,
+        scale * 1.4426950408889634, d_seed, d_thr, d_scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+        MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
+        IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
+        EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse

@@ -1,0 +1,67 @@
+"""Block sizes and launch parameters of the attention kernels.
+
+Block sizes are a function of (head dim, dtype, interpreter) only, never of sequence lengths, so a packed batch
+with new cu_seqlens or a new total length T reuses the compiled kernels (lengths are also excluded from
+Triton's integer specialization, see ``do_not_specialize`` in the kernels). The GPU table is a first guess for
+Hopper (H100/H200) to be tuned on the device; the interpreter uses 16x16 tiles so that tiny test shapes still
+cross tile boundaries.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+MAX_HEAD_DIM = 256
+# tl.dot needs every dimension of its operands to be a power of two and at least 16.
+MIN_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int      # query rows per tile
+    block_n: int      # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dims are padded (with masked loads) to the next power of two, at least 16."""
+    return max(MIN_BLOCK, 1 << (max(d, 1) - 1).bit_length())
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 products ("ieee") unless VITKERN_TRITON_TF32=1 opts into tf32 (faster on
+    tensor cores, ~1e-3 relative error); fp16/bf16 ignore it."""
+    if dtype == torch.float32 and os.environ.get("VITKERN_TRITON_TF32", "0") == "1":
+        return "tf32"
+    return "ieee"
+
+
+def forward_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
+    if interpreting():
+        return LaunchConfig(16, 16, 1, 1)
+    width = max(padded_head_dim(d), padded_head_dim(dv))
+    wide = dtype == torch.float32     # fp32 tiles take twice the registers / shared memory
+    if width <= 64:
+        return LaunchConfig(128, 32 if wide else 64, 4, 3)
+    if width <= 128:
+        return LaunchConfig(64 if wide else 128, 32 if wide else 64, 8, 3 if not wide else 2)
+    return LaunchConfig(64, 16 if wide else 32, 8, 2)
+
+
+def backward_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
+    if interpreting():
+        return LaunchConfig(16, 16, 1, 1)
+    width = max(padded_head_dim(d), padded_head_dim(dv))
+    wide = dtype == torch.float32
+    if width <= 64:
+        return LaunchConfig(64, 64 if not wide else 32, 4, 2)
+    if width <= 128:
+        return LaunchConfig(64 if not wide else 32, 64 if not wide else 32, 8, 2)
+    return LaunchConfig(32 if not wide else 16, 32 if not wide else 16, 8, 1)

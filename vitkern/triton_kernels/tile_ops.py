@@ -1,0 +1,108 @@
+"""@triton.jit helpers shared by the forward and backward attention kernels.
+
+- ``load_rows``: a [rows, cols] tile load whose bounds checks vanish for the dimensions a constexpr says are
+  even (EVEN_M / EVEN_N / EVEN_HEADDIM in flash_attn_triton.py's terms);
+- ``mask_scores``: applies a dense bool/float mask (through its strides, broadcast dims have stride 0), causal
+  (top-left) and key bounds to a tile of scores in log2 units;
+- ``dropout_keep``: the counter-based hash of vitkern/dropout.py in uint32 arithmetic, bit-exact with
+  ``vitkern.dropout.keep_mask``.
+
+Scores live in log2 units (x * log2(e)) so the kernels use exp2; the softmax scale is folded into the same
+multiply.
+"""
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+# vitkern/dropout.py's constants (all wrap modulo 2**32).
+_MIX_1: tl.constexpr = 0x7FEB352D
+_MIX_2: tl.constexpr = 0x846CA68B
+_GOLDEN: tl.constexpr = 0x9E3779B9
+_COL_MUL: tl.constexpr = 0x85EBCA6B
+
+# Tile states written by mask_summary.py.
+TILE_EMPTY: tl.constexpr = 0     # no pair takes part: skip the tile
+TILE_FULL: tl.constexpr = 1      # every pair takes part with a zero bias: skip the mask load
+TILE_PARTIAL: tl.constexpr = 2   # load the mask
+
+
+@triton.jit
+def load_rows(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    """Load ptrs [R, C] (row offsets ``rows`` [R], column offsets ``cols`` [C]); out of bounds reads give 0."""
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        if EVEN_COLS:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    return x
+
+
+@triton.jit
+def store_rows(ptrs, x, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
+    if EVEN_ROWS:
+        if EVEN_COLS:
+            tl.store(ptrs, x)
+        else:
+            tl.store(ptrs, x, mask=cols[None, :] < n_cols)
+    else:
+        if EVEN_COLS:
+            tl.store(ptrs, x, mask=rows[:, None] < n_rows)
+        else:
+            tl.store(ptrs, x, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols))
+
+
+@triton.jit
+def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
+                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+    """s [BM, BN] in log2 units; offs_m / offs_n are positions inside the sequence (causal is top-left).
+
+    MASK_KIND: 0 none, 1 bool (True = takes part), 2 float (added to the scores). The mask is read only when
+    the tile's state is TILE_PARTIAL; a TILE_FULL tile reads nothing. Rows past q_len are not read either.
+    """
+    if MASK_KIND != 0:
+        in_bounds = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
+        read = in_bounds & (tile_state == TILE_PARTIAL)
+        if MASK_KIND == 1:
+            keep = tl.load(mask_ptrs, mask=read, other=1)
+            s = tl.where(keep != 0, s, float("-inf"))
+        else:
+            bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
+            s = s + bias * LOG2E
+    if IS_CAUSAL:
+        s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(offs_n[None, :] < k_len, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _mix32(x):
+    # lowbias32 on uint32: multiplications wrap modulo 2**32 like the int64-masked spec.
+    x = x ^ (x >> 16)
+    x = x * _MIX_1
+    x = x ^ (x >> 15)
+    x = x * _MIX_2
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, cols, threshold):
+    """Bool [len(rows), len(cols)]: which (row, col) scores of query head ``bh`` survive dropout.
+
+    seed, threshold: int32 kernel arguments holding uint32 bit patterns; bh: batch * Hq + head;
+    rows / cols: token indices (in the packed sequence for varlen).
+    """
+    seed_u = seed.to(tl.uint32, bitcast=True)
+    thr_u = threshold.to(tl.uint32, bitcast=True)
+    a = _mix32(seed_u + bh.to(tl.uint32) * _GOLDEN)
+    r = _mix32(a ^ rows.to(tl.uint32))
+    u = _mix32(r[:, None] + cols.to(tl.uint32)[None, :] * _COL_MUL)
+    return u >= thr_u
