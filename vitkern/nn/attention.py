@@ -101,9 +101,14 @@ class Attention(nn.Module):
         for attr in ("num_heads", "head_dim", "attn_dim", "scale"):
             setattr(new, attr, getattr(module, attr))
         new.backend = backend
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-            setattr(new, name, getattr(module, name))
-        new.gate = getattr(module, "gate", None)
+        if getattr(module, "gate", None) is None:
+            new.gate = None
+        missing = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"} - set(module._modules)
+        if missing:
+            raise TypeError(f"module: expected a timm Attention with submodules qkv, q_norm, k_norm, attn_drop, "
+                            f"norm, proj, proj_drop; {type(module).__name__} lacks {sorted(missing)}")
+        for name, child in module._modules.items():  # timm's registration order, so state-dict order too
+            setattr(new, name, child)
         new.train(module.training)
         return new
 
