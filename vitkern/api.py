@@ -21,7 +21,7 @@ def _seed(dropout_p: float) -> Optional[Tensor]:
 
 
 def _prod(xs) -> int:
-    return math.prod(int(x) for x in xs)
+    return math.prod([int(x) for x in xs])
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -117,7 +117,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     # [T, H, D] viewed as [1, H, T, D]: the kernels see one batch whose blocks cu_seqlens delimits.
-    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+    q4, k4, v4 = [x.unsqueeze(0).transpose(1, 2) for x in (q, k, v)]
     name = backends.select(backend, q4, k4, v4, None, cu_seqlens_q, dropout_p)
     out, lse = attention_fwd(q4, k4, v4, None, cu_seqlens_q, cu_seqlens_k, _seed(dropout_p), max_q, max_k, scale,
                              is_causal, float(dropout_p), name)
