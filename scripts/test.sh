@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Sets everything up, then runs the whole test suite: every backend built here against the float64 contract,
+# then the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (tiny sizes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. "${VITKERN_VENV:-.venv}/bin/activate"
+python -m pytest -q -p no:cacheprovider tests "$@"
+TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/test_contract_sdpa.py tests/test_contract_varlen.py \
+  tests/test_property.py tests/test_triton_kernels.py "$@"
