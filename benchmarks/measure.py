@@ -1,0 +1,264 @@
+"""Timing, peak memory and the memory budget, on CPU and (when there is one) CUDA.
+
+CPU: wall time with ``time.perf_counter``; peak memory is the resident set size above the cell's baseline,
+sampled by a thread reading /proc/self/statm (glibc's free lists are trimmed first, so memory a previous cell
+left in the heap does not hide this cell's allocations). CUDA: CUDA events around each call with the L2 cache
+flushed before it, and ``torch.cuda.max_memory_allocated`` above the baseline.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def malloc_trim() -> None:
+    """Give glibc's free heap memory back to the OS (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakMemory:
+    """Context manager: ``.peak`` = peak bytes allocated inside the block above what was allocated before it."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.002):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak: Optional[int] = None
+        self._stop = threading.Event()
+        self._max = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            malloc_trim()
+            self._base = self._max = _rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            self._base = None
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._base is not None:
+            self._max = max(self._max, _rss_bytes())
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(0, self._max - self._base)
+        return False
+
+
+def memory_budget_bytes(device: torch.device, fraction: float = 0.8) -> int:
+    """What a cell may allocate: a fraction of what is free now (MemAvailable on CPU, free device memory on
+    CUDA), so a predicted-too-big cell is skipped instead of waking the OOM killer."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(int(line.split()[1]) * 1024 * fraction)
+    except OSError:
+        pass
+    return int(8 * 2**30 * fraction)
+
+
+class _L2Flush:
+    """Writes a buffer larger than any L2 (256 MB) before each timed GPU call, as triton.testing.do_bench does."""
+
+    def __init__(self, device: torch.device):
+        self.buf = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+
+    def __call__(self) -> None:
+        self.buf.zero_()
+
+
+@dataclass
+class Timing:
+    median_s: float
+    samples: list
+    first_call_s: float
+
+
+def time_calls(fn: Callable[[], object], device: torch.device, first_call_s: float, budget_s: float,
+               min_reps: int, max_reps: int, long_call_s: float) -> Timing:
+    """Median wall time of ``fn`` (already called once, taking ``first_call_s``).
+
+    Repeats fill ``budget_s`` within [min_reps, max_reps]. A call longer than ``long_call_s`` is its own warm-up:
+    its one-off costs are a negligible part of it, so the first call counts as a sample and only as many more
+    run as the budget allows (possibly none).
+    """
+    samples: list[float] = []
+    if first_call_s >= long_call_s:
+        samples.append(first_call_s)
+        extra = int(budget_s // first_call_s) - 1
+        reps = max(0, min(extra, max_reps - 1))
+    else:
+        # One more untimed warm-up for short calls (caches, allocator, lazy init after the first call).
+        fn()
+        synchronize(device)
+        reps = int(min(max_reps, max(min_reps, budget_s // max(first_call_s, 1e-6))))
+    if device.type == "cuda":
+        flush = _L2Flush(device)
+        for _ in range(reps):
+            flush()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            samples.append(start.elapsed_time(end) / 1e3)
+        del flush
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - t0)
+    return Timing(statistics.median(samples), samples, first_call_s)
+
+
+def timed_first_call(fn: Callable[[], object], device: torch.device) -> tuple[object, float, Optional[int]]:
+    """Run ``fn`` once under the peak-memory probe: (result, seconds, peak bytes above baseline)."""
+    synchronize(device)
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        result = fn()
+        synchronize(device)
+        dt = time.perf_counter() - t0
+    return result, dt, mem.peak
+
+
+def median_time(fn: Callable[[], object], device: torch.device, budget_s: float, max_reps: int = 10) -> float:
+    """Median seconds of a preparation step (mask building): one warm-up call, then up to ``max_reps``."""
+    fn()
+    synchronize(device)
+    samples = []
+    t_start = time.perf_counter()
+    while len(samples) < max_reps and (not samples or time.perf_counter() - t_start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square matmul on this device: the yardstick for predicting how long a cell will take."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    a @ a
+    synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        a @ a
+    synchronize(device)
+    return 3 * 2 * n**3 / (time.perf_counter() - t0)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # an absent or broken optional package is reported as absent
+        return None
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    """What ran the benchmark, without the host name."""
+    info = {
+        "device_kind": device.type,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": None,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "vitkern": _version("vitkern"),
+        "flash_attn": _version("flash_attn"),
+        "xformers": _version("xformers"),
+        "git_commit": _git_commit(),
+        "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    try:
+        with open("/proc/meminfo") as f:
+            info["memory_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["device_name"] = props.name
+        info["device_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+    else:
+        info["device_name"] = f"{info['cpu_model']} ({os.cpu_count()} cores)"
+    return info
+
+
+def device_slug(info: dict) -> str:
+    """A file-name-safe short name of the device, e.g. ``cpu-intel-xeon-processor-2c``."""
+    if info["device_kind"] == "cuda":
+        name = info["device_name"]
+    else:
+        name = f"{info['cpu_model']}-{info['cpu_count']}c"
+    for junk in ("(R)", "(TM)", "(tm)", "CPU", "@"):
+        name = name.replace(junk, " ")
+    slug = "".join(ch.lower() if ch.isalnum() else "-" for ch in name)
+    slug = "-".join(part for part in slug.split("-") if part)
+    return f"{info['device_kind']}-{slug}"[:60]

@@ -1,0 +1,223 @@
+"""Runs the cells of one case: every peer, in every mode, guarded by memory and time predictions and checked
+against the truth (the case's first peer) before it is timed.
+
+A cell ends in one status: "ok"; "WRONG" (its output or gradients differ from the truth beyond the dtype's loose
+tolerance: its time is still shown but it never counts as best); "OOM" (predicted over the budget, never tried, or
+the allocator refused); "unsupported" (the peer refused the input, with its reason); "skipped" (by an option);
+"error" (an unexpected exception: a harness or peer bug, reported rather than crashing the run).
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import measure
+from .peers import Inputs, Peer, make_inputs, peers_for, predicted_bytes, predicted_seconds
+from .workloads import Case
+
+# Loose on purpose: it catches a wrong kernel (a missed tile, a bad mask, a broken gradient), not rounding.
+# Errors are measured relative to max(1, max |truth|) of each compared tensor.
+TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@dataclass
+class Options:
+    cell_budget_s: float = 3.0       # time spent on repeats of one cell
+    min_reps: int = 3
+    max_reps: int = 30
+    long_call_s: float = 3.0         # a first call this long counts as a sample (see measure.time_calls)
+    prep_budget_s: float = 1.0
+    max_cell_s: Optional[float] = None   # skip cells predicted to take longer (quick runs)
+    mem_budget_bytes: Optional[int] = None   # fixed budget; None = a fraction of what is free at each cell
+    compile: bool = True             # False: skip peers that torch.compile
+    peer_filter: Optional[list[str]] = None
+    matmul_rate: float = 5e10
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[0] if text else ""
+    if len(msg) > 120 and ". " in msg:  # torch's dispatcher errors run on with advice; the first sentence says why
+        msg = msg.split(". ")[0] + "."
+    return f"{type(e).__name__}: {msg[:300]}"
+
+
+def _is_oom(e: BaseException) -> bool:
+    if hasattr(torch.cuda, "OutOfMemoryError") and isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(e, (RuntimeError, MemoryError)) and (
+        "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower())
+
+
+def _relative_error(got, want) -> float:
+    worst = 0.0
+    for a, b in zip(got, want):
+        if a.shape != b.shape:
+            return float("inf")
+        diff = (a.double() - b.double()).abs().max().item()
+        ref = max(1.0, b.abs().max().item())
+        if diff != diff:  # NaN
+            return float("nan")
+        worst = max(worst, diff / ref)
+    return worst
+
+
+def _overrides(peer: Peer) -> bool:
+    return type(peer).prepare is not Peer.prepare
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GB"
+
+
+class CaseRunner:
+    """The cells of one case and mode list; ``on_cell`` gets each finished cell dict (for progress output)."""
+
+    def __init__(self, case: Case, device: torch.device, dtype: torch.dtype, modes: list[str], opts: Options,
+                 on_cell: Callable[[dict], None] = lambda cell: None):
+        self.case, self.device, self.dtype, self.modes, self.opts = case, device, dtype, modes, opts
+        self.on_cell = on_cell
+        self.peers = [p for p in peers_for(case, device)
+                      if not opts.peer_filter or any(f in p.name for f in opts.peer_filter)]
+        self.elem = torch.empty(0, dtype=dtype).element_size()
+
+    def cell_count(self) -> int:
+        return len(self.peers) * len(self.modes)
+
+    def run(self) -> list[dict]:
+        inp = make_inputs(self.case, self.device, self.dtype)
+        cells = []
+        for mode in self.modes:
+            mode_cells = self._run_mode(inp, mode)
+            add_speedups(mode_cells)
+            cells += mode_cells
+        del inp
+        self._cleanup()
+        return cells
+
+    def _run_mode(self, inp: Inputs, mode: str) -> list[dict]:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        out_shape = inp.q.shape[:-1] + (inp.v.shape[-1],)
+        dout = torch.randn(out_shape, generator=g).to(self.device, self.dtype) if mode == "fwdbwd" else None
+        truth = None
+        truth_peer = self.peers[0].name if self.peers else None
+        cells = []
+        for peer in self.peers:
+            cell, result = self._run_cell(peer, inp, mode, dout, truth)
+            if peer.name == truth_peer and cell["status"] == "ok":
+                truth = result
+                cell["check"] = "truth"
+            del result
+            self._cleanup()
+            cells.append(cell)
+            self.on_cell(cell)
+        return cells
+
+    def _cell(self, peer: Peer, mode: str) -> dict:
+        c = self.case
+        return {"workload": c.workload, "case": c.label, "mode": mode, "peer": peer.name, "family": peer.family,
+                "status": None, "reason": None, "time_ms": None, "prep_ms": None, "total_ms": None,
+                "first_call_ms": None, "compile_s": None, "repeats": 0, "useful_flops": c.useful_flops(mode),
+                "useful_tflops": None, "peak_mem_bytes": None, "predicted_mem_bytes": None, "max_rel_err": None,
+                "tolerance": TOLERANCE.get(self.dtype), "check": None, "speedup_vs_naive": None,
+                "speedup_vs_best_peer": None, "best_peer": None}
+
+    def _run_cell(self, peer: Peer, inp: Inputs, mode: str, dout, truth):
+        cell = self._cell(peer, mode)
+        why = peer.skip_reason(self.case, self.device, self.dtype, mode)
+        if why:
+            return self._end(cell, "unsupported", why), None
+        if peer.compiles and not self.opts.compile:
+            return self._end(cell, "skipped", "compiling peers are off (--no-compile / --quick)"), None
+        need = predicted_bytes(peer, self.case, mode, self.elem)
+        cell["predicted_mem_bytes"] = need
+        budget = self.opts.mem_budget_bytes or measure.memory_budget_bytes(self.device)
+        if need > budget:
+            return self._end(cell, "OOM", f"needs {_gib(need)}, budget {_gib(budget)} (predicted, not run)"), None
+        if self.opts.max_cell_s is not None:
+            secs = 2 * predicted_seconds(peer, self.case, mode, self.opts.matmul_rate)
+            if secs > self.opts.max_cell_s:
+                return self._end(cell, "skipped", f"predicted {secs:.1f} s > --max-cell-s {self.opts.max_cell_s}"), \
+                    None
+        try:
+            return self._measure(cell, peer, inp, mode, dout, truth)
+        except Exception as e:  # noqa: BLE001  (a cell must never end the run)
+            if _is_oom(e):
+                return self._end(cell, "OOM", _first_line(e)), None
+            expected = (RuntimeError, NotImplementedError, ValueError, TypeError, ImportError, AssertionError)
+            return self._end(cell, "unsupported" if isinstance(e, expected) else "error", _first_line(e)), None
+
+    def _measure(self, cell: dict, peer: Peer, inp: Inputs, mode: str, dout, truth):
+        state = peer.prepare(inp)
+        prep_s = 0.0
+        if _overrides(peer) and state is not None:
+            prep_s = measure.median_time(lambda: peer.prepare(inp), self.device, self.opts.prep_budget_s)
+        if mode == "fwd":
+            def fn():
+                with torch.no_grad():
+                    return (peer.run(state, inp, inp.q, inp.k, inp.v),)
+        else:
+            leaves = tuple(x.detach().requires_grad_() for x in (inp.q, inp.k, inp.v))
+
+            def fn():
+                out = peer.run(state, inp, *leaves)
+                return (out,) + tuple(torch.autograd.grad(out, leaves, dout))
+        result, first_s, peak = measure.timed_first_call(fn, self.device)
+        result = tuple(r.detach() for r in result)
+        cell["peak_mem_bytes"] = peak
+        cell["first_call_ms"] = first_s * 1e3
+        status = "ok"
+        if truth is not None:
+            err = _relative_error(result, truth)
+            cell["max_rel_err"] = err
+            cell["check"] = "passed" if err <= cell["tolerance"] else "failed"
+            if cell["check"] == "failed":
+                status = "WRONG"
+        else:
+            cell["check"] = "no truth"
+        keep = result if truth is None else None
+        del result
+        timing = measure.time_calls(fn, self.device, first_s, self.opts.cell_budget_s, self.opts.min_reps,
+                                    self.opts.max_reps, self.opts.long_call_s)
+        cell["time_ms"] = timing.median_s * 1e3
+        cell["prep_ms"] = prep_s * 1e3
+        cell["total_ms"] = (timing.median_s + prep_s) * 1e3
+        cell["repeats"] = len(timing.samples)
+        if peer.compiles:
+            cell["compile_s"] = max(0.0, first_s - timing.median_s)
+        cell["useful_tflops"] = cell["useful_flops"] / (cell["total_ms"] * 1e-3) / 1e12
+        reason = None
+        if status == "WRONG":
+            reason = f"differs from {self.peers[0].name}: max rel. error {cell['max_rel_err']:.3g} > {cell['tolerance']}"
+        return self._end(cell, status, reason), keep
+
+    @staticmethod
+    def _end(cell: dict, status: str, reason: Optional[str]) -> dict:
+        cell["status"] = status
+        cell["reason"] = reason
+        return cell
+
+    def _cleanup(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def add_speedups(cells: list[dict]) -> None:
+    """Speedups of each timed cell over naive and over the fastest other non-vitkern peer (both on total time,
+    preparation included); a WRONG cell never counts as a reference."""
+    good = [c for c in cells if c["status"] == "ok"]
+    naive = next((c for c in good if c["peer"] in ("naive", "naive-mask")), None)
+    for c in cells:
+        if c["total_ms"] is None:
+            continue
+        if naive is not None and c is not naive:
+            c["speedup_vs_naive"] = naive["total_ms"] / c["total_ms"]
+        others = [p for p in good if p["family"] == "peer" and p is not c]
+        if others:
+            best = min(others, key=lambda p: p["total_ms"])
+            c["best_peer"] = best["peer"]
+            c["speedup_vs_best_peer"] = best["total_ms"] / c["total_ms"]

@@ -1,0 +1,144 @@
+"""The benchmark harness: a --quick run writes sane JSON/markdown/PNG, and its guards (memory prediction, the
+correctness check, packing) do what they claim. The run itself takes about 20 s on the 2-core CPU machine."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import peers, runner, workloads  # noqa: E402
+
+STATUSES = {"ok", "WRONG", "OOM", "unsupported", "skipped", "error"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_attn.py"), "--quick", "--device", "cpu",
+                           "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    found = sorted(folder.glob(pattern))
+    assert len(found) == 1, f"expected one {pattern} in {folder}, got {found}"
+    return found[0]
+
+
+def test_quick_run_writes_json_with_every_cell(quick_run):
+    doc = json.loads(_only(quick_run, "cpu-*-quick.json").read_text())
+    m = doc["machine"]
+    assert m["device_kind"] == "cpu" and m["cpu_count"] >= 1 and m["torch"] == torch.__version__
+    assert doc["config"]["quick"] is True and doc["config"]["dtype"] == "fp32"
+    assert set(doc["workloads"]) == set(workloads.DEFAULT_WORKLOADS["cpu"])
+    cells = doc["cells"]
+    assert {c["status"] for c in cells} <= STATUSES
+    assert not [c for c in cells if c["status"] in ("error", "WRONG")], \
+        [(c["workload"], c["peer"], c["mode"], c["reason"]) for c in cells if c["status"] in ("error", "WRONG")]
+    for c in cells:
+        if c["status"] == "ok":
+            assert c["time_ms"] > 0 and c["total_ms"] >= c["time_ms"] and c["repeats"] >= 1
+            assert c["useful_tflops"] == pytest.approx(c["useful_flops"] / (c["total_ms"] * 1e-3) / 1e12)
+            assert c["check"] in ("truth", "passed")
+        else:
+            assert c["reason"], c
+    # Every workload/mode got the vitkern reference backend and at least one timed torch peer.
+    for wl in ("vit-b16", "cct-7", "pit-28", "navit-packed"):
+        for mode in ("fwd", "fwdbwd"):
+            group = [c for c in cells if c["workload"] == wl and c["mode"] == mode]
+            assert any(c["peer"] == "vitkern-reference" and c["status"] == "ok" for c in group), (wl, mode)
+            assert any(c["family"] == "peer" and c["status"] == "ok" for c in group), (wl, mode)
+
+
+def test_quick_run_reports_naive_pit224_as_oom_without_running_it(quick_run):
+    doc = json.loads(_only(quick_run, "cpu-*-quick.json").read_text())
+    naive = [c for c in doc["cells"] if c["workload"] == "pit-224" and c["peer"] == "naive"]
+    assert len(naive) == 2
+    for c in naive:
+        assert c["status"] == "OOM" and "predicted, not run" in c["reason"]
+        assert c["time_ms"] is None and c["predicted_mem_bytes"] > 20 * 2**30
+
+
+def test_quick_run_writes_markdown_and_png(quick_run):
+    md = _only(quick_run, "cpu-*-quick.md").read_text()
+    assert md.startswith("# vitkern attention benchmark")
+    for wl in workloads.DEFAULT_WORKLOADS["cpu"]:
+        assert f"## {wl}" in md
+    assert "**OOM**" in md and "vitkern-reference" in md
+    png = _only(quick_run, "cpu-*-quick.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not list(quick_run.glob("latest-*.md")), "a quick run must not replace the latest full result"
+
+
+def test_navit_packs_are_full_and_reproducible():
+    a = workloads.draw_navit_packs(4, 4096, 64, 512, seed=0)
+    assert a == workloads.draw_navit_packs(4, 4096, 64, 512, seed=0)
+    assert a != workloads.draw_navit_packs(4, 4096, 64, 512, seed=1)
+    for pack in a:
+        assert 0 < 4096 - sum(pack) < 4096 * 0.02 + 16 or sum(pack) == 4096
+        assert all(16 <= n <= 1024 for n in pack)  # 64..512 px sides in patches of 16
+    case = workloads.build("navit-packed", "cpu")[0]
+    assert sum(case.segments()) == case.tokens
+    assert case.useful_pairs() == sum(n * n for p in case.packs for n in p)
+    assert 0 < case.describe()["useful_fraction"] < 0.5
+
+
+def test_useful_flops_count_unmasked_pairs_only():
+    dense = workloads.build("vit-b16", "cpu")[0]
+    assert dense.useful_flops("fwd") == 4 * 64 * 197 * 197 * 12 * 32
+    assert dense.useful_flops("fwdbwd") == 3.5 * dense.useful_flops("fwd")
+    packed = workloads.Case("navit-packed", "t", 1, 2, 10, 8, packs=((3, 5),))
+    assert packed.segments() == [3, 5, 2]
+    assert packed.useful_flops("fwd") == 4 * 8 * (9 + 25) * 2
+
+
+def test_memory_prediction_scales_with_materialized_scores():
+    pit224 = workloads.build("pit-224", "cpu")[0]
+    fused = peers.predicted_bytes(peers.Sdpa(False), pit224, "fwdbwd", 4)
+    naive = peers.predicted_bytes(peers.Naive(False), pit224, "fwd", 4)
+    assert naive > 2 * 50176**2 * 4 and fused < 2**30
+
+
+class _WrongPeer(peers.Peer):
+    """A 'fast' peer that forgets the softmax normalization: the guard must mark it WRONG."""
+    name = "wrong"
+
+    def run(self, state, inp, q, k, v):
+        return torch.matmul(torch.exp(torch.matmul(q, k.transpose(-1, -2)) * inp.scale), v)
+
+
+def test_correctness_guard_marks_a_wrong_peer(monkeypatch):
+    case = workloads.Case("t", "t", 1, 2, 33, 16)
+    monkeypatch.setattr(runner, "peers_for", lambda c, d: [peers.Sdpa(False), peers.Naive(False), _WrongPeer()])
+    opts = runner.Options(cell_budget_s=0.01, min_reps=1, max_reps=1, long_call_s=0.0)
+    cells = runner.CaseRunner(case, torch.device("cpu"), torch.float32, ["fwd", "fwdbwd"], opts).run()
+    status = {(c["peer"], c["mode"]): c["status"] for c in cells}
+    assert status[("sdpa", "fwd")] == "ok" and status[("naive", "fwd")] == "ok" and status[("naive", "fwdbwd")] == "ok"
+    assert status[("wrong", "fwd")] == "WRONG" and status[("wrong", "fwdbwd")] == "WRONG"
+    wrong = next(c for c in cells if c["peer"] == "wrong" and c["mode"] == "fwd")
+    assert wrong["best_peer"] != "wrong" and "differs from sdpa" in wrong["reason"]
+    naive = next(c for c in cells if c["peer"] == "naive" and c["mode"] == "fwd")
+    assert naive["best_peer"] == "sdpa" and naive["max_rel_err"] < 1e-5
+
+
+class _RefusingPeer(peers.Peer):
+    name = "refuses"
+
+    def run(self, state, inp, q, k, v):
+        raise NotImplementedError("no kernel for this input. Long advice follows.")
+
+
+def test_a_refusing_peer_is_unsupported_not_a_crash(monkeypatch):
+    case = workloads.Case("t", "t", 1, 1, 8, 8)
+    monkeypatch.setattr(runner, "peers_for", lambda c, d: [peers.Sdpa(False), _RefusingPeer()])
+    opts = runner.Options(cell_budget_s=0.01, min_reps=1, max_reps=1, long_call_s=0.0, mem_budget_bytes=2**30)
+    cells = runner.CaseRunner(case, torch.device("cpu"), torch.float32, ["fwd"], opts).run()
+    assert cells[1]["status"] == "unsupported" and "no kernel for this input" in cells[1]["reason"]
