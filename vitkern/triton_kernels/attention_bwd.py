@@ -3,8 +3,8 @@
 With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout applied), delta = rowsum(dO * O)
 = rowsum(P * dP), dS = P * (dP - delta):
     dV = P_dropped^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   dMask = dS (float mask, when asked).
-- ``_bwd_preprocess``: delta [B, Hq, Nq] and the LSE in log2 units, with +inf for rows that had no key (so P
-  comes out 0 there and every gradient of such a row is 0);
+- ``_bwd_preprocess``: delta [B, Hq, Nq] and a copy of the LSE with +inf for rows that had no key (so P comes
+  out 0 there and every gradient of such a row is 0);
 - ``_bwd_dkdv_kernel``: one program per (key tile, key/value head) walks the query tiles of every query head of
   its group (GQA sums in registers), so dK/dV are written once: deterministic;
 - ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles; it also writes dMask.
@@ -45,20 +45,20 @@ def _bwd_preprocess(Out, DOut, Lse, Delta, Lse2,
     row_ptr = pid_bh.to(tl.int64) * num_rows + rows
     in_rows = offs_m < num_rows
     lse = tl.load(Lse + row_ptr, mask=in_rows, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
     tl.store(Delta + row_ptr, delta, mask=in_rows)
     tl.store(Lse2 + row_ptr, lse2, mask=in_rows)
 
 
 @triton.jit
 def _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
-                scale_log2, seed, bh, drop_threshold, drop_scale,
+                scale, seed, bh, drop_threshold, drop_scale,
                 MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 EVEN_N: tl.constexpr, PRECISION: tl.constexpr):
     """For one [BM, BN] tile: P with dropout applied (for dV) and dS, both float32."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
     s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state, MASK_KIND, IS_CAUSAL, EVEN_N)
-    p = tl.math.exp2(s - lse2[:, None])
+    p = tl.math.exp2((s - lse2[:, None]) * LOG2E)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_DROPOUT:
         keep = dropout_keep(seed, bh, rows, cols, drop_threshold)
@@ -83,7 +83,7 @@ def _bwd_dkdv_kernel(
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_cb, stride_ch, stride_cn,
     num_heads, num_kv_heads, groups, num_n_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
-    scale, scale_log2, seed, drop_threshold, drop_scale,
+    scale, seed, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -159,7 +159,7 @@ def _bwd_dkdv_kernel(
                     lse2 = tl.load(Lse2 + row_base + rows, mask=offs_m < q_len, other=float("inf"))
                     delta = tl.load(Delta + row_base + rows, mask=offs_m < q_len, other=0.0)
                 p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
-                                            mask_base + rows[:, None] * stride_mm, tile_state, scale_log2,
+                                            mask_base + rows[:, None] * stride_mm, tile_state, scale,
                                             seed, bh, drop_threshold, drop_scale,
                                             MASK_KIND, IS_CAUSAL, HAS_DROPOUT, EVEN_N, PRECISION)
                 dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
@@ -186,7 +186,7 @@ def _bwd_dq_kernel(
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_rb, stride_rh, stride_rm,
     num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
-    scale, scale_log2, seed, drop_threshold, drop_scale,
+    scale, seed, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -260,7 +260,7 @@ def _bwd_dq_kernel(
             v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                           offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
             p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
-                                        mask_base + offs_n[None, :] * stride_mn, tile_state, scale_log2,
+                                        mask_base + offs_n[None, :] * stride_mn, tile_state, scale,
                                         seed, pid_bh, drop_threshold, drop_scale,
                                         MASK_KIND, IS_CAUSAL, HAS_DROPOUT, EVEN_N, PRECISION)
             if MASK_GRAD:
@@ -319,18 +319,17 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
                  IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
                  EVEN_D=(D == block_d and Dv == block_dv), PRECISION=precision,
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    scale_log2 = scale * 1.4426950408889634
     _bwd_dkdv_kernel[(num_n_blocks * B * Hk,)](
         q, k, v, dout, lse2, delta, dk, dv, mk, st, lo_c, hi_c, cu_q, cu_k, n_seq, n_start,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
         *t_strides, *c_strides,
-        Hq, Hk, Hq // Hk, num_n_blocks, Nq, Nk, D, Dv, scale, scale_log2, d_seed, d_thr, d_scale, **flags)
+        Hq, Hk, Hq // Hk, num_n_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale, **flags)
     dm = dmask if mask_grad else dummy
     g_strides = dmask.stride() if mask_grad else (0, 0, 0, 0)
     _bwd_dq_kernel[(num_m_blocks * B * Hq,)](
         q, k, v, dout, lse2, delta, dq, dm, mk, st, lo_r, hi_r, cu_q, cu_k, m_seq, m_start,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides, *g_strides,
         *t_strides, *r_strides,
-        Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale_log2, d_seed, d_thr, d_scale,
+        Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale,
         MASK_GRAD=bool(mask_grad), **flags)
     return dq, dk, dv, dmask

@@ -10,7 +10,7 @@ Features
 - fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32 is opted into);
 - head dims 1..256 padded to a power of two >= 16 with masked loads; Dv may differ from D;
 - dropout with vitkern/dropout.py's counter-based hash (bit-exact), the same keep-mask regenerated backward;
-- a row with no key gives out = 0 and lse = -inf; exp2 with the scale folded into one multiply.
+- a row with no key gives out = 0 and lse = -inf; exp2 on (s - max) * log2(e), exact at large logits.
 Limits
 - head dims > 256 are not served (register/shared-memory budget); float64 is not served;
 - the mask summary is recomputed for each call (forward and backward); a mask is assumed not to change between
@@ -36,7 +36,7 @@ def _attention_fwd_kernel(
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_rb, stride_rh, stride_rm,
     num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
-    scale_log2, seed, drop_threshold, drop_scale,
+    scale, seed, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -104,14 +104,14 @@ def _attention_fwd_kernel(
             cols = k_start + offs_n.to(tl.int64)
             k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                           offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n[None, :] * stride_mn,
                             tile_state, MASK_KIND, IS_CAUSAL, EVEN_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 from making NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2((s - m_use[:, None]) * LOG2E)
+            alpha = tl.math.exp2((m_i - m_use) * LOG2E)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
             if HAS_DROPOUT:
@@ -125,7 +125,7 @@ def _attention_fwd_kernel(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
     o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
               + rows[:, None] * stride_om + offs_dv[None, :] * stride_od)
     store_rows(o_ptrs, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
@@ -198,7 +198,7 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_c
         q, k, v, out, lse, mk, st, lo, hi, cu_q, cu_k, block_seq, block_start,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides, *t_strides, *r_strides,
         Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv,
-        scale * 1.4426950408889634, d_seed, d_thr, d_scale,
+        scale, d_seed, d_thr, d_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
         MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
         IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,

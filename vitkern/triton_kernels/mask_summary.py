@@ -72,8 +72,12 @@ def tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
     any_ok = _tiles(takes_part, block_m, block_n, False).any(5).any(3)
     all_neutral = _tiles(neutral, block_m, block_n, True).all(5).all(3)
     state = torch.where(any_ok, torch.where(all_neutral, TILE_FULL, TILE_PARTIAL), TILE_EMPTY).to(torch.int8)
+    # Tile dims broadcast (a key-padding mask has one row of tiles) are expanded before taking the ranges:
+    # every query tile of a key-padding mask must be visited.
+    MT, NT = math.ceil(Nq / block_m), math.ceil(Nk / block_n)
+    bs, hs = any_ok.shape[:2]
+    any_ok = any_ok.expand(bs, hs, MT, NT)
     row_lo, row_hi = _first_last(any_ok, 3)
     col_lo, col_hi = _first_last(any_ok, 2)
-    MT, NT = math.ceil(Nq / block_m), math.ceil(Nk / block_n)
     return TileSummary(state.expand(B, H, MT, NT), row_lo.expand(B, H, MT), row_hi.expand(B, H, MT),
                        col_lo.expand(B, H, NT), col_hi.expand(B, H, NT))

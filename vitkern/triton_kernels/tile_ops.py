@@ -3,12 +3,14 @@
 - ``load_rows``: a [rows, cols] tile load whose bounds checks vanish for the dimensions a constexpr says are
   even (EVEN_M / EVEN_N / EVEN_HEADDIM in flash_attn_triton.py's terms);
 - ``mask_scores``: applies a dense bool/float mask (through its strides, broadcast dims have stride 0), causal
-  (top-left) and key bounds to a tile of scores in log2 units;
+  (top-left) and key bounds to a tile of scaled scores;
 - ``dropout_keep``: the counter-based hash of vitkern/dropout.py in uint32 arithmetic, bit-exact with
   ``vitkern.dropout.keep_mask``.
 
-Scores live in log2 units (x * log2(e)) so the kernels use exp2; the softmax scale is folded into the same
-multiply.
+Scores stay in natural units (q.k * scale + bias) and exponentials are exp2((s - m) * log2(e)): the
+subtraction comes before the multiply, so logits of ~1e4 lose nothing to rounding and the backward's
+recomputed P is exactly the forward's (folding log2(e) into the scale, as the Triton tutorial does, makes
+|s| * 2**-24 errors in P at large logits).
 """
 import triton
 import triton.language as tl
@@ -61,7 +63,7 @@ def store_rows(ptrs, x, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVE
 @triton.jit
 def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
                 MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
-    """s [BM, BN] in log2 units; offs_m / offs_n are positions inside the sequence (causal is top-left).
+    """s [BM, BN] (scaled scores); offs_m / offs_n are positions inside the sequence (causal is top-left).
 
     MASK_KIND: 0 none, 1 bool (True = takes part), 2 float (added to the scores). The mask is read only when
     the tile's state is TILE_PARTIAL; a TILE_FULL tile reads nothing. Rows past q_len are not read either.
@@ -74,7 +76,7 @@ def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
             s = tl.where(keep != 0, s, float("-inf"))
         else:
             bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
-            s = s + bias * LOG2E
+            s = s + bias
     if IS_CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if not EVEN_N:

@@ -1,0 +1,466 @@
+"""Tests of the ``triton`` backend's kernels (vitkern/triton_kernels/), against float64 math.
+
+Without a GPU they run in Triton's interpreter at tiny sizes (16x16 tiles there, so lengths 15/16/17/33 cross
+tile edges):      TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
+With a GPU the same tests run compiled, and the ``gpu`` section adds real sizes and bfloat16:
+                  pytest tests/test_triton_kernels.py
+The module is skipped unless TRITON_INTERPRET=1 or CUDA is available (the interpreter must be chosen before
+the kernels are defined, hence before vitkern is imported).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not INTERPRETING and not torch.cuda.is_available():
+    pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+import vitkern  # noqa: E402
+from vitkern import dropout as vk_dropout  # noqa: E402
+from vitkern.backends import get as get_backend  # noqa: E402
+from vitkern.ops import attention_fwd  # noqa: E402
+from vitkern.triton_kernels import varlen_map  # noqa: E402
+from vitkern.triton_kernels.attention_fwd import dropout_args  # noqa: E402
+from vitkern.triton_kernels.mask_summary import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, tile_summary  # noqa: E402
+from vitkern.triton_kernels.tile_ops import dropout_keep  # noqa: E402
+
+DEV = "cpu" if INTERPRETING else "cuda"
+DTYPES = (torch.float32, torch.float16) if INTERPRETING else (torch.float32, torch.float16, torch.bfloat16)
+# Floor of the allowed error relative to the largest compared value; the main term is the error of the same
+# math done naively in the input dtype (flash-attn's rule).
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def rand(*shape, dtype=torch.float32, gen=None, grad=True):
+    x = torch.randn(*shape, generator=gen).to(DEV, dtype)
+    return x.requires_grad_(grad)
+
+
+def qkv(b, hq, nq, nk, d, dv=None, hk=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (rand(b, hq, nq, d, dtype=dtype, gen=g), rand(b, hk or hq, nk, d, dtype=dtype, gen=g),
+            rand(b, hk or hq, nk, dv or d, dtype=dtype, gen=g))
+
+
+def math_attention(q, k, v, mask=None, causal=False, scale=None, keep=None, p=0.0, allowed=None):
+    """Plain attention in q's dtype: q [B, Hq, Nq, D], k/v [B, Hk, Nk, *]; bool/float mask broadcastable to
+    the scores; ``allowed`` an extra bool mask; ``keep`` a dropout keep-mask. Rows with no key give 0."""
+    g = q.shape[1] // k.shape[1]
+    if g > 1:
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = q @ k.transpose(-1, -2) * scale
+    ok = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device)
+    if causal:
+        ok = ok.tril()
+    if allowed is not None:
+        ok = ok & allowed
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            ok = ok & mask
+        else:
+            s = s + mask.to(s.dtype)
+    s = s.masked_fill(~ok, -math.inf)
+    m = s.amax(-1, keepdim=True).detach()
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0))
+    den = e.sum(-1, keepdim=True)
+    pr = e / torch.where(den > 0, den, 1)
+    if keep is not None:
+        pr = pr * keep / (1 - p)
+    return pr @ v
+
+
+def grads_of(out, leaves, dout):
+    return torch.autograd.grad(out, leaves, dout, allow_unused=False)
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close(got, exact, naive, what, factor=2.0):
+    assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    base = max_err(naive, exact)
+    tol = factor * base + FLOOR[got.dtype] * max(1.0, exact.abs().max().item() if exact.numel() else 0.0)
+    err = max_err(got, exact)
+    assert err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e} (naive {got.dtype}: {base:.3e})"
+
+
+def check(fn, truth, tensors, what, grads=True, seed=1):
+    """fn(*tensors) is the kernel, truth(*tensors) the math; tensors with requires_grad are differentiated.
+    Compared: the kernel vs float64 truth, the tolerance sized by the same math in the input dtype."""
+    leaves = [t for t in tensors if isinstance(t, torch.Tensor) and t.requires_grad]
+    out = fn(*tensors)
+    exact_in = [t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+                and t.is_floating_point() else t for t in tensors]
+    naive_in = [t.detach().clone().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor)
+                and t.is_floating_point() else t for t in tensors]
+    exact, naive = truth(*exact_in), truth(*naive_in)
+    assert_close(out, exact, naive, f"{what} out")
+    if not grads:
+        return out
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(DEV, out.dtype)
+    got = grads_of(out, leaves, dout)
+    ex = grads_of(exact, [t for t in exact_in if isinstance(t, torch.Tensor) and t.requires_grad], dout.double())
+    nv = grads_of(naive, [t for t in naive_in if isinstance(t, torch.Tensor) and t.requires_grad], dout)
+    for i, (a, b, c) in enumerate(zip(got, ex, nv)):
+        assert_close(a, b, c, f"{what} grad[{i}]")
+    return out
+
+
+def sdpa(**kw):
+    return lambda q, k, v, *rest: vitkern.scaled_dot_product_attention(q, k, v, *rest, backend="triton", **kw)
+
+
+# ------------------------------------------------------------------------------------------ dense shapes
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("b,h,nq,nk,d,dv,causal", [
+    (1, 1, 1, 1, 16, 16, False),
+    (2, 2, 7, 7, 32, 32, True),
+    (1, 2, 33, 17, 80, 80, False),
+    (1, 1, 17, 33, 96, 48, True),
+    (2, 1, 16, 32, 8, 8, False),     # tile multiples (EVEN_M / EVEN_N), head dim 8 padded to 16
+    (1, 1, 15, 15, 3, 5, True),      # head dims below 16, D != Dv
+])
+def test_dense(dtype, b, h, nq, nk, d, dv, causal):
+    q, k, v = qkv(b, h, nq, nk, d, dv, dtype=dtype)
+    check(sdpa(is_causal=causal), lambda q, k, v: math_attention(q, k, v, causal=causal), (q, k, v),
+          f"dense {dtype} {b}x{h}x{nq}x{nk} d{d}/{dv} causal={causal}")
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_large_head_dims(d):
+    q, k, v = qkv(1, 1, 17, 20, d)
+    check(sdpa(), math_attention, (q, k, v), f"d={d}")
+
+
+def test_gqa():
+    q, k, v = qkv(2, 4, 19, 23, 32, hk=2, dtype=torch.float16)
+    check(lambda q, k, v: vitkern.scaled_dot_product_attention(q, k, v, enable_gqa=True, is_causal=True,
+                                                                backend="triton"),
+          lambda q, k, v: math_attention(q, k, v, causal=True), (q, k, v), "gqa")
+
+
+def test_strided_packed_qkv():
+    # q/k/v as views into one [B, N, 3, H, D] projection (what a ViT block makes): never copied by the kernel.
+    x = rand(2, 19, 3, 2, 32, grad=False)
+    q, k, v = (x[:, :, i].transpose(1, 2).detach().requires_grad_() for i in range(3))
+    assert not q.is_contiguous()
+    check(sdpa(), math_attention, (q, k, v), "strided")
+
+
+def test_large_logits_and_scale():
+    # Scores of 1e4 + O(1): a naive exp overflows; the softmax is far from one-hot, so gradients do not cancel
+    # to exact zeros and the fp32 rounding of scores this large (ulp ~1e-3) sizes the tolerance.
+    q, k, v = qkv(1, 2, 21, 18, 16)
+    with torch.no_grad():
+        q[..., 0] = 100.0
+        k[..., 0] = 100.0
+    out = check(sdpa(scale=1.0), lambda q, k, v: math_attention(q, k, v, scale=1.0), (q, k, v), "large logits")
+    _, lse = attention_fwd(q, k, v, None, None, None, None, -1, -1, 1.0, False, 0.0, "triton")
+    exact = torch.logsumexp(q.double() @ k.double().transpose(-1, -2), -1)
+    assert exact.min() > 9000 and max_err(lse, exact) <= 4 * 2**-24 * exact.abs().max().item()
+
+
+def test_lse_and_output_layout():
+    q, k, v = qkv(2, 3, 20, 9, 16, 24)
+    out, lse = attention_fwd(q, k, v, None, None, None, None, -1, -1, 0.25, False, 0.0, "triton")
+    assert out.stride() == (20 * 3 * 24, 24, 3 * 24, 1)     # empty_bhnd: [B, N, H, Dv] storage
+    exact = torch.logsumexp((q.double() @ k.double().transpose(-1, -2)) * 0.25, -1)
+    assert lse.dtype == torch.float32 and max_err(lse, exact) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ masks
+def _segment_mask(seg):
+    return seg[:, None] == seg[None, :]
+
+
+MASKS = {
+    "bool_full": lambda b, h, nq, nk, g: torch.rand(b, h, nq, nk, generator=g) > 0.3,
+    "float_shared": lambda b, h, nq, nk, g: torch.randn(nq, nk, generator=g),            # broadcast over B, H
+    "key_padding": lambda b, h, nq, nk, g: (torch.arange(nk) < torch.tensor([nk - 5, 3])[:b, None])[:, None, None],
+    "block_diag": lambda b, h, nq, nk, g: _segment_mask(torch.tensor([0] * 5 + [1] * 17 + [2] * 11 + [3] * 4))
+    [:nq, :nk],
+    "float_per_head": lambda b, h, nq, nk, g: torch.randn(1, h, 1, nk, generator=g) * 3,
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("kind", list(MASKS))
+def test_masks(kind, dtype):
+    b, h, nq, nk = 2, 2, 37, 37
+    g = torch.Generator().manual_seed(3)
+    mask = MASKS[kind](b, h, nq, nk, g).to(DEV)
+    if mask.is_floating_point():
+        mask = mask.to(dtype)
+    q, k, v = qkv(b, h, nq, nk, 16, dtype=dtype)
+    check(sdpa(), lambda q, k, v, m: math_attention(q, k, v, mask=m), (q, k, v, mask), f"mask {kind}")
+
+
+def test_mask_with_causal_and_empty_rows():
+    b, h, n = 1, 2, 35
+    mask = torch.rand(b, h, n, n, generator=torch.Generator().manual_seed(4)) > 0.5
+    mask[:, :, 3] = False           # a fully masked row
+    mask[:, 1, 20:, :] = False      # fully masked tiles
+    mask = mask.to(DEV)
+    q, k, v = qkv(b, h, n, n, 16)
+    out = check(sdpa(is_causal=True), lambda q, k, v, m: math_attention(q, k, v, mask=m, causal=True),
+                (q, k, v, mask), "mask+causal")
+    assert (out[:, :, 3] == 0).all() and (out[:, 1, 20:] == 0).all()
+
+
+def test_float_mask_gradient():
+    b, h, nq, nk = 1, 2, 19, 21
+    g = torch.Generator().manual_seed(5)
+    bias = torch.randn(b, h, nq, nk, generator=g).to(DEV)
+    bias[0, 0, :, 7:] = -math.inf   # -inf entries: a zero gradient there
+    bias.requires_grad_()
+    q, k, v = qkv(b, h, nq, nk, 16)
+    check(sdpa(), lambda q, k, v, m: math_attention(q, k, v, mask=m), (q, k, v, bias), "dmask")
+
+
+def test_fully_masked_everything():
+    q, k, v = qkv(1, 1, 18, 18, 16)
+    mask = torch.zeros(18, 18, dtype=torch.bool, device=DEV)
+    mask[5, 2] = True
+    out, lse = attention_fwd(q, k, v, mask.expand(1, 1, 18, 18), None, None, None, -1, -1, 0.25, False, 0.0,
+                             "triton")
+    assert (out[0, 0, :5] == 0).all() and (out[0, 0, 6:] == 0).all()
+    assert torch.isinf(lse[0, 0, :5]).all() and (lse[0, 0, :5] < 0).all() and torch.isfinite(lse[0, 0, 5])
+    dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+    assert (dq[0, 0, :5] == 0).all() and (dq[0, 0, 6:] == 0).all()
+    assert torch.isfinite(dk).all() and (dk[0, 0, 3:] == 0).all() and torch.equal(dv[0, 0, 2], v.new_ones(16))
+
+
+# ---------------------------------------------------------------------------------------- mask summary
+def test_mask_summary_matches_brute_force():
+    g = torch.Generator().manual_seed(6)
+    mask = torch.randn(3, 37, 41, generator=g)
+    mask[0] = 0.0                                 # all full tiles
+    mask[1, :, :20] = -math.inf                   # empty tiles, and partial ones at the edge
+    mask[2] = torch.where(mask[2] > 1.0, 0.0, -math.inf)
+    m4 = mask.view(1, 3, 37, 41).expand(2, 3, 37, 41)    # broadcast batch
+    s = tile_summary(m4, 16, 16)
+    assert s.state.shape == (2, 3, 3, 3) and s.state.stride(0) == 0
+    for h in range(3):
+        for i in range(3):
+            for j in range(3):
+                t = mask[h, 16 * i:16 * i + 16, 16 * j:16 * j + 16]
+                want = (TILE_EMPTY if torch.isinf(t).all() else TILE_FULL if (t == 0).all() else TILE_PARTIAL)
+                assert s.state[1, h, i, j] == want, (h, i, j)
+            nonempty = [j for j in range(3) if s.state[0, h, i, j] != TILE_EMPTY]
+            assert (s.row_lo[0, h, i].item(), s.row_hi[0, h, i].item()) == (
+                (min(nonempty), max(nonempty) + 1) if nonempty else (3, 0))
+
+
+def test_block_diagonal_summary_visits_only_the_diagonal():
+    # NaViT: 8 images of 64 tokens packed into 512; with 16x16 tiles, exactly the 8 * 4 * 4 diagonal tiles
+    # take part, so the masked kernel does the work of the varlen one.
+    seg = torch.arange(512) // 64
+    s = tile_summary(_segment_mask(seg).view(1, 1, 512, 512), 16, 16)
+    assert (s.state != TILE_EMPTY).sum().item() == 8 * 16
+    assert ((s.row_hi - s.row_lo) == 4).all() and ((s.col_hi - s.col_lo) == 4).all()
+
+
+def test_varlen_block_map_covers_each_block_once():
+    lens = torch.tensor([0, 1, 15, 16, 17, 0, 40, 3])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    for hint in (-1, 40):
+        seq, start, g = varlen_map.block_map(cu, int(cu[-1]), 16, hint)
+        got = sorted((int(s), int(b)) for s, b in zip(seq, start) if b != varlen_map.EMPTY_BLOCK_START)
+        want = sorted((s, b) for s in range(len(lens)) for b in range(0, int(lens[s]), 16))
+        assert got == want and g >= len(want)
+    assert varlen_map.grid_blocks(92, 8, 16, 40) == min(6 + 8, 8 * 3)
+
+
+# ----------------------------------------------------------------------------------------------- varlen
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32, device=DEV)
+
+
+def _varlen_truth(cu_q, cu_k, causal):
+    seg_q, pos_q = _seg_pos(cu_q)
+    seg_k, pos_k = _seg_pos(cu_k)
+    allowed = seg_q[:, None] == seg_k[None, :]
+    if causal:
+        allowed = allowed & (pos_k[None, :] <= pos_q[:, None])
+
+    def f(q, k, v):   # [T, H, D] -> [T, H, Dv]
+        o = math_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                           allowed=allowed)
+        return o[0].transpose(0, 1)
+    return f
+
+
+def _seg_pos(cu):
+    t = int(cu[-1])
+    pos = torch.arange(t, device=cu.device)
+    seg = torch.searchsorted(cu[1:].long(), pos, right=True)
+    return seg, pos - cu.long()[seg]
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(dtype, causal):
+    lq, lk = [0, 1, 15, 17, 16, 0, 5], [3, 1, 17, 15, 16, 2, 0]    # zero lengths, block +-1, Nq != Nk
+    cu_q, cu_k = _cu(lq), _cu(lk)
+    g = torch.Generator().manual_seed(7)
+    q = rand(sum(lq), 4, 32, dtype=dtype, gen=g)
+    k = rand(sum(lk), 2, 32, dtype=dtype, gen=g)      # GQA
+    v = rand(sum(lk), 2, 24, dtype=dtype, gen=g)
+    check(lambda q, k, v: vitkern.varlen_attention(q, k, v, cu_q, cu_k, is_causal=causal, backend="triton"),
+          _varlen_truth(cu_q, cu_k, causal), (q, k, v), f"varlen causal={causal}")
+
+
+def test_varlen_hints_and_lse():
+    lens = [16, 33, 1]
+    cu = _cu(lens).long()
+    q, k, v = (rand(50, 2, 16, gen=torch.Generator().manual_seed(i), grad=False) for i in range(3))
+    o1, lse1 = vitkern.varlen_attention(q, k, v, cu, return_lse=True, backend="triton")
+    o2, lse2 = vitkern.varlen_attention(q, k, v, cu, max_seqlen_q=33, max_seqlen_k=33, return_lse=True,
+                                        backend="triton")
+    assert torch.equal(o1, o2) and torch.equal(lse1, lse2)
+    exact = torch.cat([torch.logsumexp(q[a:b].double().transpose(0, 1) @ k[a:b].double().permute(1, 2, 0) / 4, -1)
+                       for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())], 1)
+    assert lse1.shape == (2, 50) and max_err(lse1, exact) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------- dropout
+@triton.jit
+def _keep_kernel(Out, seed, bh, row0, col0, thr, BM: tl.constexpr, BN: tl.constexpr):
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    keep = dropout_keep(seed, bh, rows, cols, thr)
+    tl.store(Out + tl.arange(0, BM)[:, None] * BN + tl.arange(0, BN)[None, :], keep.to(tl.int8))
+
+
+def test_dropout_hash_is_bit_exact():
+    for seed, p, bh, row0, col0 in [(0, 0.1, 0, 0, 0), (2**31 - 2, 0.5, 7, 1000, 50000), (2**32 - 1, 0.9, 3, 5, 9)]:
+        s, thr, _ = dropout_args(torch.tensor([seed]), p)
+        out = torch.empty(16, 32, dtype=torch.int8, device=DEV)
+        _keep_kernel[(1,)](out, s, bh, row0, col0, thr, BM=16, BN=32)
+        want = vk_dropout.keep_mask(seed, torch.tensor(bh), torch.arange(row0, row0 + 16)[:, None],
+                                    torch.arange(col0, col0 + 32)[None, :], p)
+        assert torch.equal(out.cpu().bool(), want), (seed, p)
+
+
+def _run_op(q, k, v, mask, cu, seed, p, causal, backend):
+    return attention_fwd(q, k, v, mask, cu, cu, seed, -1, -1, 1 / math.sqrt(q.shape[-1]), causal, p, backend)[0]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_forward_backward(causal):
+    b, h, nq, nk, p = 2, 2, 19, 35, 0.3
+    seed = torch.tensor([12345])
+    q, k, v = qkv(b, h, nq, nk, 16)
+    keep = vk_dropout.keep_mask(12345, torch.arange(b * h).view(b, h, 1, 1), torch.arange(nq).view(-1, 1),
+                                torch.arange(nk).view(1, -1), p).to(DEV)
+    check(lambda q, k, v: _run_op(q, k, v, None, None, seed, p, causal, "triton"),
+          lambda q, k, v: math_attention(q, k, v, causal=causal, keep=keep, p=p), (q, k, v), "dropout")
+    # Same seed, same mask as the reference backend (which implements the spec in torch ops).
+    with torch.no_grad():
+        a = _run_op(q, k, v, None, None, seed, p, causal, "triton")
+        r = _run_op(q, k, v, None, None, seed, p, causal, "reference")
+    assert max_err(a, r) < 1e-5
+
+
+def test_dropout_varlen_uses_packed_token_indices():
+    cu = _cu([5, 17, 0, 10]).long()
+    seed, p = torch.tensor([99]), 0.25
+    q, k, v = (rand(1, 2, 32, 16, gen=torch.Generator().manual_seed(i)) for i in range(3))
+    keep = vk_dropout.keep_mask(99, torch.arange(2).view(1, 2, 1, 1), torch.arange(32).view(-1, 1),
+                                torch.arange(32).view(1, -1), p).to(DEV)
+    seg, _ = _seg_pos(cu)
+    allowed = seg[:, None] == seg[None, :]
+    check(lambda q, k, v: _run_op(q, k, v, None, cu, seed, p, False, "triton"),
+          lambda q, k, v: math_attention(q, k, v, allowed=allowed, keep=keep, p=p), (q, k, v), "varlen dropout")
+
+
+# ---------------------------------------------------------------------------------------- input checks
+def test_unsupported_inputs_say_why(monkeypatch):
+    be = get_backend("triton")
+    q = torch.zeros(1, 1, 4, 16, device=DEV)
+    assert be.unsupported_reason(q, q, q, None, None, 0.0) is None
+    assert "head dims up to 256" in be.unsupported_reason(*(torch.zeros(1, 1, 4, 300, device=DEV),) * 3,
+                                                          None, None, 0.0)
+    assert "float64" in be.unsupported_reason(*(q.double(),) * 3, None, None, 0.0)
+    with pytest.raises(ValueError, match="backend='triton'"):
+        vitkern.scaled_dot_product_attention(*(q.double(),) * 3, backend="triton")
+    if INTERPRETING:
+        assert "interpreter" in be.unsupported_reason(*(q.bfloat16(),) * 3, None, None, 0.0)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert "CUDA" in be.unsupported_reason(q, q, q, None, None, 0.0)
+
+
+# ------------------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,d,causal", [(197, 64, False), (785, 80, True), (577, 96, False), (1024, 128, True),
+                                        (300, 256, False), (4096, 64, False)])
+def test_gpu_dense(dtype, n, d, causal):
+    q, k, v = qkv(2, 3, n, n, d, dtype=dtype)
+    check(sdpa(is_causal=causal), lambda q, k, v: math_attention(q, k, v, causal=causal), (q, k, v),
+          f"gpu {dtype} n={n} d={d}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_navit_block_diagonal_and_varlen(dtype):
+    g = torch.Generator().manual_seed(8)
+    lens = torch.randint(16, 600, (12,), generator=g).tolist()
+    seg = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(DEV)
+    t = sum(lens)
+    q, k, v = (rand(t, 4, 64, dtype=dtype, gen=g) for _ in range(3))
+    cu = _cu(lens)
+    out_v = check(lambda q, k, v: vitkern.varlen_attention(q, k, v, cu, backend="triton"),
+                  _varlen_truth(cu, cu, False), (q, k, v), "gpu varlen")
+    mask = (seg[:, None] == seg[None, :])
+    out_m = vitkern.scaled_dot_product_attention(*(x.detach().transpose(0, 1) for x in (q, k, v)), attn_mask=mask,
+                                                 backend="triton").transpose(0, 1)
+    assert max_err(out_m, out_v) <= FLOOR[dtype]
+
+
+@gpu
+def test_gpu_new_packing_does_not_recompile():
+    from vitkern.triton_kernels.attention_fwd import _attention_fwd_kernel
+    q, k, v = (torch.randn(1000, 4, 64, device=DEV, dtype=torch.float16) for _ in range(3))
+    sizes = []
+    for lens in ([1000], [500, 500], [1, 998, 1], [333, 333, 334], [17] * 50 + [150]):
+        vitkern.varlen_attention(q, k, v, _cu(lens), backend="triton")
+        sizes.append(sum(len(c) for c in _attention_fwd_kernel.device_caches[0][0].values())
+                     if hasattr(_attention_fwd_kernel, "device_caches") else 0)
+    assert len(set(sizes[1:])) == 1, sizes
+
+
+@gpu
+def test_gpu_backward_is_deterministic():
+    q, k, v = qkv(2, 4, 1000, 1000, 64, hk=2, dtype=torch.bfloat16)
+    f = lambda: torch.autograd.grad(vitkern.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, enable_gqa=True, backend="triton").sum(), (q, k, v))
+    a, b = f(), f()
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@gpu
+def test_gpu_long_sequence_int64_offsets():
+    # PiT at 224x224: 50,176 tokens; a bool mask of 50k x 50k has > 2**31 elements (int64 offsets needed).
+    n, d = 50176, 64
+    q, k, v = (torch.randn(1, 1, n, d, device=DEV, dtype=torch.float16) for _ in range(3))
+    mask = torch.ones(n, n, dtype=torch.bool, device=DEV)
+    mask[-5:, :] = False
+    mask[:, -3:] = False
+    out = vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton")
+    rows = torch.tensor([0, 1, 12345, n - 6, n - 1], device=DEV)
+    exact = math_attention(q[:, :, rows].double(), k.double(), v.double(), mask=mask[rows])
+    assert max_err(out[:, :, rows], exact) < 2e-3 and (out[0, 0, -5:] == 0).all()
