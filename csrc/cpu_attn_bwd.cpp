@@ -1,0 +1,242 @@
+// Fused attention backward on CPU. Each work item owns a range of keys of one kv head: it recomputes the
+// probabilities P = exp(S - lse) tile by tile for every query head of its group (so GQA heads never race on
+// dK/dV), accumulates dK and dV for its keys in per-thread tiles, and adds its dQ contribution into the partial
+// buffer its item names. With enough heads there is one partial buffer (dQ itself); with few (one long PiT
+// sequence) the keys are split over several buffers that are summed in a fixed order afterwards, so results do
+// not depend on scheduling. Skipping follows the forward: mask summary, causal diagonal, varlen blocks.
+#include "cpu_attn_bwd.h"
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu_attn_plan.h"
+#include "cpu_attn_work.h"
+#include "cpu_blas.h"
+#include "cpu_dropout.h"
+#include "cpu_softmax_math.h"
+
+namespace vitkern_cpu {
+namespace {
+
+template <typename T>
+struct BackwardArgs {
+  Strided<const T> q, k, v, dout;
+  const float* lse;  // [B, Hq, Nq]
+  const T* delta;    // [B, Hq, Nq]: rowsum(dout * out)
+  Strided<T> dk, dv;
+  T* dq_parts;  // [parts, B, Nq, Hq, D]
+  Strided<T> dq_in_part;
+  int64_t part_stride;
+  const Problem* p;
+  MaskView mask;
+  const MaskSummary* summary;
+  Dropout dropout;
+  Tiles tiles;
+  char* dmask;  // [B, Hq, Nq, Nk] contiguous in the mask's dtype, or null
+};
+
+template <typename T, typename E>
+void store_row(char* dst, const T* src, int64_t n) {
+  E* d = reinterpret_cast<E*>(dst);
+  for (int64_t c = 0; c < n; ++c) d[c] = static_cast<E>(src[c]);
+}
+
+template <typename T>
+void store_mask_grad_row(const MaskView& m, char* dst, const T* ds, int64_t n) {
+  switch (m.dtype) {
+    case at::kFloat: store_row<T, float>(dst, ds, n); break;
+    case at::kDouble: store_row<T, double>(dst, ds, n); break;
+    case at::kHalf: store_row<T, c10::Half>(dst, ds, n); break;
+    case at::kBFloat16: store_row<T, c10::BFloat16>(dst, ds, n); break;
+    default: TORCH_CHECK(false, "mask_grad: needs a floating mask, got ", m.dtype);
+  }
+}
+
+template <typename T>
+void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_buf, T* pd_buf, T* dk_acc,
+                   T* dv_acc) {
+  const Problem& p = *a.p;
+  const int64_t bm = a.tiles.bm, bn = a.tiles.bn, d = p.D, dv = p.Dv, groups = p.Hq / p.Hk;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T scale = T(p.scale), keep_scale = T(a.dropout.keep_scale);
+
+  for (int64_t j0 = w.k0; j0 < w.k1; j0 += bn) {
+    const int64_t nb = std::min(bn, w.k1 - j0);
+    const T* kp = a.k.row(w.b, w.hk, j0);
+    const T* vp = a.v.row(w.b, w.hk, j0);
+    fill_row(dk_acc, nb * d, T(0));
+    fill_row(dv_acc, nb * dv, T(0));
+    // Queries that see at least key j0: causal keeps i + shift >= j0. Query tiles stay on the block's grid.
+    int64_t first_q = w.q_lo;
+    if (p.causal) first_q = std::max(w.q_lo, j0 - w.causal_shift);
+    const int64_t qt_first = (first_q - w.q_lo) / bm;
+    const int64_t kt = (j0 - (w.q_lo + w.causal_shift)) / bn;  // key tile index inside the block (dense: j0/bn)
+
+    for (int64_t h = w.hk * groups; h < (w.hk + 1) * groups; ++h) {
+      const uint8_t* codes = a.summary ? a.summary->tiles_of(w.b, h) : nullptr;
+      const float* lse = a.lse + (w.b * p.Hq + h) * p.Nq;
+      const T* delta = a.delta + (w.b * p.Hq + h) * p.Nq;
+      const int64_t bh = w.b * p.Hq + h;
+      T* dq_part = a.dq_parts + w.part * a.part_stride;
+      for (int64_t i0 = w.q_lo + qt_first * bm; i0 < w.q_hi; i0 += bm) {
+        const int64_t mq = std::min(bm, w.q_hi - i0);
+        const uint8_t code = codes ? codes[((i0 - w.q_lo) / bm) * a.summary->n_kt + kt] : uint8_t(kTileClean);
+        if (code == kTileSkip) continue;
+        const bool causal_cut = p.causal && j0 + nb - 1 > i0 + w.causal_shift;
+        const T* qp = a.q.row(w.b, h, i0);
+        const T* dop = a.dout.row(w.b, h, i0);
+
+        gemm_nt<T>(mq, nb, d, scale, qp, a.q.sn, kp, a.k.sn, T(0), p_buf, bn);
+        bool any_row = false;
+        for (int64_t r = 0; r < mq; ++r) {
+          T* s = p_buf + r * bn;
+          const int64_t i = i0 + r;
+          const T l = T(lse[i]);
+          if (l == ninf) {  // a row with no key: P = 0, no gradient
+            fill_row(s, nb, T(0));
+            continue;
+          }
+          any_row = true;
+          if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, h, i, j0);
+          if (causal_cut) {
+            const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
+            fill_row(s + allowed, nb - allowed, ninf);
+          }
+          exp_shift(s, nb, l);
+        }
+        if (!any_row) continue;
+
+        gemm_nt<T>(mq, nb, dv, T(1), dop, a.dout.sn, vp, a.v.sn, T(0), dp_buf, bn);
+        const T* pd = p_buf;
+        if (a.dropout.active) {
+          for (int64_t r = 0; r < mq; ++r) {
+            const uint32_t st = a.dropout.row_state(bh, i0 + r);
+            T* pr = pd_buf + r * bn;
+            T* dpr = dp_buf + r * bn;
+            const T* src = p_buf + r * bn;
+            for (int64_t c = 0; c < nb; ++c) pr[c] = src[c] * keep_scale;
+            a.dropout.apply_row(pr, nb, st, j0);
+            for (int64_t c = 0; c < nb; ++c) dpr[c] *= keep_scale;
+            a.dropout.apply_row(dpr, nb, st, j0);
+          }
+          pd = pd_buf;
+        }
+        gemm_tn<T>(nb, dv, mq, T(1), pd, bn, dop, a.dout.sn, T(1), dv_acc, dv);
+
+        for (int64_t r = 0; r < mq; ++r) {  // dS = P * (dP - delta), written over dP
+          T* ds = dp_buf + r * bn;
+          const T* pr = p_buf + r * bn;
+          const T dl = delta[i0 + r];
+#pragma omp simd
+          for (int64_t c = 0; c < nb; ++c) ds[c] = pr[c] * (ds[c] - dl);
+          if (a.dmask) {
+            char* dst = a.dmask + (((bh * p.Nq) + i0 + r) * p.Nk + j0) * a.mask.elem_size;
+            store_mask_grad_row(a.mask, dst, ds, nb);
+          }
+        }
+        gemm_tn<T>(nb, d, mq, scale, dp_buf, bn, qp, a.q.sn, T(1), dk_acc, d);
+        T* dqp = dq_part + w.b * a.dq_in_part.sb + h * a.dq_in_part.sh + i0 * a.dq_in_part.sn;
+        gemm_nn<T>(mq, d, nb, scale, dp_buf, bn, kp, a.k.sn, T(1), dqp, a.dq_in_part.sn);
+      }
+    }
+    for (int64_t c = 0; c < nb; ++c) {
+      T* dkr = a.dk.row(w.b, w.hk, j0 + c);
+      T* dvr = a.dv.row(w.b, w.hk, j0 + c);
+      std::copy(dk_acc + c * d, dk_acc + (c + 1) * d, dkr);
+      std::copy(dv_acc + c * dv, dv_acc + (c + 1) * dv, dvr);
+    }
+  }
+}
+
+template <typename T>
+void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items) {
+  std::atomic<int64_t> next{0};
+  run_on_threads([&](int64_t) {
+    const int64_t tile = a.tiles.bm * a.tiles.bn;
+    std::vector<T> p_buf(tile), dp_buf(tile), pd_buf(a.dropout.active ? tile : 0), dk_acc(a.tiles.bn * a.p->D),
+        dv_acc(a.tiles.bn * a.p->Dv);
+    for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
+      backward_keys<T>(a, items[idx], p_buf.data(), dp_buf.data(), pd_buf.data(), dk_acc.data(), dv_acc.data());
+  });
+}
+
+at::Tensor empty_bhnd(int64_t b, int64_t h, int64_t n, int64_t d, at::ScalarType dt) {
+  return at::empty({b, n, h, d}, at::TensorOptions().dtype(dt)).transpose(1, 2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+    const std::optional<at::Tensor>& cu_k, double scale, bool is_causal, double dropout_p, int64_t seed,
+    bool mask_grad) {
+  const Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
+  const std::vector<int64_t> o_shape{p.B, p.Hq, p.Nq, p.Dv};
+  TORCH_CHECK(dout.dim() == 4 && dout.sizes() == at::IntArrayRef(o_shape), "dout: expected shape ",
+              at::IntArrayRef(o_shape), ", got ", dout.sizes());
+  TORCH_CHECK(out.dim() == 4 && out.sizes() == at::IntArrayRef(o_shape), "out: expected shape ",
+              at::IntArrayRef(o_shape), ", got ", out.sizes());
+  TORCH_CHECK(dout.scalar_type() == p.dtype && out.scalar_type() == p.dtype, "dout, out: expected dtype ", p.dtype,
+              ", got ", dout.scalar_type(), " and ", out.scalar_type());
+  TORCH_CHECK(dout.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(),
+              "dout, out, lse: expected CPU tensors");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
+                  lse.size(2) == p.Nq,
+              "lse: expected float32 [", p.B, ", ", p.Hq, ", ", p.Nq, "], got ", lse.scalar_type(), " ",
+              lse.sizes());
+  const bool has_mask = mask.has_value() && mask->defined();
+  TORCH_CHECK(!mask_grad || (has_mask && mask->is_floating_point()),
+              "mask_grad: needs a floating mask, got ", has_mask ? c10::toString(mask->scalar_type()) : "none");
+
+  const SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
+  const Tiles tiles = backward_tiles(p.D, p.Dv);
+  const at::TensorOptions acc_opts = at::TensorOptions().dtype(p.compute);
+
+  at::Tensor dq = empty_bhnd(p.B, p.Hq, p.Nq, p.D, p.dtype);
+  at::Tensor dk = empty_bhnd(p.B, p.Hk, p.Nk, p.D, p.dtype);
+  at::Tensor dv = empty_bhnd(p.B, p.Hk, p.Nk, p.Dv, p.dtype);
+  at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Nq, p.Nk}, at::TensorOptions().dtype(mask->scalar_type()))
+                               : at::empty({0}, q.options());
+  at::Tensor dk_acc = p.dtype == p.compute ? dk : empty_bhnd(p.B, p.Hk, p.Nk, p.D, p.compute);
+  at::Tensor dv_acc = p.dtype == p.compute ? dv : empty_bhnd(p.B, p.Hk, p.Nk, p.Dv, p.compute);
+  dk_acc.zero_();  // keys that no query sees keep zero gradients
+  dv_acc.zero_();
+
+  int64_t parts = 1;
+  const auto items = backward_work(p, blocks, tiles, at::get_num_threads(), &parts);
+  at::Tensor dq_parts = at::zeros({parts, p.B, p.Nq, p.Hq, p.D}, acc_opts);
+
+  if (!items.empty()) {
+    const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute),
+                     vc = gemm_operand(v, p.compute), doc = gemm_operand(dout, p.compute);
+    const at::Tensor delta = (dout.to(p.compute) * out.to(p.compute)).sum(-1).contiguous();
+    const at::Tensor lse_c = lse.contiguous();
+    const MaskView mv = MaskView::of(mask);
+    const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
+    AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_bwd", [&] {
+      const at::Tensor part0 = dq_parts[0].transpose(1, 2);  // [B, Hq, Nq, D] view of one part
+      BackwardArgs<scalar_t> a{strided<const scalar_t>(qc), strided<const scalar_t>(kc),
+                               strided<const scalar_t>(vc), strided<const scalar_t>(doc),
+                               lse_c.const_data_ptr<float>(), delta.const_data_ptr<scalar_t>(),
+                               strided<scalar_t>(dk_acc), strided<scalar_t>(dv_acc),
+                               dq_parts.data_ptr<scalar_t>(), strided<scalar_t>(part0), dq_parts.stride(0), &p, mv,
+                               mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles,
+                               mask_grad ? static_cast<char*>(dmask.data_ptr()) : nullptr};
+      run_backward<scalar_t>(a, items);
+    });
+  }
+  // Fixed summation order over the partial buffers: deterministic.
+  dq.copy_((parts == 1 ? dq_parts[0] : dq_parts.sum(0)).transpose(1, 2));
+  if (!dk_acc.is_same(dk)) dk.copy_(dk_acc);
+  if (!dv_acc.is_same(dv)) dv.copy_(dv_acc);
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace vitkern_cpu

@@ -1,0 +1,138 @@
+// Fused attention forward on CPU: for each tile of queries, an online softmax over tiles of keys with fp32
+// (fp64 for float64) accumulators, never an Nq x Nk buffer. Tiles a mask summary marks empty are skipped, clean
+// tiles get no mask work, causal tiles past the diagonal are never visited. Saves the log-sum-exp for the
+// backward. Memory beyond the inputs: one bm x bn score tile and one bm x Dv accumulator per thread, plus the
+// float32 copies of bf16/fp16 operands (O(N·D)).
+#include "cpu_attn_fwd.h"
+
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "cpu_attn_plan.h"
+#include "cpu_attn_work.h"
+#include "cpu_blas.h"
+#include "cpu_dropout.h"
+#include "cpu_softmax_math.h"
+
+namespace vitkern_cpu {
+namespace {
+
+template <typename T>
+struct ForwardArgs {
+  Strided<const T> q, k, v;
+  Strided<T> out;
+  float* lse;  // [B, Hq, Nq] contiguous
+  const Problem* p;
+  MaskView mask;
+  const MaskSummary* summary;
+  Dropout dropout;
+  Tiles tiles;
+};
+
+template <typename T>
+void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf, T* l_buf) {
+  const Problem& p = *a.p;
+  const int64_t bn = a.tiles.bn;
+  const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), dv = p.Dv;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  const T* qp = a.q.row(w.b, w.h, w.q0);
+  const uint8_t* codes = a.summary ? a.summary->tiles_of(w.b, w.h) + w.qt * a.summary->n_kt : nullptr;
+  const int64_t bh = w.b * p.Hq + w.h;
+
+  fill_row(m_buf, mq, ninf);
+  fill_row(l_buf, mq, T(0));
+  fill_row(o_buf, mq * dv, T(0));
+
+  for (int64_t j0 = w.k_lo; j0 < w.k_hi; j0 += bn) {
+    const int64_t nb = std::min(bn, w.k_hi - j0);
+    const uint8_t code = codes ? codes[(j0 - w.k_lo) / bn] : uint8_t(kTileClean);
+    if (code == kTileSkip) continue;
+    // Some pair of this tile lies above the diagonal when its last key is past the first query's reach.
+    const bool causal_cut = p.causal && j0 + nb - 1 > w.q0 + w.causal_shift;
+    const T* kp = a.k.row(w.b, hk, j0);
+    const T* vp = a.v.row(w.b, hk, j0);
+    gemm_nt<T>(mq, nb, p.D, T(p.scale), qp, a.q.sn, kp, a.k.sn, T(0), s_buf, bn);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* s = s_buf + r * bn;
+      const int64_t i = w.q0 + r;
+      if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, w.h, i, j0);
+      if (causal_cut) {
+        const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
+        fill_row(s + allowed, nb - allowed, ninf);
+      }
+      const T m_new = std::max(m_buf[r], row_max(s, nb));
+      if (m_new == ninf) {  // nothing taken part in this row so far
+        fill_row(s, nb, T(0));
+        continue;
+      }
+      const T alpha = exp_poly(m_buf[r] - m_new);  // 0 when the row had no key yet
+      const T sum = exp_shift_sum(s, nb, m_new);
+      l_buf[r] = l_buf[r] * alpha + sum;
+      m_buf[r] = m_new;
+      if (alpha != T(1)) scale_row(o_buf + r * dv, dv, alpha);
+      if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
+    }
+    gemm_nn<T>(mq, dv, nb, T(1), s_buf, bn, vp, a.v.sn, T(1), o_buf, dv);
+  }
+
+  const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
+  float* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
+  for (int64_t r = 0; r < mq; ++r) {
+    T* o = a.out.row(w.b, w.h, w.q0 + r);
+    const T l = l_buf[r];
+    const T inv = l > T(0) ? keep_scale / l : T(0);
+    const T* acc = o_buf + r * dv;
+#pragma omp simd
+    for (int64_t c = 0; c < dv; ++c) o[c] = acc[c] * inv;
+    lse[r] = l > T(0) ? static_cast<float>(m_buf[r] + std::log(l)) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+template <typename T>
+void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items) {
+  std::atomic<int64_t> next{0};
+  run_on_threads([&](int64_t) {
+    std::vector<T> s_buf(a.tiles.bm * a.tiles.bn), o_buf(a.tiles.bm * a.p->Dv), m_buf(a.tiles.bm),
+        l_buf(a.tiles.bm);
+    for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
+      forward_tile<T>(a, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data());
+  });
+}
+
+at::Tensor empty_bhnd(int64_t b, int64_t h, int64_t n, int64_t d, at::ScalarType dt) {
+  return at::empty({b, n, h, d}, at::TensorOptions().dtype(dt)).transpose(1, 2);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const std::optional<at::Tensor>& mask,
+                                                 const std::optional<at::Tensor>& cu_q,
+                                                 const std::optional<at::Tensor>& cu_k, double scale,
+                                                 bool is_causal, double dropout_p, int64_t seed) {
+  const Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
+  const SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
+  const Tiles tiles = forward_tiles(p.D, p.Dv);
+
+  at::Tensor out = empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.dtype);
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, at::TensorOptions().dtype(at::kFloat));
+  if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
+  at::Tensor out_acc = p.dtype == p.compute ? out : empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.compute);
+  const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute), vc = gemm_operand(v, p.compute);
+  const MaskView mv = MaskView::of(mask);
+  const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
+  const auto items = forward_work(p, blocks, tiles);
+
+  AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_fwd", [&] {
+    ForwardArgs<scalar_t> a{strided<const scalar_t>(qc), strided<const scalar_t>(kc), strided<const scalar_t>(vc),
+                            strided<scalar_t>(out_acc), lse.data_ptr<float>(), &p, mv,
+                            mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles};
+    run_forward<scalar_t>(a, items);
+  });
+  if (!out_acc.is_same(out)) out.copy_(out_acc);
+  return {out, lse};
+}
+
+}  // namespace vitkern_cpu

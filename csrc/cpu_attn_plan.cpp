@@ -1,0 +1,275 @@
+// Argument checks, operand preparation, mask tile summaries and varlen blocks for the fused CPU kernels.
+#include "cpu_attn_plan.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstdio>
+#include <limits>
+
+namespace vitkern_cpu {
+
+at::Tensor gemm_operand(const at::Tensor& t, at::ScalarType compute) {
+  at::Tensor x = t.scalar_type() == compute ? t : t.to(compute);
+  const bool fits = x.stride(3) == 1 && x.stride(2) >= x.size(3) && x.stride(0) >= 0 && x.stride(1) >= 0;
+  return fits ? x : x.contiguous();
+}
+
+namespace {
+
+Tiles tiles_from_env(Tiles fallback) {
+  const char* env = std::getenv("VITKERN_CPU_TILES");
+  if (!env) return fallback;
+  long bm = 0, bn = 0;
+  if (std::sscanf(env, "%ldx%ld", &bm, &bn) == 2 && bm >= 1 && bn >= 1 && bm <= 4096 && bn <= 4096) return {bm, bn};
+  TORCH_CHECK(false, "VITKERN_CPU_TILES: expected 'BMxBN' with both in [1, 4096], got '", env, "'");
+}
+
+}  // namespace
+
+Tiles forward_tiles(int64_t d, int64_t dv) {
+  (void)d;
+  (void)dv;
+  return tiles_from_env({64, 128});
+}
+
+Tiles backward_tiles(int64_t d, int64_t dv) {
+  (void)d;
+  (void)dv;
+  return tiles_from_env({64, 64});
+}
+
+MaskView MaskView::of(const std::optional<at::Tensor>& mask) {
+  MaskView m;
+  if (!mask.has_value() || !mask->defined()) return m;
+  const at::Tensor& t = *mask;
+  m.kind = t.scalar_type() == at::kBool ? kBool : kFloat;
+  m.dtype = t.scalar_type();
+  m.elem_size = t.element_size();
+  m.data = static_cast<const char*>(t.const_data_ptr());
+  m.sb = t.stride(0);
+  m.sh = t.stride(1);
+  m.sq = t.stride(2);
+  m.sk = t.stride(3);
+  return m;
+}
+
+namespace {
+
+template <typename E>
+inline double mask_value(const char* p) {
+  return static_cast<double>(*reinterpret_cast<const E*>(p));
+}
+
+template <typename T, typename E>
+void add_float_row(T* s, int64_t n, const char* p, int64_t step) {
+  for (int64_t c = 0; c < n; ++c) s[c] += static_cast<T>(*reinterpret_cast<const E*>(p + c * step));
+}
+
+}  // namespace
+
+template <typename T>
+void MaskView::apply_row(T* s, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) const {
+  const char* p = data + (b * sb + h * sh + i * sq + j0 * sk) * elem_size;
+  const int64_t step = sk * elem_size;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  switch (dtype) {
+    case at::kBool:
+      for (int64_t c = 0; c < n; ++c) s[c] = p[c * step] ? s[c] : ninf;
+      break;
+    case at::kFloat: add_float_row<T, float>(s, n, p, step); break;
+    case at::kDouble: add_float_row<T, double>(s, n, p, step); break;
+    case at::kHalf: add_float_row<T, c10::Half>(s, n, p, step); break;
+    case at::kBFloat16: add_float_row<T, c10::BFloat16>(s, n, p, step); break;
+    default: TORCH_CHECK(false, "mask: unsupported dtype ", dtype);
+  }
+}
+template void MaskView::apply_row<float>(float*, int64_t, int64_t, int64_t, int64_t, int64_t) const;
+template void MaskView::apply_row<double>(double*, int64_t, int64_t, int64_t, int64_t, int64_t) const;
+
+namespace {
+
+// Classifies one tile of a mask slice. Rows (columns) that a zero stride makes identical are read once.
+template <typename E>
+uint8_t classify_tile(const char* base, int64_t sq, int64_t sk, int64_t esz, int64_t rows, int64_t cols,
+                      bool is_bool) {
+  if (sq == 0) rows = 1;
+  if (sk == 0) cols = 1;
+  bool any_allowed = false, any_work = false;
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* p = base + r * sq * esz;
+    for (int64_t c = 0; c < cols; ++c) {
+      const char* e = p + c * sk * esz;
+      if (is_bool) {
+        if (*e) any_allowed = true; else any_work = true;
+      } else {
+        const double x = mask_value<E>(e);
+        if (x == -std::numeric_limits<double>::infinity()) {
+          any_work = true;
+        } else {
+          any_allowed = true;
+          if (x != 0.0) any_work = true;
+        }
+      }
+    }
+    if (any_allowed && any_work) return kTilePartial;
+  }
+  if (!any_allowed) return kTileSkip;
+  return any_work ? kTilePartial : kTileClean;
+}
+
+template <typename E>
+void summarize_slices(const MaskView& m, MaskSummary& out, int64_t n_b, int64_t n_h, int64_t nq, int64_t nk,
+                      Tiles t) {
+  const int64_t per_slice = out.n_qt * out.n_kt;
+  const bool rows_same = m.sq == 0;
+  at::parallel_for(0, n_b * n_h * out.n_qt, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t qt = idx % out.n_qt, slice = idx / out.n_qt;
+      const int64_t b = slice / n_h, h = slice % n_h;
+      uint8_t* codes = out.codes.data() + slice * per_slice + qt * out.n_kt;
+      if (rows_same && qt > 0) continue;  // filled from tile row 0 below
+      const int64_t i0 = qt * t.bm, rows = std::min(t.bm, nq - i0);
+      for (int64_t kt = 0; kt < out.n_kt; ++kt) {
+        const int64_t j0 = kt * t.bn, cols = std::min(t.bn, nk - j0);
+        const char* base = m.data + (b * m.sb + h * m.sh + i0 * m.sq + j0 * m.sk) * m.elem_size;
+        codes[kt] = classify_tile<E>(base, m.sq, m.sk, m.elem_size, rows, cols, m.kind == MaskView::kBool);
+      }
+    }
+  });
+  if (rows_same) {
+    for (int64_t slice = 0; slice < n_b * n_h; ++slice) {
+      uint8_t* s = out.codes.data() + slice * per_slice;
+      for (int64_t qt = 1; qt < out.n_qt; ++qt) std::copy(s, s + out.n_kt, s + qt * out.n_kt);
+    }
+  }
+}
+
+}  // namespace
+
+MaskSummary summarize_mask(const MaskView& m, int64_t B, int64_t H, int64_t nq, int64_t nk, Tiles t) {
+  MaskSummary out;
+  if (m.kind == MaskView::kNone) return out;
+  out.n_qt = (nq + t.bm - 1) / t.bm;
+  out.n_kt = (nk + t.bn - 1) / t.bn;
+  out.per_batch = B > 1 && m.sb != 0;
+  out.per_head = H > 1 && m.sh != 0;
+  const int64_t n_b = out.per_batch ? B : 1, n_h = out.per_head ? H : 1;
+  out.n_h_slices = n_h;
+  out.codes.assign(n_b * n_h * out.n_qt * out.n_kt, kTileSkip);
+  if (nq == 0 || nk == 0) return out;
+  MaskView view = m;
+  if (!out.per_batch) view.sb = 0;
+  if (!out.per_head) view.sh = 0;
+  switch (m.dtype) {
+    case at::kBool: summarize_slices<bool>(view, out, n_b, n_h, nq, nk, t); break;
+    case at::kFloat: summarize_slices<float>(view, out, n_b, n_h, nq, nk, t); break;
+    case at::kDouble: summarize_slices<double>(view, out, n_b, n_h, nq, nk, t); break;
+    case at::kHalf: summarize_slices<c10::Half>(view, out, n_b, n_h, nq, nk, t); break;
+    case at::kBFloat16: summarize_slices<c10::BFloat16>(view, out, n_b, n_h, nq, nk, t); break;
+    default: TORCH_CHECK(false, "mask: expected bool or a floating dtype, got ", m.dtype);
+  }
+  return out;
+}
+
+namespace {
+
+std::vector<int64_t> read_cu(const at::Tensor& cu, const char* name, int64_t total) {
+  TORCH_CHECK(cu.dim() == 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
+              name, ": expected a 1-D int32/int64 tensor, got ", cu.dim(), "-D ", cu.scalar_type());
+  TORCH_CHECK(cu.device().is_cpu(), name, ": expected a CPU tensor, got one on ", cu.device());
+  TORCH_CHECK(cu.numel() >= 1, name, ": expected at least one entry, got none");
+  const at::Tensor c = cu.to(at::kLong).contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  std::vector<int64_t> v(p, p + c.numel());
+  TORCH_CHECK(v.front() == 0, name, ": expected to start at 0, got ", v.front());
+  for (size_t s = 1; s < v.size(); ++s)
+    TORCH_CHECK(v[s] >= v[s - 1], name, ": expected non-decreasing offsets, got ", v[s - 1], " then ", v[s],
+                " at index ", s);
+  TORCH_CHECK(v.back() == total, name, ": expected to end at the token count ", total, ", got ", v.back());
+  return v;
+}
+
+}  // namespace
+
+SeqBlocks read_blocks(const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t nq,
+                      int64_t nk) {
+  SeqBlocks s;
+  if (!cu_q.has_value()) {
+    s.q = {0, nq};
+    s.k = {0, nk};
+    return s;
+  }
+  s.q = read_cu(*cu_q, "cu_seqlens_q", nq);
+  s.k = read_cu(*cu_k, "cu_seqlens_k", nk);
+  TORCH_CHECK(s.q.size() == s.k.size(), "cu_seqlens_k: expected ", s.q.size(), " entries (as cu_seqlens_q), got ",
+              s.k.size());
+  return s;
+}
+
+Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+                      const std::optional<at::Tensor>& cu_k, double scale, bool is_causal, double dropout_p,
+                      int64_t seed) {
+  TORCH_CHECK(q.dim() == 4, "q: expected a 4-D [B, Hq, Nq, D] tensor, got ", q.dim(), "-D ", q.sizes());
+  TORCH_CHECK(k.dim() == 4, "k: expected a 4-D [B, Hk, Nk, D] tensor, got ", k.dim(), "-D ", k.sizes());
+  TORCH_CHECK(v.dim() == 4, "v: expected a 4-D [B, Hk, Nk, Dv] tensor, got ", v.dim(), "-D ", v.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "q: expected float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, "k, v: expected dtype ", dt, " (the query's), got ",
+              k.scalar_type(), " and ", v.scalar_type());
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "q, k, v: expected CPU tensors, got ", q.device(), ", ", k.device(), ", ", v.device());
+  Problem p{};
+  p.B = q.size(0);
+  p.Hq = q.size(1);
+  p.Nq = q.size(2);
+  p.D = q.size(3);
+  p.Hk = k.size(1);
+  p.Nk = k.size(2);
+  p.Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == p.B && v.size(0) == p.B, "k, v: expected batch ", p.B, " (the query's), got ", k.size(0),
+              " and ", v.size(0));
+  TORCH_CHECK(v.size(1) == p.Hk && v.size(2) == p.Nk, "v: expected [", p.B, ", ", p.Hk, ", ", p.Nk,
+              ", Dv] (the key's heads and length), got ", v.sizes());
+  TORCH_CHECK(p.Hk >= 1 && p.Hq % p.Hk == 0, "k: expected a head count dividing the query's ", p.Hq, ", got ",
+              p.Hk);
+  TORCH_CHECK(k.size(3) == p.D, "k: expected head dim ", p.D, " (the query's), got ", k.size(3));
+  TORCH_CHECK(p.D >= 1 && p.D <= kMaxHeadDim && p.Dv >= 1 && p.Dv <= kMaxHeadDim,
+              "q, v: head dims must be in [1, ", kMaxHeadDim, "], got D=", p.D, ", Dv=", p.Dv);
+  if (mask.has_value() && mask->defined()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == p.B && m.size(1) == p.Hq && m.size(2) == p.Nq && m.size(3) == p.Nk,
+                "mask: expected shape [", p.B, ", ", p.Hq, ", ", p.Nq, ", ", p.Nk, "], got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()),
+                "mask: expected bool or a floating dtype, got ", m.scalar_type());
+    TORCH_CHECK(m.device().is_cpu(), "mask: expected a CPU tensor, got one on ", m.device());
+    TORCH_CHECK(!cu_q.has_value(), "mask: not supported together with cu_seqlens (varlen)");
+    for (int d = 0; d < 4; ++d) TORCH_CHECK(m.stride(d) >= 0, "mask: expected non-negative strides, got ", m.strides());
+  }
+  TORCH_CHECK(cu_q.has_value() == cu_k.has_value(), "cu_seqlens_q, cu_seqlens_k: expected both or neither");
+  p.varlen = cu_q.has_value();
+  TORCH_CHECK(!p.varlen || p.B == 1, "q: varlen inputs must have batch 1 ([1, H, T, D]), got batch ", p.B);
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite float, got ", scale);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p <= 1.0, "dropout_p: expected a float in [0, 1], got ", dropout_p);
+  p.scale = scale;
+  p.causal = is_causal;
+  p.dropout_p = dropout_p;
+  p.seed = seed;
+  p.dtype = dt;
+  p.compute = dt == at::kDouble ? at::kDouble : at::kFloat;
+  return p;
+}
+
+void run_on_threads(const std::function<void(int64_t)>& body) {
+  const int64_t n = at::get_num_threads();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) body(t);
+  });
+}
+
+}  // namespace vitkern_cpu

@@ -1,0 +1,28 @@
+// Row-major matrix products on tiles through the BLAS that libtorch already carries (MKL or OpenBLAS: sgemm_ /
+// dgemm_ looked up once at load time), with a plain-loop fallback so a build against a BLAS-less torch still
+// gives correct results. All three helpers compute C = alpha * op(A) * op(B) + beta * C on row-major storage
+// with leading dimensions (row strides) lda/ldb/ldc in elements.
+#pragma once
+#include <cstdint>
+
+namespace vitkern_cpu {
+
+// C[m, n] = alpha * A[m, k] * B[n, k]^T + beta * C
+template <typename T>
+void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
+             T* c, int64_t ldc);
+
+// C[m, n] = alpha * A[m, k] * B[k, n] + beta * C
+template <typename T>
+void gemm_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
+             T* c, int64_t ldc);
+
+// C[m, n] = alpha * A[k, m]^T * B[k, n] + beta * C
+template <typename T>
+void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
+             T* c, int64_t ldc);
+
+// Whether the products run on a real BLAS (false: the slow fallback loops).
+bool have_blas();
+
+}  // namespace vitkern_cpu
