@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 from ..api import scaled_dot_product_attention
@@ -24,10 +23,14 @@ from ..api import scaled_dot_product_attention
 NAME = "vitkern"
 
 
+def _transformers_major() -> int:
+    import transformers
+    return int(transformers.__version__.split(".")[0])
+
+
 def _passes_head_mask(module: nn.Module) -> bool:
     # transformers 4.x ViT-family self-attention handed head_mask to the interface as attention_mask.
-    import transformers
-    return int(transformers.__version__.split(".")[0]) < 5 and type(module).__name__.endswith("SelfAttention")
+    return _TRANSFORMERS_MAJOR < 5 and type(module).__name__.endswith("SelfAttention")
 
 
 def vitkern_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -71,4 +74,5 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
+_TRANSFORMERS_MAJOR = _transformers_major()
 register()
