@@ -140,7 +140,7 @@ def _bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
         do_base = DOut + b64 * stride_db + h.to(tl.int64) * stride_dh
         row_base = bh.to(tl.int64) * seq_len_q
-        mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + offs_n[None, :] * stride_mn
+        mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + offs_n.to(tl.int64)[None, :] * stride_mn
         for t in range(t_lo, t_hi):
             offs_m = t * BLOCK_M + offs_m0
             tile_state = 2
@@ -260,11 +260,11 @@ def _bwd_dq_kernel(
             v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                           offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
             p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
-                                        mask_base + offs_n[None, :] * stride_mn, tile_state, scale,
+                                        mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale,
                                         seed, pid_bh, drop_threshold, drop_scale,
                                         MASK_KIND, IS_CAUSAL, HAS_DROPOUT, EVEN_N, PRECISION)
             if MASK_GRAD:
-                store_rows(dmask_base + offs_n[None, :] * stride_gn, ds.to(DMask.dtype.element_ty),
+                store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(DMask.dtype.element_ty),
                            offs_m, q_len, offs_n, k_len, EVEN_M, EVEN_N)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dq = dq * scale
@@ -289,7 +289,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     _bwd_preprocess[(triton.cdiv(Nq, cfg.block_m) * B * Hq,)](
-        out, dout, lse, delta, lse2, *out.stride(), *dout.stride(), Hq, Nq, Dv,
+        out, dout, lse, delta, lse2, *config.batch_strides(out), *config.batch_strides(dout), Hq, Nq, Dv,
         BLOCK_M=cfg.block_m, BLOCK_DV=block_dv)
 
     varlen = cu_q is not None
@@ -314,6 +314,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
         st = lo_r = hi_r = lo_c = hi_c = dummy
         t_strides, r_strides, c_strides = (0, 0, 0, 0), (0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
+    bs = config.batch_strides
     flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                  MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
                  IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
@@ -321,14 +322,14 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     _bwd_dkdv_kernel[(num_n_blocks * B * Hk,)](
         q, k, v, dout, lse2, delta, dk, dv, mk, st, lo_c, hi_c, cu_q, cu_k, n_seq, n_start,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(), *m_strides,
+        *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dk), *bs(dv), *m_strides,
         *t_strides, *c_strides,
         Hq, Hk, Hq // Hk, num_n_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale, **flags)
     dm = dmask if mask_grad else dummy
     g_strides = dmask.stride() if mask_grad else (0, 0, 0, 0)
     _bwd_dq_kernel[(num_m_blocks * B * Hq,)](
         q, k, v, dout, lse2, delta, dq, dm, mk, st, lo_r, hi_r, cu_q, cu_k, m_seq, m_start,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(), *m_strides, *g_strides,
+        *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dq), *m_strides, *g_strides,
         *t_strides, *r_strides,
         Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale,
         MASK_GRAD=bool(mask_grad), **flags)

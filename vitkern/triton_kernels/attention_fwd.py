@@ -7,7 +7,8 @@ Features
   materialized), with a per-tile summary (mask_summary.py) that skips empty tiles, skips the mask load on full
   tiles and bounds the key loop of each query tile;
 - causal (top-left aligned, per sequence for varlen), grouped-query attention (Hq a multiple of Hk);
-- fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32 is opted into);
+- fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32x3 / tf32 is opted into
+  with VITKERN_TRITON_FP32_PRECISION, see config.py);
 - head dims 1..256 padded to a power of two >= 16 with masked loads; Dv may differ from D;
 - dropout with vitkern/dropout.py's counter-based hash (bit-exact), the same keep-mask regenerated backward;
 - a row with no key gives out = 0 and lse = -inf; exp2 on (s - max) * log2(e), exact at large logits.
@@ -105,7 +106,7 @@ def _attention_fwd_kernel(
             k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                           offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n[None, :] * stride_mn,
+            s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
                             tile_state, MASK_KIND, IS_CAUSAL, EVEN_N)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 from making NaN.
@@ -196,7 +197,8 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_c
     grid = (num_m_blocks * B * Hq,)
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, mk, st, lo, hi, cu_q, cu_k, block_seq, block_start,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *m_strides, *t_strides, *r_strides,
+        *config.batch_strides(q), *config.batch_strides(k), *config.batch_strides(v), *config.batch_strides(out),
+        *m_strides, *t_strides, *r_strides,
         Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv,
         scale, d_seed, d_thr, d_scale,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,

@@ -35,12 +35,26 @@ def padded_head_dim(d: int) -> int:
     return max(MIN_BLOCK, 1 << (max(d, 1) - 1).bit_length())
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 products ("ieee") unless VITKERN_TRITON_TF32=1 opts into tf32 (faster on
-    tensor cores, ~1e-3 relative error); fp16/bf16 ignore it."""
-    if dtype == torch.float32 and os.environ.get("VITKERN_TRITON_TF32", "0") == "1":
-        return "tf32"
-    return "ieee"
+FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def input_precision(dtype: torch.dtype):
+    """tl.dot's input_precision: fp32 inputs get exact fp32 products ("ieee", no tensor cores) unless
+    VITKERN_TRITON_FP32_PRECISION opts into "tf32x3" (three tf32 products, close to fp32, on tensor cores) or
+    "tf32" (fastest, ~1e-3 relative error). fp16/bf16 get Triton's default (their products are exact)."""
+    if dtype != torch.float32:
+        return None
+    choice = os.environ.get("VITKERN_TRITON_FP32_PRECISION", "ieee")
+    if choice not in FP32_PRECISIONS:
+        raise ValueError(f"VITKERN_TRITON_FP32_PRECISION: expected one of {FP32_PRECISIONS}, got {choice!r}")
+    return choice
+
+
+def batch_strides(x: torch.Tensor) -> tuple:
+    """x's strides with the batch stride zeroed when there is one batch (the packed layout): the batch stride
+    of [1, H, T, D] changes with T, and Triton would specialize on it (divisibility by 16)."""
+    st = x.stride()
+    return (0,) + tuple(st[1:]) if x.shape[0] == 1 else tuple(st)
 
 
 def forward_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
