@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 import truth
 import vitkern
 from vitkern.distributed import (SequenceParallelAttention, all_reduce_gradients, clip_cu_seqlens,
-                                 even_shard_sizes, gather_sequence, sequence_parallel_attention, shard_sequence)
+                                 even_shard_sizes, gather_sequence, sequence_parallel_attention, shard_sequence,
+                                 sum_over_ranks)
 from vitkern.distributed.ring import MAX_FUSED_VALUE_DIM, _pack_value_pieces
 from vitkern.distributed.shards import overlapping_shards, shard_offsets
 
@@ -217,7 +218,8 @@ def _module_case(rank, world):
 
 
 def _gather_sequence_case(rank, world):
-    """gather_sequence along a middle dim with uneven shards; its backward sums the ranks' gradients."""
+    """gather_sequence along a middle dim with uneven shards, and sum_over_ranks; both backwards sum the ranks'
+    gradients (the sum-of-losses convention)."""
     sizes = [3, 5, 1, 4][:world]
     x = torch.randn(2, sum(sizes), 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     xl = shard_sequence(x, dim=1, sizes=sizes).clone().requires_grad_()
@@ -225,7 +227,13 @@ def _gather_sequence_case(rank, world):
     torch.testing.assert_close(full, x, atol=0, rtol=0)
     (full * (rank + 1)).sum().backward()               # rank r's loss weighs every token by r + 1
     expect = torch.full_like(xl, sum(r + 1 for r in range(world)))
+    # sum_over_ranks: the forward sums the ranks' tensors, the backward the ranks' gradients.
+    y = torch.full((3,), float(rank + 1), dtype=torch.float64, requires_grad=True)
+    total = sum_over_ranks(y)
+    (total * (rank + 1)).sum().backward()
     torch.testing.assert_close(xl.grad, expect, atol=0, rtol=0)
+    torch.testing.assert_close(total.detach(), torch.full((3,), float(sum(range(1, world + 1))), dtype=torch.float64))
+    torch.testing.assert_close(y.grad, torch.full((3,), float(sum(range(1, world + 1))), dtype=torch.float64))
     return "ok"
 
 

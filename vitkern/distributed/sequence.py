@@ -81,6 +81,31 @@ def gather_sequence(x_local: Tensor, group=None, dim: int = 0) -> Tensor:
     return gather_tokens(moved, sizes, rank, group).movedim(0, dim)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # Every rank's loss depends on the sum: the gradient of the summed losses is the summed gradients.
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def sum_over_ranks(x: Tensor, group=None) -> Tensor:
+    """Differentiable all-reduce (sum) of a same-shape tensor ``x`` on every rank, e.g. a pooled feature:
+    ``sum_over_ranks(x_local.sum(0)) / T`` is the mean over all ranks' tokens. Collective."""
+    group = _group(group)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    return _SumOverRanks.apply(x, group)
+
+
 @torch.no_grad()
 def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter], group=None, average: bool = False) -> None:
     """Sum (or with ``average`` average) the ``.grad`` of ``parameters`` over the sequence-parallel group, in
