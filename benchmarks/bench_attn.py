@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peers", type=_csv, default=None,
                     help="only peers whose name contains one of these (comma-separated), e.g. sdpa,vitkern")
     ap.add_argument("--max-cell-s", type=float, default=None,
-                    help="skip cells predicted to take longer than this (default: none; 1 s with --quick)")
+                    help="skip cells predicted to take longer than this (default: none; 0.5 s with --quick)")
     ap.add_argument("--mem-budget-gb", type=float, default=None,
                     help="memory a cell may use (default: 80%% of what is free when the cell starts)")
     ap.add_argument("--cell-budget-s", type=float, default=None, help="time for repeats of one cell")
@@ -75,7 +75,7 @@ def make_options(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     gpu = device.type == "cuda"
     if args.quick:
         opts = Options(cell_budget_s=0.05, min_reps=1, max_reps=3, long_call_s=0.05, prep_budget_s=0.02,
-                       max_cell_s=1.0, compile=False)
+                       max_cell_s=0.5, compile=False)
     elif gpu:
         opts = Options(cell_budget_s=1.0, min_reps=10, max_reps=100, long_call_s=2.0, prep_budget_s=0.5)
     else:

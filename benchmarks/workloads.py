@@ -157,7 +157,7 @@ def build(name: str, device_kind: str, quick: bool = False) -> list[Case]:
         return [_dense(name, b, h, side * side, 64, system=f"PiT, one token per pixel at {side}x{side}")]
     if name == "navit-packed":
         if quick:
-            return [_navit(1, 2, 1024, 64, 256)]
+            return [_navit(1, 2, 512, 64, 160)]
         b, h = s[name]
         return [_navit(b, h, 4096, 64, 512)]
     return _fa3_grid(quick)
