@@ -12,12 +12,16 @@ from .base import Backend
 from .reference import ReferenceBackend
 
 _REGISTRY: dict[str, Backend] = {}
+# Availability is decided once, at registration: it cannot change within a process, and asking again while
+# torch.compile traces a call would put a non-tensor query into the graph.
+_AVAILABLE: dict[str, bool] = {}
 # Fastest first. Triton serves CPU tensors only under TRITON_INTERPRET=1, and only when named explicitly.
 _PRIORITY = {"cuda": ["triton", "reference"], "cpu": ["cpu", "reference"]}
 
 
 def register(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
+    _AVAILABLE[backend.name] = bool(backend.available())
 
 
 def known_backends() -> list[str]:
@@ -32,14 +36,14 @@ def get(name: str) -> Backend:
 
 def available_backends() -> list[str]:
     """Names of the backends this install can run (on some device)."""
-    return [name for name, be in _REGISTRY.items() if be.available()]
+    return [name for name in _REGISTRY if _AVAILABLE[name]]
 
 
 def select(name: Optional[str], q, k, v, mask, cu_seqlens_q, dropout_p) -> str:
     """Name of the backend that will run this (canonical-layout) call; raises ValueError if ``name`` can't."""
     if name is not None:
         be = get(name)
-        if not be.available():
+        if not _AVAILABLE[name]:
             raise ValueError(f"backend={name!r}: {be.unavailable_reason()}")
         why = be.unsupported_reason(q, k, v, mask, cu_seqlens_q, dropout_p)
         if why is not None:
@@ -47,7 +51,7 @@ def select(name: Optional[str], q, k, v, mask, cu_seqlens_q, dropout_p) -> str:
         return name
     for cand in _PRIORITY.get(q.device.type, ["reference"]):
         be = _REGISTRY.get(cand)
-        if be is not None and be.available() and be.unsupported_reason(q, k, v, mask, cu_seqlens_q,
+        if be is not None and _AVAILABLE[cand] and be.unsupported_reason(q, k, v, mask, cu_seqlens_q,
                                                                         dropout_p) is None:
             return cand
     return "reference"
