@@ -53,11 +53,11 @@ def _bwd_preprocess(Out, DOut, Lse, Delta, Lse2,
 @triton.jit
 def _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
                 scale, seed, bh, drop_threshold, drop_scale,
-                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                EVEN_N: tl.constexpr, PRECISION: tl.constexpr):
+                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
     """For one [BM, BN] tile: P with dropout applied (for dV) and dS, both float32."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state, MASK_KIND, IS_CAUSAL, EVEN_N)
+    s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state, MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
     p = tl.math.exp2((s - lse2[:, None]) * LOG2E)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     if HAS_DROPOUT:
@@ -68,6 +68,50 @@ def _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_l
         p_dropped = p
     ds = p * (dp - delta[:, None])
     return p_dropped, ds
+
+
+@triton.jit
+def _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr):
+    # Rows past q_len read lse = +inf (P = 0) and delta = 0: they add nothing.
+    if CHECK_M:
+        lse2 = tl.load(Lse2 + row_ptr, mask=offs_m < q_len, other=float("inf"))
+        delta = tl.load(Delta + row_ptr, mask=offs_m < q_len, other=0.0)
+    else:
+        lse2 = tl.load(Lse2 + row_ptr)
+        delta = tl.load(Delta + row_ptr)
+    return lse2, delta
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base, t_lo, t_hi,
+                offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
+                stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
+                HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK / dV of one key tile over query tiles [t_lo, t_hi) of one query head."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(t_lo, t_hi):
+        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        tile_state = 2
+        if HAS_SUMMARY:
+            tile_state = tl.load(state_base + t * stride_tm).to(tl.int32)
+        if tile_state != 0:
+            rows = q_start + offs_m.to(tl.int64)
+            q = load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                          offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
+            do = load_rows(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                           offs_m, q_len, offs_dv, head_dim_v, not CHECK_M, EVEN_D)
+            lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
+            # Key columns past k_len are never stored, so they need no masking here beyond safe mask reads.
+            p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
+                                        mask_base + rows[:, None] * stride_mm, tile_state, scale, seed, bh,
+                                        drop_threshold, drop_scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
+                                        HAS_DROPOUT, PRECISION)
+            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit(do_not_specialize=["num_n_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
@@ -108,7 +152,6 @@ def _bwd_dkdv_kernel(
         q_len = seq_len_q
         k_len = seq_len_k
     offs_n = n_start + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = k_start + offs_n.to(tl.int64)
@@ -120,50 +163,42 @@ def _bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
-    # Query tiles that can see this key tile: causal keeps queries >= n_start.
+    # Query tiles that see this key tile: [t_first, t_end); causal keeps queries >= n_start, and from t_full
+    # on every query of the tile is past the key tile's last key (no causal check).
     t_first = 0
+    t_end = tl.cdiv(q_len, BLOCK_M)
     if IS_CAUSAL:
         t_first = n_start // BLOCK_M
-    t_end = tl.cdiv(q_len, BLOCK_M)
     if IS_VARLEN:
-        t_end = tl.where(n_start < k_len, t_end, 0)
+        t_end = tl.where(n_start < k_len, t_end, 0)     # a program past the last block does nothing
     for g in range(0, groups):
         h = hk * groups + g
+        h64 = h.to(tl.int64)
         bh = b * num_heads + h
         t_lo = t_first
         t_hi = t_end
         if HAS_SUMMARY:
-            c_off = b64 * stride_cb + h.to(tl.int64) * stride_ch + pid_n * stride_cn
+            c_off = b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn
             t_lo = tl.maximum(t_lo, tl.load(ColLo + c_off))
             t_hi = tl.minimum(t_hi, tl.load(ColHi + c_off))
-            state_base = TileState + b64 * stride_tb + h.to(tl.int64) * stride_th + pid_n * stride_tn
-        q_base = Q + b64 * stride_qb + h.to(tl.int64) * stride_qh
-        do_base = DOut + b64 * stride_db + h.to(tl.int64) * stride_dh
+        state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_n * stride_tn
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        do_base = DOut + b64 * stride_db + h64 * stride_dh
         row_base = bh.to(tl.int64) * seq_len_q
-        mask_base = Mask + b64 * stride_mb + h.to(tl.int64) * stride_mh + offs_n.to(tl.int64)[None, :] * stride_mn
-        for t in range(t_lo, t_hi):
-            offs_m = t * BLOCK_M + offs_m0
-            tile_state = 2
-            if HAS_SUMMARY:
-                tile_state = tl.load(state_base + t * stride_tm).to(tl.int32)
-            if tile_state != 0:
-                rows = q_start + offs_m.to(tl.int64)
-                q = load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                              offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
-                do = load_rows(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                               offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
-                if EVEN_M:
-                    lse2 = tl.load(Lse2 + row_base + rows)
-                    delta = tl.load(Delta + row_base + rows)
-                else:
-                    lse2 = tl.load(Lse2 + row_base + rows, mask=offs_m < q_len, other=float("inf"))
-                    delta = tl.load(Delta + row_base + rows, mask=offs_m < q_len, other=0.0)
-                p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
-                                            mask_base + rows[:, None] * stride_mm, tile_state, scale,
-                                            seed, bh, drop_threshold, drop_scale,
-                                            MASK_KIND, IS_CAUSAL, HAS_DROPOUT, EVEN_N, PRECISION)
-                dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64)[None, :] * stride_mn
+        t_full = t_lo
+        if IS_CAUSAL:
+            t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_lo), t_hi)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
+                                 t_lo, t_full, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
+                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
+                                 drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY,
+                                 HAS_DROPOUT, True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
+                             t_full, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
+                             stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
+                             drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY,
+                             HAS_DROPOUT, False, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
     dk = dk * scale
     store_rows(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, k_len, offs_d, head_dim,
@@ -171,6 +206,39 @@ def _bwd_dkdv_kernel(
     store_rows(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
                + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, k_len, offs_dv, head_dim_v,
                EVEN_N, EVEN_D)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_hi, offs_m,
+              rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+              stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
+              HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+              CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles [t_lo, t_hi); write dMask when asked."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(t_lo, t_hi):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile_state = 2
+        if HAS_SUMMARY:
+            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
+        if tile_state != 0:
+            cols = k_start + offs_n.to(tl.int64)
+            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                          offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
+            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                          offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
+            p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
+                                        mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale,
+                                        seed, bh, drop_threshold, drop_scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
+                                        HAS_DROPOUT, PRECISION)
+            if MASK_GRAD:
+                store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(dmask_base.dtype.element_ty),
+                           offs_m, q_len, offs_n, k_len, not CHECK_M, not CHECK_N)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
@@ -194,6 +262,8 @@ def _bwd_dq_kernel(
 ):
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
+    if IS_CAUSAL and not IS_VARLEN:
+        pid_m = num_m_blocks - 1 - pid_m      # longest rows first
     pid_bh = pid // num_m_blocks
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -212,7 +282,6 @@ def _bwd_dq_kernel(
         q_len = seq_len_q
         k_len = seq_len_k
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = q_start + offs_m.to(tl.int64)
@@ -222,18 +291,14 @@ def _bwd_dq_kernel(
                   offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
     do = load_rows(DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm
                    + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
-    row_ptr = pid_bh.to(tl.int64) * seq_len_q + rows
-    if EVEN_M:
-        lse2 = tl.load(Lse2 + row_ptr)
-        delta = tl.load(Delta + row_ptr)
-    else:
-        lse2 = tl.load(Lse2 + row_ptr, mask=offs_m < q_len, other=float("inf"))
-        delta = tl.load(Delta + row_ptr, mask=offs_m < q_len, other=0.0)
+    lse2, delta = _load_row_stats(Lse2, Delta, pid_bh.to(tl.int64) * seq_len_q + rows, offs_m, q_len, not EVEN_M)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
     dmask_base = DMask + b64 * stride_gb + h64 * stride_gh + rows[:, None] * stride_gm
+    state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
 
+    # Key tiles as in the forward: [t_lo, t_mid) need no causal / bounds checks, [t_mid, t_hi) do.
     n_end = k_len
     if IS_CAUSAL:
         n_end = tl.minimum(n_end, m_start + BLOCK_M)
@@ -245,28 +310,25 @@ def _bwd_dq_kernel(
         r_off = b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
         t_lo = tl.maximum(tl.load(RowLo + r_off), 0)
         t_hi = tl.minimum(t_hi, tl.load(RowHi + r_off))
-        state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
+    t_mid = t_hi
+    if not EVEN_N:
+        t_mid = tl.minimum(t_mid, k_len // BLOCK_N)
+    if IS_CAUSAL:
+        t_mid = tl.minimum(t_mid, (m_start + 1) // BLOCK_N)
+    t_mid = tl.maximum(t_mid, t_lo)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t in range(t_lo, t_hi):
-        offs_n = t * BLOCK_N + offs_n0
-        tile_state = 2
-        if HAS_SUMMARY:
-            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
-        if tile_state != 0:
-            cols = k_start + offs_n.to(tl.int64)
-            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                          offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
-            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                          offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
-            p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
-                                        mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale,
-                                        seed, pid_bh, drop_threshold, drop_scale,
-                                        MASK_KIND, IS_CAUSAL, HAS_DROPOUT, EVEN_N, PRECISION)
-            if MASK_GRAD:
-                store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(DMask.dtype.element_ty),
-                           offs_m, q_len, offs_n, k_len, EVEN_M, EVEN_N)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_mid, offs_m,
+                   rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                   stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold, drop_scale,
+                   BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
+                   False, not EVEN_M, False, EVEN_D, PRECISION)
+    if IS_CAUSAL or not EVEN_N:
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_mid, t_hi,
+                       offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
+                       stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold, drop_scale,
+                       BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
+                       IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
     dq = dq * scale
     store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
                dq.to(DQ.dtype.element_ty), offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)

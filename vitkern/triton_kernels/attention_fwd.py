@@ -26,6 +26,45 @@ from .mask_summary import tile_summary
 from .tile_ops import LN2, LOG2E, dropout_keep, load_rows, mask_scores, store_rows
 
 
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows, k_start,
+               q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn,
+               scale, seed, bh, drop_threshold, drop_scale,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
+               HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+               CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over key tiles [t_lo, t_hi)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(t_lo, t_hi):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        tile_state = 2
+        if HAS_SUMMARY:
+            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
+        if tile_state != 0:
+            cols = k_start + offs_n.to(tl.int64)
+            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                          offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
+                            tile_state, MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 from making NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2((s - m_use[:, None]) * LOG2E)
+            alpha = tl.math.exp2((m_i - m_use) * LOG2E)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if HAS_DROPOUT:
+                keep = dropout_keep(seed, bh, rows, cols, drop_threshold)
+                p = tl.where(keep, p * drop_scale, 0.0)
+            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+                          offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
+            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _attention_fwd_kernel(
     Q, K, V, Out, Lse, Mask, TileState, TileLo, TileHi, CuQ, CuK, BlockSeq, BlockStart,
@@ -47,6 +86,8 @@ def _attention_fwd_kernel(
     # blocks of one head, so that head's K/V stay in L2.
     pid = tl.program_id(0)
     pid_m = pid % num_m_blocks
+    if IS_CAUSAL and not IS_VARLEN:
+        pid_m = num_m_blocks - 1 - pid_m      # longest rows first: better tail balance
     pid_bh = pid // num_m_blocks
     b = pid_bh // num_heads
     h = pid_bh % num_heads
@@ -66,18 +107,19 @@ def _attention_fwd_kernel(
         k_len = seq_len_k
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     rows = q_start + offs_m.to(tl.int64)          # token index in the (packed) sequence
-
-    q_ptrs = (Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-              + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q = load_rows(q_ptrs, offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
+    state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
 
-    # Key tiles this query tile visits: [t_lo, t_hi).
+    # Key tiles this query tile visits: [t_lo, t_hi); those below t_mid hold only in-range keys left of the
+    # diagonal and skip the causal / bounds checks.
     n_end = k_len
     if IS_CAUSAL:
         n_end = tl.minimum(n_end, m_start + BLOCK_M)
@@ -86,49 +128,37 @@ def _attention_fwd_kernel(
     t_lo = 0
     t_hi = tl.cdiv(n_end, BLOCK_N)
     if HAS_SUMMARY:
-        r_off = b.to(tl.int64) * stride_rb + h.to(tl.int64) * stride_rh + pid_m * stride_rm
+        r_off = b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
         t_lo = tl.maximum(tl.load(TileLo + r_off), 0)
         t_hi = tl.minimum(t_hi, tl.load(TileHi + r_off))
-        state_base = TileState + b.to(tl.int64) * stride_tb + h.to(tl.int64) * stride_th + pid_m * stride_tm
-    mask_base = Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh + rows[:, None] * stride_mm
+    t_mid = t_hi
+    if not EVEN_N:
+        t_mid = tl.minimum(t_mid, k_len // BLOCK_N)
+    if IS_CAUSAL:
+        t_mid = tl.minimum(t_mid, (m_start + 1) // BLOCK_N)
+    t_mid = tl.maximum(t_mid, t_lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for t in range(t_lo, t_hi):
-        n_start = t * BLOCK_N
-        offs_n = n_start + offs_n0
-        tile_state = 2
-        if HAS_SUMMARY:
-            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
-        if tile_state != 0:
-            cols = k_start + offs_n.to(tl.int64)
-            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                          offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
-                            tile_state, MASK_KIND, IS_CAUSAL, EVEN_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 from making NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2((s - m_use[:, None]) * LOG2E)
-            alpha = tl.math.exp2((m_i - m_use) * LOG2E)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, pid_bh, rows, cols, drop_threshold)
-                p = tl.where(keep, p * drop_scale, 0.0)
-            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                          offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_mid, offs_m, rows,
+                               k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
+                               stride_vd, stride_mn, stride_tn, scale, seed, pid_bh, drop_threshold, drop_scale,
+                               BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
+                               False, not EVEN_M, False, EVEN_D, PRECISION)
+    if IS_CAUSAL or not EVEN_N:
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, mask_base, state_base, t_mid, t_hi, offs_m,
+                                   rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
+                                   stride_vn, stride_vd, stride_mn, stride_tn, scale, seed, pid_bh, drop_threshold,
+                                   drop_scale, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
+                                   IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
-    o_ptrs = (Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-              + rows[:, None] * stride_om + offs_dv[None, :] * stride_od)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
     store_rows(o_ptrs, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
     lse_ptrs = Lse + pid_bh.to(tl.int64) * seq_len_q + rows
     if EVEN_M:

@@ -62,24 +62,30 @@ def store_rows(ptrs, x, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVE
 
 @triton.jit
 def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
-                MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr):
+                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
     """s [BM, BN] (scaled scores); offs_m / offs_n are positions inside the sequence (causal is top-left).
 
     MASK_KIND: 0 none, 1 bool (True = takes part), 2 float (added to the scores). The mask is read only when
-    the tile's state is TILE_PARTIAL; a TILE_FULL tile reads nothing. Rows past q_len are not read either.
+    the tile's state is TILE_PARTIAL; a TILE_FULL tile reads nothing. CAUSAL / CHECK_N say whether this tile
+    can hold pairs above the diagonal / keys past k_len (callers split their loops so most tiles need
+    neither); CHECK_M whether rows past q_len exist (only their mask reads matter).
     """
     if MASK_KIND != 0:
-        in_bounds = (offs_m[:, None] < q_len) & (offs_n[None, :] < k_len)
-        read = in_bounds & (tile_state == TILE_PARTIAL)
+        read = tl.full(s.shape, 1, tl.int1)
+        if CHECK_M:
+            read = read & (offs_m[:, None] < q_len)
+        if CHECK_N:
+            read = read & (offs_n[None, :] < k_len)
+        read = read & (tile_state == TILE_PARTIAL)
         if MASK_KIND == 1:
             keep = tl.load(mask_ptrs, mask=read, other=1)
             s = tl.where(keep != 0, s, float("-inf"))
         else:
             bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
             s = s + bias
-    if IS_CAUSAL:
+    if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-    if not EVEN_N:
+    if CHECK_N:
         s = tl.where(offs_n[None, :] < k_len, s, float("-inf"))
     return s
 
