@@ -146,11 +146,15 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------------- plot
 
 
+_SHORT_STATUS = {"OOM": "OOM", "WRONG": "wrong", "unsupported": "n/a", "skipped": "skip", "error": "error"}
+
+
 def plot(doc: dict, path: Path) -> None:
     """One panel per workload: useful throughput of each peer, one bar per case and mode."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     unit, scale = _unit(doc)
     workloads = list(dict.fromkeys(c["workload"] for c in doc["cells"]))
@@ -164,7 +168,10 @@ def plot(doc: dict, path: Path) -> None:
         peers = list(dict.fromkeys(c["peer"] for c in cells))
         series = list(dict.fromkeys((c["case"], c["mode"]) for c in cells))
         width = 0.8 / max(1, len(series))
+        colors = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
+        any_bar = False
         for i, (case, mode) in enumerate(series):
+            color = colors[i % len(colors)]
             xs, ys, notes = [], [], []
             for j, p in enumerate(peers):
                 c = next((c for c in cells if c["peer"] == p and c["case"] == case and c["mode"] == mode), None)
@@ -173,17 +180,24 @@ def plot(doc: dict, path: Path) -> None:
                     xs.append(x)
                     ys.append(c["useful_tflops"] * scale)
                 elif c is not None:
-                    notes.append((x, "OOM" if c["status"] == "OOM" else ("wrong" if c["status"] == "WRONG" else "–")))
-            label = f"{MODE_NAMES[mode]}" + (f" · {case}" if len({s[0] for s in series}) > 1 else "")
-            bars = ax.bar(xs, ys, width=width, label=label)
+                    notes.append((x, _SHORT_STATUS.get(c["status"], c["status"])))
+            ax.bar(xs, ys, width=width, color=color)
+            any_bar = any_bar or bool(xs)
             for x, text in notes:
-                ax.text(x, 0, text, rotation=90, ha="center", va="bottom", fontsize=7,
-                        color=bars.patches[0].get_facecolor() if bars.patches else "gray")
+                ax.text(x, 0, text, rotation=90, ha="center", va="bottom", fontsize=7, color=color)
+        ax.set_ylim(bottom=0)
+        ax.set_xlim(-0.6, len(peers) - 0.4)
+        if not any_bar:
+            ax.set_ylim(0, 1)
+            ax.text(0.5, 0.6, "no timed cell (see the markdown for why)", transform=ax.transAxes, ha="center",
+                    fontsize=9, color="gray")
         ax.set_xticks(range(len(peers)))
         ax.set_xticklabels(peers, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"useful {unit}")
         ax.set_title(wl + (f" ({cells[0]['case']})" if len({c['case'] for c in cells}) == 1 else ""), fontsize=10)
-        ax.legend(fontsize=7 if len(series) > 4 else 8, ncol=2 if len(series) > 4 else 1)
+        handles = [Patch(color=colors[i % len(colors)], label=f"{MODE_NAMES[m]}" + (
+            f" · {c}" if len({s[0] for s in series}) > 1 else "")) for i, (c, m) in enumerate(series)]
+        ax.legend(handles=handles, fontsize=7 if len(series) > 4 else 8, ncol=2 if len(series) > 4 else 1)
         ax.grid(axis="y", alpha=0.3)
     for ax in list(axes.flat)[len(workloads):]:
         ax.axis("off")

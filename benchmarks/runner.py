@@ -18,6 +18,8 @@ from . import measure
 from .peers import Inputs, Peer, make_inputs, peers_for, predicted_bytes, predicted_seconds
 from .workloads import Case
 
+_WARMED: set = set()
+
 # Loose on purpose: it catches a wrong kernel (a missed tile, a bad mask, a broken gradient), not rounding.
 # Errors are measured relative to max(1, max |truth|) of each compared tensor.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 1e-2, torch.bfloat16: 3e-2}
@@ -90,6 +92,8 @@ class CaseRunner:
         return len(self.peers) * len(self.modes)
 
     def run(self) -> list[dict]:
+        for peer in self.peers:
+            self._warm_up(peer)
         inp = make_inputs(self.case, self.device, self.dtype)
         cells = []
         for mode in self.modes:
@@ -99,6 +103,28 @@ class CaseRunner:
         del inp
         self._cleanup()
         return cells
+
+    def _warm_up(self, peer: Peer) -> None:
+        """Call a peer once per process on a tiny input of the same kind, so one-off costs (library loading,
+        first dispatch, thread pools; 3.5 s for one backend here) never land in a cell's first call, which is
+        counted as a sample when it is long. Compiling peers are skipped: they compile per shape anyway."""
+        key = (peer.name, self.dtype, self.case.packed, self.case.head_dim)
+        if key in _WARMED or peer.compiles or peer.skip_reason(self.case, self.device, self.dtype, "fwd"):
+            return
+        _WARMED.add(key)
+        d = self.case.head_dim
+        tiny = Case("warm-up", "warm-up", 1, 2, 16, d, packs=((5, 7),)) if self.case.packed else \
+            Case("warm-up", "warm-up", 1, 2, 16, d)
+        inp = make_inputs(tiny, self.device, self.dtype)
+        try:
+            with torch.no_grad():
+                peer.run(peer.prepare(inp), inp, inp.q, inp.k, inp.v)
+            leaves = tuple(x.detach().requires_grad_() for x in (inp.q, inp.k, inp.v))
+            out = peer.run(peer.prepare(inp), inp, *leaves)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
+            measure.synchronize(self.device)
+        except Exception:  # noqa: BLE001  (the real cell reports whatever this peer refuses)
+            pass
 
     def _run_mode(self, inp: Inputs, mode: str) -> list[dict]:
         g = torch.Generator(device="cpu").manual_seed(1)
