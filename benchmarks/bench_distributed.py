@@ -22,10 +22,11 @@ e bytes per element, a bytes per accumulator element: 4, or 8 for float64):
                 one block's backward: values widened to [V, 0, K]    ~ 3 n (H + Hk) 3D e + workspace of
                                                                        one call of n queries x n keys
 
-The check: each rank first runs, alone and without communication, the local attention call(s) its mode makes
+The check: each rank first runs, alone and without communication, the local attention work its mode does
 (allgather_kv: one varlen_attention forward + backward of its n queries against T keys; ring: one block's
-backward) and measures that call's peak (output, gradients and the backend's workspace). The prediction is
-that calibrated peak plus the mode's own buffers from the model above; the table shows measured / predicted.
+backward) and measures that call's peak (output, gradients and the backend's workspace). The prediction adds
+the buffers the distributed layer holds at that moment (``predicted_extra``); the table shows measured /
+predicted.
 """
 from __future__ import annotations
 
@@ -108,15 +109,19 @@ def model_bytes(mode, t, p, h, hk, d, e, a):
 
 
 def predicted_extra(mode, calib, t, p, h, hk, d, e, a):
-    """Calibrated local call + the buffers the distributed layer adds around it."""
+    """Calibrated local call + the buffers the distributed layer holds around it at that moment."""
     n = t // p
     if mode == "allgather_kv":
-        # The calibration call already holds out, lse, dq and the gathered-size dK/dV; add the gathered K/V
-        # themselves (inputs there) and the reduce-scattered dk/dv.
-        return calib + 2 * t * hk * d * e + 2 * n * hk * d * e
-    # The calibration is one block's backward (_block_grads with its inputs held); add what the ring holds
-    # around it: saved out + lse, dq accumulator, the next K/V shard and the received one, two dK/dV accumulators.
-    return calib + n * h * d * a + 4 * n * h + n * h * d * a + 4 * n * hk * d * e + 4 * n * hk * d * a
+        # The calibration call already holds out, lse, dq and the T-key dK/dV (and the backend's workspace);
+        # add the gathered K/V, inputs there. The reduce-scatter comes later, after the workspace is freed.
+        return calib + 2 * t * hk * d * e
+    # The calibration is one block's backward (_block_grads, inputs held). Around it the ring holds: the saved
+    # out and lse, the dq accumulator, the received K/V shard and the next one (none at P = 1, only the
+    # received one at P = 2: the last step receives nothing), and the shard's dK/dV accumulator plus the one
+    # sent at the previous step (only the own one at P = 1).
+    kv = 0 if p == 1 else (2 if p == 2 else 4) * n * hk * d * e
+    acc = (2 if p == 1 else 4) * n * hk * d * a
+    return calib + n * h * d * a + 4 * n * h + n * h * d * a + kv + acc
 
 
 # ---------------------------------------------------------------- one rank
