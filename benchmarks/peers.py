@@ -31,14 +31,26 @@ class Inputs:
     q: Tensor
     k: Tensor
     v: Tensor
-    segments: Optional[list[int]] = None      # packed: segment lengths (images and padding), sum = T
-    cu_seqlens: Optional[Tensor] = None       # packed: int32 [S + 1] on the device
+    segments: Optional[list[int]] = None      # packed: segment lengths (images and padding), sum = T, on the host
     max_seqlen: int = 0
-    doc_ids: Optional[Tensor] = None          # packed: int32 [packs, seqlen], segment id of each token
 
     @property
     def scale(self) -> float:
         return self.q.shape[-1] ** -0.5
+
+    # Per-batch metadata, built from the host-side image lengths inside each peer's timed ``prepare``: a packed
+    # batch changes every step, so what a peer needs to know about it is part of its cost.
+    def cu_seqlens(self, dtype: torch.dtype = torch.int32) -> Tensor:
+        """[S + 1] cumulative segment lengths on the device."""
+        lengths = torch.tensor(self.segments, dtype=dtype)
+        return torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0, dtype=dtype)]).to(self.q.device)
+
+    def doc_ids(self) -> Tensor:
+        """int32 [packs, seqlen]: the segment of each token."""
+        lengths = torch.tensor(self.segments, device=self.q.device)
+        ids = torch.repeat_interleave(torch.arange(len(self.segments), dtype=torch.int32, device=self.q.device),
+                                      lengths, output_size=self.case.tokens)
+        return ids.view(self.case.batch, self.case.seqlen)
 
 
 def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Inputs:
@@ -51,11 +63,7 @@ def make_inputs(case: Case, device: torch.device, dtype: torch.dtype, seed: int 
     if not case.packed:
         return Inputs(case, q, k, v)
     segs = case.segments()
-    lengths = torch.tensor(segs, dtype=torch.int64)
-    cu = torch.zeros(len(segs) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(lengths, 0)
-    doc = torch.repeat_interleave(torch.arange(len(segs), dtype=torch.int32), lengths)
-    return Inputs(case, q, k, v, segs, cu.to(device), max(segs), doc.view(case.batch, case.seqlen).to(device))
+    return Inputs(case, q, k, v, segs, max(segs))
 
 
 class Peer:
@@ -112,7 +120,8 @@ class Naive(Peer):
     def prepare(self, inp):
         if not inp.case.packed:
             return None
-        return inp.doc_ids[:, None, :, None] != inp.doc_ids[:, None, None, :]  # True = blocked
+        doc = inp.doc_ids()
+        return doc[:, None, :, None] != doc[:, None, None, :]  # True = blocked
 
     def run(self, blocked, inp, q, k, v):
         case = inp.case
@@ -157,7 +166,8 @@ class Sdpa(Peer):
     def prepare(self, inp):
         if not inp.case.packed:
             return None
-        return inp.doc_ids[:, None, :, None] == inp.doc_ids[:, None, None, :]  # True = takes part
+        doc = inp.doc_ids()
+        return doc[:, None, :, None] == doc[:, None, None, :]  # True = takes part
 
     def run(self, mask, inp, q, k, v):
         case = inp.case
@@ -205,7 +215,7 @@ class SdpaNested(Peer):
         return None
 
     def prepare(self, inp):
-        return inp.cu_seqlens.to(torch.int64)
+        return inp.cu_seqlens(torch.int64)
 
     def transient_bytes(self, case, mode, elem):
         if self.on_cpu:
@@ -231,9 +241,12 @@ class TorchVarlen(Peer):
             return "this torch has no torch.nn.attention.varlen"
         return None
 
-    def run(self, state, inp, q, k, v):
+    def prepare(self, inp):
+        return inp.cu_seqlens()
+
+    def run(self, cu, inp, q, k, v):
         from torch.nn.attention.varlen import varlen_attn
-        return varlen_attn(q, k, v, inp.cu_seqlens, inp.cu_seqlens, inp.max_seqlen, inp.max_seqlen)
+        return varlen_attn(q, k, v, cu, cu, inp.max_seqlen, inp.max_seqlen)
 
 
 # ---------------------------------------------------------------------------------------------- FlexAttention
@@ -273,7 +286,7 @@ class Flex(Peer):
         if not inp.case.packed:
             return None
         from torch.nn.attention.flex_attention import create_block_mask
-        doc = inp.doc_ids
+        doc = inp.doc_ids()
 
         def same_image(b, h, q_idx, kv_idx):
             return doc[b, q_idx] == doc[b, kv_idx]
@@ -307,11 +320,13 @@ class FlashAttn(Peer):
             return f"flash-attn takes fp16/bf16, got {dtype}"
         return None
 
-    def run(self, state, inp, q, k, v):
+    def prepare(self, inp):
+        return inp.cu_seqlens() if self.packed else None
+
+    def run(self, cu, inp, q, k, v):
         import flash_attn
         if self.packed:
-            return flash_attn.flash_attn_varlen_func(q, k, v, inp.cu_seqlens, inp.cu_seqlens, inp.max_seqlen,
-                                                     inp.max_seqlen)
+            return flash_attn.flash_attn_varlen_func(q, k, v, cu, cu, inp.max_seqlen, inp.max_seqlen)
         return flash_attn.flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
@@ -350,10 +365,16 @@ class Vitkern(Peer):
         api = "varlen_attention (cu_seqlens)" if packed else "scaled_dot_product_attention"
         self.description = f"vitkern.{api}, backend={backend!r}"
 
-    def run(self, state, inp, q, k, v):
+    def prepare(self, inp):
+        if not inp.case.packed:
+            return None
+        import vitkern
+        return vitkern.lengths_to_cu_seqlens(inp.segments, device=inp.q.device)
+
+    def run(self, cu, inp, q, k, v):
         import vitkern
         if inp.case.packed:
-            return vitkern.varlen_attention(q, k, v, inp.cu_seqlens, max_seqlen_q=inp.max_seqlen,
+            return vitkern.varlen_attention(q, k, v, cu, max_seqlen_q=inp.max_seqlen,
                                             max_seqlen_k=inp.max_seqlen, backend=self.backend)
         return vitkern.scaled_dot_product_attention(q, k, v, backend=self.backend)
 
