@@ -102,11 +102,11 @@ def _truth(q, k, v, dout, cu):
     return [out.detach()] + [x.grad for x in leaves]
 
 
-def _run_shard(q, k, v, dout, cu, sizes, rank, mode, group=None):
+def _run_shard(q, k, v, dout, cu, sizes, rank, mode, group=None, backend=BACKEND):
     offsets = shard_offsets(sizes)
     lo, hi = offsets[rank], offsets[rank + 1]
     leaves = [x[lo:hi].clone().requires_grad_() for x in (q, k, v)]
-    out = sequence_parallel_attention(*leaves, group=group, cu_seqlens=cu, mode=mode, backend=BACKEND)
+    out = sequence_parallel_attention(*leaves, group=group, cu_seqlens=cu, mode=mode, backend=backend)
     out.backward(dout[lo:hi])
     return [out.detach()] + [x.grad for x in leaves], (lo, hi)
 
@@ -117,11 +117,11 @@ def _compare(got, want, lo, hi, atol, rtol, what):
                                    msg=lambda m: f"{what} {name}: {m}")
 
 
-def _single_process(q, k, v, dout, cu):
+def _single_process(q, k, v, dout, cu, backend=BACKEND):
     """The same attention by vitkern in one process on the whole sequence (same backend and dtype)."""
     cu = torch.tensor([0, q.shape[0]]) if cu is None else cu
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out = vitkern.varlen_attention(*leaves, cu, backend=BACKEND)
+    out = vitkern.varlen_attention(*leaves, cu, backend=backend)
     out.backward(dout)
     return [out.detach()] + [x.grad for x in leaves]
 
@@ -136,7 +136,7 @@ TOL_VS_SINGLE = {("allgather_kv", torch.float64): (1e-11, 1e-9), ("ring", torch.
 TOL_VS_TRUTH = {torch.float64: (5e-6, 1e-5), torch.float32: (2e-5, 2e-5)}
 
 
-def _attention_case(sizes, lengths, h, hk, d, dv, dtype=torch.float64, seed=0):
+def _attention_case(sizes, lengths, h, hk, d, dv, dtype=torch.float64, seed=0, backend=BACKEND):
     def case(rank, world):
         sz = sizes[world]
         total = sum(sz)
@@ -147,9 +147,9 @@ def _attention_case(sizes, lengths, h, hk, d, dv, dtype=torch.float64, seed=0):
         # the ranks' sequences of collectives.
         results = {}
         for mode in MODES:
-            results[mode], (lo, hi) = _run_shard(q, k, v, dout, cu, sz, rank, mode)
+            results[mode], (lo, hi) = _run_shard(q, k, v, dout, cu, sz, rank, mode, backend=backend)
         want = _truth(q, k, v, dout, cu)
-        single = _single_process(q, k, v, dout, cu)
+        single = _single_process(q, k, v, dout, cu, backend=backend)
         for mode in MODES:
             _compare(results[mode], single, lo, hi, *TOL_VS_SINGLE[(mode, dtype)], f"{mode} vs single-process")
             _compare(results[mode], want, lo, hi, *TOL_VS_TRUTH[dtype], f"{mode} vs float64 truth")
@@ -180,6 +180,10 @@ CASES = {
     "float32_packed": _attention_case({2: [300, 485], 4: [200, 185, 200, 200]},
                                       {2: [197, 197, 3, 388], 4: [197, 197, 3, 388]},
                                       h=3, hk=3, d=64, dv=64, dtype=torch.float32, seed=6),
+    # The same through the fastest backend of this install (the fused C++ kernel when it is built).
+    "fastest_backend_float32": _attention_case({2: [300, 485], 4: [200, 185, 1, 399]},
+                                               {2: [197, 197, 3, 388], 4: [197, 197, 3, 388]},
+                                               h=4, hk=2, d=80, dv=80, dtype=torch.float32, seed=9, backend=None),
 }
 
 
