@@ -106,9 +106,19 @@ def _run_shard(q, k, v, dout, cu, sizes, rank, mode, group=None, backend=BACKEND
     offsets = shard_offsets(sizes)
     lo, hi = offsets[rank], offsets[rank + 1]
     leaves = [x[lo:hi].clone().requires_grad_() for x in (q, k, v)]
-    out = sequence_parallel_attention(*leaves, group=group, cu_seqlens=cu, mode=mode, backend=backend)
+    out, lse = sequence_parallel_attention(*leaves, group=group, cu_seqlens=cu, mode=mode, backend=backend,
+                                           return_lse=True)
     out.backward(dout[lo:hi])
-    return [out.detach()] + [x.grad for x in leaves], (lo, hi)
+    return [out.detach()] + [x.grad for x in leaves] + [lse], (lo, hi)
+
+
+def _truth_lse(q, k, cu):
+    """float64 log-sum-exp [H, T] of each query over the keys of its own sequence."""
+    cu = torch.tensor([0, q.shape[0]]) if cu is None else cu
+    groups = q.shape[1] // k.shape[1]
+    parts = [truth.logsumexp(q[a:b].transpose(0, 1), k[a:b].repeat_interleave(groups, 1).transpose(0, 1))
+             for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    return torch.cat(parts, dim=1) if parts else q.new_zeros(q.shape[1], 0, dtype=torch.float64)
 
 
 def _compare(got, want, lo, hi, atol, rtol, what):
@@ -150,12 +160,16 @@ def _attention_case(sizes, lengths, h, hk, d, dv, dtype=torch.float64, seed=0, b
             results[mode], (lo, hi) = _run_shard(q, k, v, dout, cu, sz, rank, mode, backend=backend)
         want = _truth(q, k, v, dout, cu)
         single = _single_process(q, k, v, dout, cu, backend=backend)
+        lse_want = _truth_lse(q, k, cu)[:, lo:hi]
         for mode in MODES:
             _compare(results[mode], single, lo, hi, *TOL_VS_SINGLE[(mode, dtype)], f"{mode} vs single-process")
             _compare(results[mode], want, lo, hi, *TOL_VS_TRUTH[dtype], f"{mode} vs float64 truth")
+            # The returned log-sum-exp is float32 (the contract), over keys of every rank.
+            torch.testing.assert_close(results[mode][4].double(), lse_want, atol=1e-5, rtol=1e-6,
+                                       msg=lambda m: f"{mode} lse: {m}")
         if dtype == torch.float32:
             # The two modes agree with each other to float32 rounding, gradients included.
-            for name, a, b in zip(("out", "dq", "dk", "dv"), results["ring"], results["allgather_kv"]):
+            for name, a, b in zip(("out", "dq", "dk", "dv", "lse"), results["ring"], results["allgather_kv"]):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"ring vs allgather {name}: {m}")
         return "ok"
     return case
@@ -284,6 +298,7 @@ def _errors_case(rank, world):
     out["dtype_disagree"] = _error(lambda: sequence_parallel_attention(*(x.float() if rank == 0 else x,) * 3))
     out["head_dim_mismatch"] = _error(lambda: sequence_parallel_attention(x, x[..., :4], x))
     out["scale_bad"] = _error(lambda: sequence_parallel_attention(x, x, x, scale=float("nan") if rank else None))
+    out["backend_unknown"] = _error(lambda: sequence_parallel_attention(x, x, x, backend="cudnn" if rank == 0 else None))
     ok = sequence_parallel_attention(x, x, x, cu_seqlens=cu, backend=BACKEND)
     out["still_usable"] = "ok" if ok.shape == (5, 2, 8) and bool(torch.isfinite(ok).all()) else "broken"
     return out
@@ -378,7 +393,7 @@ def test_matches_single_process(group_results, case):
 ERROR_ARG = {"rank1_2d_query": "q_local", "heads_disagree": "q_local", "cu_total_wrong": "cu_seqlens",
              "cu_disagree": "cu_seqlens", "cu_decreasing": "cu_seqlens", "mode_disagree": "mode",
              "mode_unknown": "mode", "dtype_disagree": "q_local", "head_dim_mismatch": "k_local",
-             "scale_bad": "scale"}
+             "scale_bad": "scale", "backend_unknown": "backend"}
 
 
 @pytest.mark.parametrize("what", list(ERROR_ARG))

@@ -7,6 +7,7 @@ from typing import Optional
 import torch.distributed as dist
 from torch import Tensor
 
+from ..backends import available_backends
 from .allgather_kv import allgather_kv_attention
 from .ring import ring_attention
 from .validation import agree
@@ -56,6 +57,6 @@ def _scalar_problem(scale, return_lse, backend) -> Optional[str]:
         return f"scale: expected None or a finite float, got {scale!r}"
     if not isinstance(return_lse, bool):
         return f"return_lse: expected a bool, got {type(return_lse).__name__}"
-    if backend is not None and not isinstance(backend, str):
-        return f"backend: expected None or a backend name (str), got {type(backend).__name__}"
+    if backend is not None and backend not in available_backends():
+        return f"backend: expected None or one of {available_backends()}, got {backend!r}"
     return None
