@@ -334,25 +334,20 @@ def _bwd_dq_kernel(
                dq.to(DQ.dtype.element_ty), offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
 
 
-def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
-                       dropout_p, mask_grad, dq, dk, dv, dmask):
-    """Fill dq / dk / dv (shapes of q / k / v, any strides) and, when mask_grad, dmask [B, Hq, Nq, Nk] (which
-    must arrive zeroed: skipped tiles are not written).
-
-    dout / out [B, Hq, Nq, Dv], lse float32 [B, Hq, Nq] contiguous (the forward's), other arguments as in
-    attention_fwd.attention_forward.
-    """
+def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
+                     mask_grad, dq, dk, dv, dmask):
+    """The kernel launches of the backward, in order: a list of (kernel, grid, args, kwargs)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config.backward_config(D, Dv, q.dtype)
     block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
-    precision = config.input_precision(q.dtype)
+    bs = config.batch_strides
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
-    _bwd_preprocess[(triton.cdiv(Nq, cfg.block_m) * B * Hq,)](
-        out, dout, lse, delta, lse2, *config.batch_strides(out), *config.batch_strides(dout), Hq, Nq, Dv,
-        BLOCK_M=cfg.block_m, BLOCK_DV=block_dv)
+    launches = [(_bwd_preprocess, (triton.cdiv(Nq, cfg.block_m) * B * Hq,),
+                 (out, dout, lse, delta, lse2, *bs(out), *bs(dout), Hq, Nq, Dv),
+                 dict(BLOCK_M=cfg.block_m, BLOCK_DV=block_dv))]
 
     varlen = cu_q is not None
     dummy = lse2
@@ -376,23 +371,35 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
         st = lo_r = hi_r = lo_c = hi_c = dummy
         t_strides, r_strides, c_strides = (0, 0, 0, 0), (0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
-    bs = config.batch_strides
     flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                  MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
                  IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
-                 EVEN_D=(D == block_d and Dv == block_dv), PRECISION=precision,
+                 EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype),
                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _bwd_dkdv_kernel[(num_n_blocks * B * Hk,)](
-        q, k, v, dout, lse2, delta, dk, dv, mk, st, lo_c, hi_c, cu_q, cu_k, n_seq, n_start,
-        *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dk), *bs(dv), *m_strides,
-        *t_strides, *c_strides,
-        Hq, Hk, Hq // Hk, num_n_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale, **flags)
+    launches.append((_bwd_dkdv_kernel, (num_n_blocks * B * Hk,),
+                     (q, k, v, dout, lse2, delta, dk, dv, mk, st, lo_c, hi_c, cu_q, cu_k, n_seq, n_start,
+                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dk), *bs(dv), *m_strides, *t_strides, *c_strides,
+                      Hq, Hk, Hq // Hk, num_n_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale), flags))
     dm = dmask if mask_grad else dummy
     g_strides = dmask.stride() if mask_grad else (0, 0, 0, 0)
-    _bwd_dq_kernel[(num_m_blocks * B * Hq,)](
-        q, k, v, dout, lse2, delta, dq, dm, mk, st, lo_r, hi_r, cu_q, cu_k, m_seq, m_start,
-        *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dq), *m_strides, *g_strides,
-        *t_strides, *r_strides,
-        Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale,
-        MASK_GRAD=bool(mask_grad), **flags)
+    launches.append((_bwd_dq_kernel, (num_m_blocks * B * Hq,),
+                     (q, k, v, dout, lse2, delta, dq, dm, mk, st, lo_r, hi_r, cu_q, cu_k, m_seq, m_start,
+                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dq), *m_strides, *g_strides, *t_strides, *r_strides,
+                      Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale),
+                     dict(flags, MASK_GRAD=bool(mask_grad))))
+    return launches
+
+
+def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
+                       dropout_p, mask_grad, dq, dk, dv, dmask):
+    """Fill dq / dk / dv (shapes of q / k / v, any strides) and, when mask_grad, dmask [B, Hq, Nq, Nk] (which
+    must arrive zeroed: skipped tiles are not written); returns (dq, dk, dv, dmask).
+
+    dout / out [B, Hq, Nq, Dv], lse float32 [B, Hq, Nq] (the forward's), other arguments as in
+    attention_fwd.attention_forward.
+    """
+    for kernel, grid, args, kwargs in backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k,
+                                                        seed, scale, is_causal, dropout_p, mask_grad, dq, dk, dv,
+                                                        dmask):
+        kernel[grid](*args, **kwargs)
     return dq, dk, dv, dmask

@@ -195,12 +195,9 @@ def mask_for_kernel(mask):
     return mask
 
 
-def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out, lse):
-    """Fill out [B, Hq, Nq, Dv] (any strides) and lse float32 [B, Hq, Nq] (contiguous).
-
-    q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] (any strides); mask None or [B, Hq, Nq, Nk] bool/float
-    (dense only); cu_q / cu_k None or int [S + 1] with B == 1 (packed layout).
-    """
+def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out, lse):
+    """The kernel launches that fill out / lse: a list of (kernel, grid, args, kwargs). Apart from launching
+    (attention_forward), aot_check.py compiles them ahead of time with the same arguments."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     cfg = config.forward_config(D, Dv, q.dtype)
@@ -224,17 +221,25 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_c
         st = lo = hi = dummy
         t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
-    grid = (num_m_blocks * B * Hq,)
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse, mk, st, lo, hi, cu_q, cu_k, block_seq, block_start,
-        *config.batch_strides(q), *config.batch_strides(k), *config.batch_strides(v), *config.batch_strides(out),
-        *m_strides, *t_strides, *r_strides,
-        Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv,
-        scale, d_seed, d_thr, d_scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
-        IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
-        EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    bs = config.batch_strides
+    args = (q, k, v, out, lse, mk, st, lo, hi, cu_q, cu_k, block_seq, block_start,
+            *bs(q), *bs(k), *bs(v), *bs(out), *m_strides, *t_strides, *r_strides,
+            Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale)
+    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                  MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
+                  IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
+                  EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return [(_attention_fwd_kernel, (num_m_blocks * B * Hq,), args, kwargs)]
+
+
+def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out, lse):
+    """Fill out [B, Hq, Nq, Dv] (any strides) and lse float32 [B, Hq, Nq] (contiguous); returns (out, lse).
+
+    q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] (any strides); mask None or [B, Hq, Nq, Nk] bool/float
+    (dense only); cu_q / cu_k None or int [S + 1] with B == 1 (packed layout).
+    """
+    for kernel, grid, args, kwargs in forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale,
+                                                       is_causal, dropout_p, out, lse):
+        kernel[grid](*args, **kwargs)
     return out, lse

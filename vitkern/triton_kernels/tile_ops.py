@@ -15,19 +15,19 @@ recomputed P is exactly the forward's (folding log2(e) into the scale, as the Tr
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 # vitkern/dropout.py's constants (all wrap modulo 2**32).
-_MIX_1: tl.constexpr = 0x7FEB352D
-_MIX_2: tl.constexpr = 0x846CA68B
-_GOLDEN: tl.constexpr = 0x9E3779B9
-_COL_MUL: tl.constexpr = 0x85EBCA6B
+_MIX_1 = tl.constexpr(0x7FEB352D)
+_MIX_2 = tl.constexpr(0x846CA68B)
+_GOLDEN = tl.constexpr(0x9E3779B9)
+_COL_MUL = tl.constexpr(0x85EBCA6B)
 
 # Tile states written by mask_summary.py.
-TILE_EMPTY: tl.constexpr = 0     # no pair takes part: skip the tile
-TILE_FULL: tl.constexpr = 1      # every pair takes part with a zero bias: skip the mask load
-TILE_PARTIAL: tl.constexpr = 2   # load the mask
+TILE_EMPTY = tl.constexpr(0)     # no pair takes part: skip the tile
+TILE_FULL = tl.constexpr(1)      # every pair takes part with a zero bias: skip the mask load
+TILE_PARTIAL = tl.constexpr(2)   # load the mask
 
 
 @triton.jit
