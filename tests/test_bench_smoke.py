@@ -48,6 +48,7 @@ def test_quick_run_writes_json_with_every_cell(quick_run):
             assert c["time_ms"] > 0 and c["total_ms"] >= c["time_ms"] and c["repeats"] >= 1
             assert c["useful_tflops"] == pytest.approx(c["useful_flops"] / (c["total_ms"] * 1e-3) / 1e12)
             assert c["check"] in ("truth", "passed")
+            assert c["peak_mem_bytes"] is not None and c["peak_mem_bytes"] >= 0
         else:
             assert c["reason"], c
     # Every workload/mode got the vitkern reference backend and at least one timed torch peer.
@@ -142,3 +143,25 @@ def test_a_refusing_peer_is_unsupported_not_a_crash(monkeypatch):
     opts = runner.Options(cell_budget_s=0.01, min_reps=1, max_reps=1, long_call_s=0.0, mem_budget_bytes=2**30)
     cells = runner.CaseRunner(case, torch.device("cpu"), torch.float32, ["fwd"], opts).run()
     assert cells[1]["status"] == "unsupported" and "no kernel for this input" in cells[1]["reason"]
+
+
+def test_cpu_peak_memory_probe_sees_a_short_lived_allocation():
+    import time
+
+    from benchmarks import measure
+    with measure.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(50 * 2**20)  # 200 MB, every page touched
+        time.sleep(0.05)
+        del x
+    assert 190 * 2**20 <= mem.peak < 400 * 2**20
+
+
+def test_a_long_first_call_is_its_own_sample_and_a_short_one_is_not():
+    from benchmarks import measure
+    calls = []
+    timing = measure.time_calls(lambda: calls.append(1), torch.device("cpu"), first_call_s=10.0, budget_s=5.0,
+                                min_reps=3, max_reps=10, long_call_s=3.0)
+    assert timing.samples == [10.0] and calls == []
+    timing = measure.time_calls(lambda: calls.append(1), torch.device("cpu"), first_call_s=0.001, budget_s=0.0,
+                                min_reps=3, max_reps=10, long_call_s=3.0)
+    assert len(timing.samples) == 3 and len(calls) == 4  # one more warm-up, then three timed
