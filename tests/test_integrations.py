@@ -172,3 +172,40 @@ def test_hf_output_attentions_is_refused():
     ours = _vit("vitkern").eval()
     with pytest.raises(ValueError, match="output_attentions"):
         ours(pixel_values=torch.randn(1, 3, 32, 32), output_attentions=True)
+
+
+def _eager(query, key, value, mask, scaling):
+    scores = query @ key.transpose(-1, -2) * scaling
+    if mask is not None:
+        scores = scores + mask
+    return (scores.softmax(-1) @ value).transpose(1, 2)
+
+
+def test_hf_attention_function_masks_and_gqa():
+    """The registered function directly: float additive and bool masks, a mask longer than the keys, GQA."""
+    from vitkern.integrations.transformers import vitkern_attention_forward
+    module = nn.Module()
+    module.is_causal = False
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 11, 16), torch.randn(2, 2, 11, 8)
+    k_rep, v_rep = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    additive = torch.randn(2, 1, 9, 13)
+    out, weights = vitkern_attention_forward(module, q, k, v, additive, scaling=0.3)
+    assert weights is None and out.shape == (2, 9, 4, 8)
+    torch.testing.assert_close(out, _eager(q, k_rep, v_rep, additive[..., :11], 0.3), atol=1e-5, rtol=1e-5)
+    keep = torch.rand(2, 1, 9, 11) > 0.3
+    keep[..., 0] = True
+    out, _ = vitkern_attention_forward(module, q, k, v, keep, scaling=0.3)
+    bias = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    torch.testing.assert_close(out, _eager(q, k_rep, v_rep, bias, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_hf_head_mask_in_mask_slot_of_transformers_4(monkeypatch):
+    """transformers 4.x ViT passed head_mask (a factor on each head's probabilities) in the mask slot."""
+    import vitkern.integrations.transformers as hf
+    monkeypatch.setattr(hf, "_TRANSFORMERS_MAJOR", 4)
+    module = type("ViTSelfAttention", (nn.Module,), {"is_causal": False})()
+    q, k, v = torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    head_mask = torch.tensor([1.0, 0.0, 0.5]).reshape(1, 3, 1, 1)
+    out, _ = hf.vitkern_attention_forward(module, q, k, v, head_mask, scaling=8 ** -0.5)
+    probs = (q @ k.transpose(-1, -2) * 8 ** -0.5).softmax(-1) * head_mask
+    torch.testing.assert_close(out, (probs @ v).transpose(1, 2), atol=1e-5, rtol=1e-5)
