@@ -288,12 +288,16 @@ def main():
     threads = torch.get_num_threads()
     device_name = torch.cuda.get_device_name(0) if cuda else f"CPU {platform.processor() or platform.machine()}, " \
                                                               f"{os.cpu_count()} cores"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     note = ("One process per GPU, NCCL." if cuda else
             f"gloo, all ranks on this machine's {os.cpu_count()} cores ({threads} threads shared: with more ranks "
-            f"than cores the ranks time-share, so time does not drop with ranks here; memory is per process).")
+            f"than cores the ranks time-share, so time does not drop with ranks here; memory is per process). "
+            f"Load average when it started: {load:.1f} (other work on the machine makes times noisy; the memory "
+            f"figures do not depend on it).")
     meta = {"device_name": device_name, "tokens": args.tokens, "heads": args.heads,
             "kv_heads": args.kv_heads or args.heads, "head_dim": args.head_dim, "dtype": args.dtype,
             "repeats": args.repeats, "note": note, "torch": torch.__version__,
+            "load_average_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     rows = []
     tmp = os.path.join(args.out_dir, ".bench_distributed_tmp")

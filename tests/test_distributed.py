@@ -283,22 +283,23 @@ def _errors_case(rank, world):
     """Bad or disagreeing arguments raise on every rank; afterwards the group still works."""
     x = torch.randn(5, 2, 8, dtype=torch.float64)
     cu = torch.tensor([0, 3, 5 * world])
+    spa = sequence_parallel_attention
+    last = rank == world - 1
     out = {}
-    out["rank1_2d_query"] = _error(lambda: sequence_parallel_attention(x[:, 0] if rank == 1 else x, x, x))
-    out["heads_disagree"] = _error(lambda: sequence_parallel_attention(
-        x[:, :1] if rank == world - 1 else x, x[:, :1] if rank == world - 1 else x,
-        x[:, :1] if rank == world - 1 else x))
-    out["cu_total_wrong"] = _error(lambda: sequence_parallel_attention(x, x, x, cu_seqlens=cu + torch.tensor([0, 0, 1])))
-    out["cu_disagree"] = _error(lambda: sequence_parallel_attention(
-        x, x, x, cu_seqlens=torch.tensor([0, 3 + (rank == 0), 5 * world])))
-    out["cu_decreasing"] = _error(lambda: sequence_parallel_attention(
-        x, x, x, cu_seqlens=torch.tensor([0, 7, 6, 5 * world]) if rank == 0 else torch.tensor([0, 3, 5, 5 * world])))
-    out["mode_disagree"] = _error(lambda: sequence_parallel_attention(x, x, x, mode="ring" if rank else "allgather_kv"))
-    out["mode_unknown"] = _error(lambda: sequence_parallel_attention(x, x, x, mode="ulysses"))
-    out["dtype_disagree"] = _error(lambda: sequence_parallel_attention(*(x.float() if rank == 0 else x,) * 3))
-    out["head_dim_mismatch"] = _error(lambda: sequence_parallel_attention(x, x[..., :4], x))
-    out["scale_bad"] = _error(lambda: sequence_parallel_attention(x, x, x, scale=float("nan") if rank else None))
-    out["backend_unknown"] = _error(lambda: sequence_parallel_attention(x, x, x, backend="cudnn" if rank == 0 else None))
+    out["rank1_2d_query"] = _error(lambda: spa(x[:, 0] if rank == 1 else x, x, x))
+    out["heads_disagree"] = _error(lambda: spa(*(x[:, :1] if last else x,) * 3))
+    out["cu_total_wrong"] = _error(lambda: spa(x, x, x, cu_seqlens=cu + torch.tensor([0, 0, 1])))
+    out["cu_disagree"] = _error(lambda: spa(x, x, x, cu_seqlens=torch.tensor([0, 3 + (rank == 0), 5 * world])))
+    out["cu_decreasing"] = _error(lambda: spa(x, x, x, cu_seqlens=torch.tensor(
+        [0, 7, 6, 5 * world] if rank == 0 else [0, 3, 5, 5 * world])))
+    out["mode_disagree"] = _error(lambda: spa(x, x, x, mode="ring" if rank else "allgather_kv"))
+    out["mode_unknown"] = _error(lambda: spa(x, x, x, mode="ulysses"))
+    out["dtype_disagree"] = _error(lambda: spa(*(x.float() if rank == 0 else x,) * 3))
+    out["k_dtype"] = _error(lambda: spa(x, x.float(), x))
+    out["cu_not_tensor"] = _error(lambda: spa(x, x, x, cu_seqlens=[0, 5 * world]))
+    out["head_dim_mismatch"] = _error(lambda: spa(x, x[..., :4], x))
+    out["scale_bad"] = _error(lambda: spa(x, x, x, scale=float("nan") if rank else None))
+    out["backend_unknown"] = _error(lambda: spa(x, x, x, backend="cudnn" if rank == 0 else None))
     ok = sequence_parallel_attention(x, x, x, cu_seqlens=cu, backend=BACKEND)
     out["still_usable"] = "ok" if ok.shape == (5, 2, 8) and bool(torch.isfinite(ok).all()) else "broken"
     return out
@@ -393,7 +394,8 @@ def test_matches_single_process(group_results, case):
 ERROR_ARG = {"rank1_2d_query": "q_local", "heads_disagree": "q_local", "cu_total_wrong": "cu_seqlens",
              "cu_disagree": "cu_seqlens", "cu_decreasing": "cu_seqlens", "mode_disagree": "mode",
              "mode_unknown": "mode", "dtype_disagree": "q_local", "head_dim_mismatch": "k_local",
-             "scale_bad": "scale", "backend_unknown": "backend"}
+             "scale_bad": "scale", "backend_unknown": "backend", "k_dtype": "k_local", "cu_not_tensor": "cu_seqlens"}
+TYPE_ERRORS = {"k_dtype", "cu_not_tensor"}   # the rest are ValueErrors
 
 
 @pytest.mark.parametrize("what", list(ERROR_ARG))
@@ -402,7 +404,11 @@ def test_bad_arguments_raise_on_every_rank(group_results, what):
     for r, res in enumerate(results):
         got = res["errors"] if isinstance(res.get("errors"), dict) else pytest.fail(str(res.get("errors")))
         err = got[what]
-        assert isinstance(err, dict) and err["type"] == "ValueError", (r, err)
+        assert isinstance(err, dict), (r, err)
+        if ERROR_ARG[what] in err["message"]:
+            assert err["type"] == ("TypeError" if what in TYPE_ERRORS else "ValueError"), (r, err)
+        else:
+            assert err["type"] == "ValueError", (r, err)
         # The rank that passed the bad argument names it; the others name the rank that stopped them.
         assert ERROR_ARG[what] in err["message"] or "rejected their arguments" in err["message"], (r, err)
     assert any(ERROR_ARG[what] in res["errors"][what]["message"] for res in results)

@@ -50,13 +50,13 @@ def sequence_parallel_attention(q_local: Tensor, k_local: Tensor, v_local: Tenso
     return (out, lse) if return_lse else out
 
 
-def _scalar_problem(scale, return_lse, backend) -> Optional[str]:
+def _scalar_problem(scale, return_lse, backend) -> Optional[tuple]:
 
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
-        return f"scale: expected None or a finite float, got {scale!r}"
+        return ValueError, f"scale: expected None or a finite float, got {scale!r}"
     if not isinstance(return_lse, bool):
-        return f"return_lse: expected a bool, got {type(return_lse).__name__}"
+        return TypeError, f"return_lse: expected a bool, got {type(return_lse).__name__}"
     if backend is not None and backend not in available_backends():
-        return f"backend: expected None or one of {available_backends()}, got {backend!r}"
+        return ValueError, f"backend: expected None or one of {available_backends()}, got {backend!r}"
     return None

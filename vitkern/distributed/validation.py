@@ -39,46 +39,49 @@ def _shape(x, n=3) -> list[int]:
     return [-1] * n
 
 
-def _local_problem(q, k, v, cu_seqlens, mode) -> Optional[str]:
-    """This rank's own argument errors (the message this rank raises), or None."""
+def _local_problem(q, k, v, cu_seqlens, mode) -> Optional[tuple]:
+    """This rank's own argument error as (exception class, message), or None."""
     if mode not in _MODES:
-        return f"mode: expected one of {_MODES}, got {mode!r}"
+        return ValueError, f"mode: expected one of {_MODES}, got {mode!r}"
     for name, x in (("q_local", q), ("k_local", k), ("v_local", v)):
         if not isinstance(x, Tensor):
-            return f"{name}: expected a torch.Tensor, got {type(x).__name__}"
+            return TypeError, f"{name}: expected a torch.Tensor, got {type(x).__name__}"
         if x.dim() != 3:
-            return f"{name}: expected a 3-D tensor [T_local, H, D], got {x.dim()}-D with shape {tuple(x.shape)}"
+            return ValueError, (f"{name}: expected a 3-D tensor [T_local, H, D], got {x.dim()}-D with shape "
+                                f"{tuple(x.shape)}")
     if q.dtype not in _DTYPES:
-        return f"q_local: expected a floating dtype {_DTYPES}, got {q.dtype}"
+        return TypeError, f"q_local: expected a floating dtype {_DTYPES}, got {q.dtype}"
     for name, x in (("k_local", k), ("v_local", v)):
         if x.dtype != q.dtype:
-            return f"{name}: expected dtype {q.dtype} (q_local's), got {x.dtype}"
+            return TypeError, f"{name}: expected dtype {q.dtype} (q_local's), got {x.dtype}"
         if x.device != q.device:
-            return f"{name}: expected device {q.device} (q_local's), got {x.device}"
+            return ValueError, f"{name}: expected device {q.device} (q_local's), got {x.device}"
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        return (f"k_local/v_local: expected the same {q.shape[0]} tokens as q_local (the rank's shard of one "
-                f"token sequence), got k_local {tuple(k.shape)}, v_local {tuple(v.shape)}")
+        return ValueError, (f"k_local/v_local: expected the same {q.shape[0]} tokens as q_local (the rank's "
+                            f"shard of one token sequence), got k_local {tuple(k.shape)}, v_local "
+                            f"{tuple(v.shape)}")
     if k.shape[2] != q.shape[2]:
-        return f"k_local: expected head dim {q.shape[2]} (q_local's), got {k.shape[2]}"
+        return ValueError, f"k_local: expected head dim {q.shape[2]} (q_local's), got {k.shape[2]}"
     if v.shape[1] != k.shape[1]:
-        return f"v_local: expected {k.shape[1]} heads (k_local's), got {v.shape[1]}"
+        return ValueError, f"v_local: expected {k.shape[1]} heads (k_local's), got {v.shape[1]}"
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        return f"k_local: expected a head count dividing q_local's {q.shape[1]}, got {k.shape[1]}"
+        return ValueError, f"k_local: expected a head count dividing q_local's {q.shape[1]}, got {k.shape[1]}"
     if q.shape[2] == 0 or v.shape[2] == 0:
-        return f"q_local/v_local: expected head dims >= 1, got D={q.shape[2]}, Dv={v.shape[2]}"
+        return ValueError, f"q_local/v_local: expected head dims >= 1, got D={q.shape[2]}, Dv={v.shape[2]}"
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, Tensor):
-            return f"cu_seqlens: expected None or a 1-D int32/int64 tensor, got {type(cu_seqlens).__name__}"
+            return TypeError, (f"cu_seqlens: expected None or a 1-D int32/int64 tensor, got "
+                               f"{type(cu_seqlens).__name__}")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-            return (f"cu_seqlens: expected a 1-D int32/int64 tensor with at least 2 entries, got "
-                    f"{cu_seqlens.dim()}-D {cu_seqlens.dtype} with {cu_seqlens.numel()} entries")
+            return ValueError, (f"cu_seqlens: expected a 1-D int32/int64 tensor with at least 2 entries, got "
+                                f"{cu_seqlens.dim()}-D {cu_seqlens.dtype} with {cu_seqlens.numel()} entries")
         if cu_seqlens.device != q.device:
-            return f"cu_seqlens: expected device {q.device} (q_local's), got {cu_seqlens.device}"
+            return ValueError, f"cu_seqlens: expected device {q.device} (q_local's), got {cu_seqlens.device}"
         c = cu_seqlens.to(torch.int64)
         if int(c[0]) != 0:
-            return f"cu_seqlens: expected the first entry to be 0, got {int(c[0])}"
+            return ValueError, f"cu_seqlens: expected the first entry to be 0, got {int(c[0])}"
         if c.numel() > 1 and bool((c[1:] < c[:-1]).any()):
-            return f"cu_seqlens: expected non-decreasing boundaries, got {c.tolist()[:16]}"
+            return ValueError, f"cu_seqlens: expected non-decreasing boundaries, got {c.tolist()[:16]}"
     return None
 
 
@@ -90,10 +93,10 @@ def _fingerprint(cu: Tensor) -> tuple[Tensor, Tensor]:
     return (c * i).sum(), (c * (i * 1_000_003 + 7919) * (c + 1)).sum()
 
 
-def agree(q, k, v, cu_seqlens, mode: str, group, extra_problem: Optional[str] = None) -> Layout:
+def agree(q, k, v, cu_seqlens, mode: str, group, extra_problem: Optional[tuple] = None) -> Layout:
     """Check the arguments on this rank, exchange metadata with the group and check that the ranks agree.
     Raises the same kind of error on every rank; returns the layout every rank agrees on.
-    ``extra_problem``: an error the caller found in its other arguments, raised like the others."""
+    ``extra_problem``: (exception class, message) the caller found in its other arguments, raised likewise."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     problem = extra_problem or _local_problem(q, k, v, cu_seqlens, mode)
     row = torch.full((len(_FIELDS),), -1, dtype=torch.int64)
@@ -113,12 +116,12 @@ def agree(q, k, v, cu_seqlens, mode: str, group, extra_problem: Optional[str] = 
     all_gather_flat(table, row, group=group)
     rows = table.view(world, len(_FIELDS)).tolist()
     if problem is not None:
-        raise ValueError(problem + f" (on rank {rank})")
+        raise problem[0](problem[1] + f" (on rank {rank})")
     bad = [r for r in range(world) if rows[r][0]]
     if bad:
         raise ValueError(f"sequence_parallel_attention: rank(s) {bad} rejected their arguments (see the error "
                          f"raised there); rank {rank} stops too so that no rank waits in a collective")
-    _check_table(rows, rank)
+    _check_table(rows)
     sizes = [rows[r][_FLD["tq"]] for r in range(world)]
     cu_host = None
     if cu_seqlens is not None:
@@ -129,7 +132,7 @@ def agree(q, k, v, cu_seqlens, mode: str, group, extra_problem: Optional[str] = 
     return Layout(rank, world, sizes, cu_host)
 
 
-def _check_table(rows, rank) -> None:
+def _check_table(rows) -> None:
     first = rows[0]
     f = _FLD
     for r, row in enumerate(rows):
