@@ -177,3 +177,17 @@ def test_torch_baseline_backend_matches_vitkern():
     cu = vitkern.lengths_to_cu_seqlens([4, 9, 2])
     xp = torch.randn(15, 48)
     torch.testing.assert_close(ours(xp, cu_seqlens=cu), base(xp, cu_seqlens=cu), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_dropout_same_on_every_backend():
+    ours = _pair(dict(dim=32, num_heads=2, attn_drop=0.25))[1].train()
+    ref = copy.deepcopy(ours)
+    ref.backend = "reference"
+    cu = vitkern.lengths_to_cu_seqlens([6, 1, 17])
+    x = torch.randn(24, 32)
+    torch.manual_seed(4)
+    a = ours(x, cu_seqlens=cu)
+    torch.manual_seed(4)
+    b = ref(x, cu_seqlens=cu)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert (a - ours.eval()(x, cu_seqlens=cu)).abs().max() > 1e-2
