@@ -176,8 +176,11 @@ class CaseRunner:
         except Exception as e:  # noqa: BLE001  (a cell must never end the run)
             if _is_oom(e):
                 return self._end(cell, "OOM", _first_line(e)), None
-            expected = (RuntimeError, NotImplementedError, ValueError, TypeError, ImportError, AssertionError)
-            return self._end(cell, "unsupported" if isinstance(e, expected) else "error", _first_line(e)), None
+            # vitkern promises ValueError/TypeError for an input it can't take: anything else from it is a failure
+            # to show. Peers refuse in many ways (dispatcher errors, NotImplementedError, asserts).
+            refusals = (ValueError, TypeError) if peer.family == "vitkern" else \
+                (RuntimeError, NotImplementedError, ValueError, TypeError, ImportError, AssertionError)
+            return self._end(cell, "unsupported" if isinstance(e, refusals) else "error", _first_line(e)), None
 
     def _measure(self, cell: dict, peer: Peer, inp: Inputs, mode: str, dout, truth):
         state = peer.prepare(inp)
