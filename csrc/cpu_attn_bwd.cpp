@@ -62,7 +62,7 @@ template <typename T>
 void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_buf, T* pd_buf, T* dk_acc,
                    T* dv_acc) {
   const Problem& p = *a.p;
-  const int64_t bm = a.tiles.bm, bn = a.tiles.bn, d = p.D, dv = p.Dv, groups = p.Hq / p.Hk;
+  const int64_t bm = a.tiles.bm, bn = a.tiles.bn, ld = a.tiles.ld(), d = p.D, dv = p.Dv, groups = p.Hq / p.Hk;
   const T ninf = -std::numeric_limits<T>::infinity();
   const T scale = T(p.scale), keep_scale = T(a.dropout.keep_scale);
 
@@ -92,10 +92,10 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
         const T* qp = a.q.row(w.b, h, i0);
         const T* dop = a.dout.row(w.b, h, i0);
 
-        gemm_nt<T>(mq, nb, d, scale, qp, a.q.sn, kp, a.k.sn, T(0), p_buf, bn);
+        gemm_nt<T>(mq, nb, d, scale, qp, a.q.sn, kp, a.k.sn, T(0), p_buf, ld);
         bool any_row = false;
         for (int64_t r = 0; r < mq; ++r) {
-          T* s = p_buf + r * bn;
+          T* s = p_buf + r * ld;
           const int64_t i = i0 + r;
           const T l = T(lse[i]);
           if (l == ninf) {  // a row with no key: P = 0, no gradient
@@ -112,14 +112,14 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
         }
         if (!any_row) continue;
 
-        gemm_nt<T>(mq, nb, dv, T(1), dop, a.dout.sn, vp, a.v.sn, T(0), dp_buf, bn);
+        gemm_nt<T>(mq, nb, dv, T(1), dop, a.dout.sn, vp, a.v.sn, T(0), dp_buf, ld);
         const T* pd = p_buf;
         if (a.dropout.active) {
           for (int64_t r = 0; r < mq; ++r) {
             const uint32_t st = a.dropout.row_state(bh, i0 + r);
-            T* pr = pd_buf + r * bn;
-            T* dpr = dp_buf + r * bn;
-            const T* src = p_buf + r * bn;
+            T* pr = pd_buf + r * ld;
+            T* dpr = dp_buf + r * ld;
+            const T* src = p_buf + r * ld;
             for (int64_t c = 0; c < nb; ++c) pr[c] = src[c] * keep_scale;
             a.dropout.apply_row(pr, nb, st, j0);
             for (int64_t c = 0; c < nb; ++c) dpr[c] *= keep_scale;
@@ -127,11 +127,11 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
           }
           pd = pd_buf;
         }
-        gemm_tn<T>(nb, dv, mq, T(1), pd, bn, dop, a.dout.sn, T(1), dv_acc, dv);
+        gemm_tn<T>(nb, dv, mq, T(1), pd, ld, dop, a.dout.sn, T(1), dv_acc, dv);
 
         for (int64_t r = 0; r < mq; ++r) {  // dS = P * (dP - delta), written over dP
-          T* ds = dp_buf + r * bn;
-          const T* pr = p_buf + r * bn;
+          T* ds = dp_buf + r * ld;
+          const T* pr = p_buf + r * ld;
           const T dl = delta[i0 + r];
 #pragma omp simd
           for (int64_t c = 0; c < nb; ++c) ds[c] = pr[c] * (ds[c] - dl);
@@ -140,9 +140,9 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
             store_mask_grad_row(a.mask, dst, ds, nb);
           }
         }
-        gemm_tn<T>(nb, d, mq, scale, dp_buf, bn, qp, a.q.sn, T(1), dk_acc, d);
+        gemm_tn<T>(nb, d, mq, scale, dp_buf, ld, qp, a.q.sn, T(1), dk_acc, d);
         T* dqp = dq_part + w.b * a.dq_in_part.sb + h * a.dq_in_part.sh + i0 * a.dq_in_part.sn;
-        gemm_nn<T>(mq, d, nb, scale, dp_buf, bn, kp, a.k.sn, T(1), dqp, a.dq_in_part.sn);
+        gemm_nn<T>(mq, d, nb, scale, dp_buf, ld, kp, a.k.sn, T(1), dqp, a.dq_in_part.sn);
       }
     }
     for (int64_t c = 0; c < nb; ++c) {
@@ -158,7 +158,7 @@ template <typename T>
 void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items) {
   std::atomic<int64_t> next{0};
   run_on_threads([&](int64_t) {
-    const int64_t tile = a.tiles.bm * a.tiles.bn;
+    const int64_t tile = a.tiles.bm * a.tiles.ld();
     std::vector<T> p_buf(tile), dp_buf(tile), pd_buf(a.dropout.active ? tile : 0), dk_acc(a.tiles.bn * a.p->D),
         dv_acc(a.tiles.bn * a.p->Dv);
     for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
               "mask_grad: needs a floating mask, got ", has_mask ? c10::toString(mask->scalar_type()) : "none");
 
   const SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
-  const Tiles tiles = backward_tiles(p.D, p.Dv);
+  const Tiles tiles = backward_tiles(p, has_mask);
   const at::TensorOptions acc_opts = at::TensorOptions().dtype(p.compute);
 
   at::Tensor dq = empty_bhnd(p.B, p.Hq, p.Nq, p.D, p.dtype);

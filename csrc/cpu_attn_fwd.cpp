@@ -34,7 +34,7 @@ struct ForwardArgs {
 template <typename T>
 void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf, T* l_buf) {
   const Problem& p = *a.p;
-  const int64_t bn = a.tiles.bn;
+  const int64_t bn = a.tiles.bn, ld = a.tiles.ld();
   const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), dv = p.Dv;
   const T ninf = -std::numeric_limits<T>::infinity();
   const T* qp = a.q.row(w.b, w.h, w.q0);
@@ -53,9 +53,9 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
     const bool causal_cut = p.causal && j0 + nb - 1 > w.q0 + w.causal_shift;
     const T* kp = a.k.row(w.b, hk, j0);
     const T* vp = a.v.row(w.b, hk, j0);
-    gemm_nt<T>(mq, nb, p.D, T(p.scale), qp, a.q.sn, kp, a.k.sn, T(0), s_buf, bn);
+    gemm_nt<T>(mq, nb, p.D, T(p.scale), qp, a.q.sn, kp, a.k.sn, T(0), s_buf, ld);
     for (int64_t r = 0; r < mq; ++r) {
-      T* s = s_buf + r * bn;
+      T* s = s_buf + r * ld;
       const int64_t i = w.q0 + r;
       if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, w.h, i, j0);
       if (causal_cut) {
@@ -74,7 +74,7 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
       if (alpha != T(1)) scale_row(o_buf + r * dv, dv, alpha);
       if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
     }
-    gemm_nn<T>(mq, dv, nb, T(1), s_buf, bn, vp, a.v.sn, T(1), o_buf, dv);
+    gemm_nn<T>(mq, dv, nb, T(1), s_buf, ld, vp, a.v.sn, T(1), o_buf, dv);
   }
 
   const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
@@ -94,7 +94,7 @@ template <typename T>
 void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items) {
   std::atomic<int64_t> next{0};
   run_on_threads([&](int64_t) {
-    std::vector<T> s_buf(a.tiles.bm * a.tiles.bn), o_buf(a.tiles.bm * a.p->Dv), m_buf(a.tiles.bm),
+    std::vector<T> s_buf(a.tiles.bm * a.tiles.ld()), o_buf(a.tiles.bm * a.p->Dv), m_buf(a.tiles.bm),
         l_buf(a.tiles.bm);
     for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
       forward_tile<T>(a, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data());
@@ -114,7 +114,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
                                                  bool is_causal, double dropout_p, int64_t seed) {
   const Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
   const SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
-  const Tiles tiles = forward_tiles(p.D, p.Dv);
+  const Tiles tiles = forward_tiles(p, mask.has_value() && mask->defined());
 
   at::Tensor out = empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.dtype);
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, at::TensorOptions().dtype(at::kFloat));

@@ -34,9 +34,14 @@ at::Tensor gemm_operand(const at::Tensor& t, at::ScalarType compute);
 // Tile sizes (queries x keys). VITKERN_CPU_TILES="BMxBN" overrides them, for tuning and tests.
 struct Tiles {
   int64_t bm, bn;
+  // Row stride of score tiles: rounded up to 16 floats so every row starts on a 64-byte vector boundary.
+  int64_t ld() const { return (bn + 15) / 16 * 16; }
 };
-Tiles forward_tiles(int64_t d, int64_t dv);
-Tiles backward_tiles(int64_t d, int64_t dv);
+// Unmasked inputs take large tiles (fewer BLAS calls and softmax rescales); masked and varlen ones smaller
+// tiles, so skipping is finer. Declared after Problem below.
+struct Problem;
+Tiles forward_tiles(const Problem& p, bool masked);
+Tiles backward_tiles(const Problem& p, bool masked);
 
 // A dense mask, read element by element only in tiles its summary marks partial.
 struct MaskView {

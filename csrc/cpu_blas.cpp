@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <type_traits>
 
 #include <c10/util/Exception.h>
 
@@ -19,10 +21,11 @@ using dgemm_fn = void (*)(const char*, const char*, const int*, const int*, cons
                           const double*, const int*, const double*, const int*, const double*, double*, const int*);
 
 void* find_symbol(const char* name) {
-  // The symbol is looked up in the process first, then explicitly in libtorch_cpu (loaded as our dependency).
-  if (void* p = dlsym(RTLD_DEFAULT, name)) return p;
-  if (void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD)) return dlsym(h, name);
-  return nullptr;
+  // libtorch_cpu (our dependency, so already loaded) first: its BLAS is the one torch itself uses; then the
+  // process at large.
+  if (void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD))
+    if (void* p = dlsym(h, name)) return p;
+  return dlsym(RTLD_DEFAULT, name);
 }
 
 struct Blas {
