@@ -165,3 +165,23 @@ def test_a_long_first_call_is_its_own_sample_and_a_short_one_is_not():
     timing = measure.time_calls(lambda: calls.append(1), torch.device("cpu"), first_call_s=0.001, budget_s=0.0,
                                 min_reps=3, max_reps=10, long_call_s=3.0)
     assert len(timing.samples) == 3 and len(calls) == 4  # one more warm-up, then three timed
+
+
+def test_gpu_peer_lists_are_built_without_touching_a_gpu():
+    cuda = torch.device("cuda")
+    dense = [p.name for p in peers.peers_for(workloads.build("fa3-grid", "cuda")[0], cuda)]
+    assert dense[0] == "sdpa" and "naive" in dense and "flex" in dense
+    assert {"sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"} <= set(dense)
+    assert "vitkern-cpu" not in dense and "vitkern-reference" not in dense
+    packed = [p.name for p in peers.peers_for(workloads.build("navit-packed", "cuda")[0], cuda)]
+    assert packed[0] == "sdpa-loop" and {"naive-mask", "sdpa-mask", "sdpa-njt", "torch-varlen", "flex-doc"} <= set(packed)
+    cpu = [p.name for p in peers.peers_for(workloads.build("vit-b16", "cpu")[0], torch.device("cpu"))]
+    assert "vitkern-triton" not in cpu  # the Triton interpreter is never benchmarked
+    assert "vitkern-reference" in cpu and "flex" not in cpu
+
+
+def test_fa3_grid_keeps_16k_tokens_and_2048_wide_heads():
+    cases = workloads.build("fa3-grid", "cuda")
+    assert len(cases) == 12
+    for c in cases:
+        assert c.batch * c.seqlen == 16384 and c.heads * c.head_dim == 2048
