@@ -63,6 +63,10 @@ def _mem(n: Optional[int]) -> str:
     return f"{n / 2**20:.0f} MB" if n < 2**30 else f"{n / 2**30:.2f} GB"
 
 
+def _memory_kind(machine: dict) -> str:
+    return "torch.cuda.max_memory_allocated" if machine["device_kind"] == "cuda" else "the resident set size"
+
+
 def _status(c: dict) -> str:
     if c["status"] == "ok":
         return "ok"
@@ -95,12 +99,13 @@ def markdown(doc: dict) -> str:
     lines = [f"# vitkern attention benchmark: {m['device_name']}", "",
              f"{m['date_utc']} · torch {m['torch']} · triton {m['triton']} · vitkern {m['vitkern']} "
              f"(commit {m['git_commit']}) · {cfg['dtype']} · {m['torch_threads']} threads · "
-             f"{m['cpu_count']} CPU cores · {m['memory_gib']} GiB RAM" + (" · **quick smoke run**" if cfg["quick"] else ""),
+             f"{m['cpu_count']} CPU cores · {m['memory_gib']} GiB RAM"
+             + (" · **quick smoke run**" if cfg["quick"] else ""),
              "", f"Command: `{cfg['command']}`", "",
              f"Times are medians of repeated calls after a warm-up; *prep* is building per-batch metadata (masks), "
              f"timed apart and included in *total*. {unit} counts **useful** work only: 4·D FLOPs per unmasked "
              f"(query, key) pair per head for the forward, 3.5× that for forward+backward, divided by the total time. "
-             f"Peak memory is {'torch.cuda.max_memory_allocated' if m['device_kind'] == 'cuda' else 'the resident set size'} "
+             f"Peak memory is {_memory_kind(m)} "
              f"above the cell's baseline during its first call. × naive and × best peer compare total times; "
              f"every cell's output (and gradients) were checked against the first peer of its table before timing.",
              "", "## Summary", "",

@@ -226,7 +226,8 @@ class CaseRunner:
         cell["useful_tflops"] = cell["useful_flops"] / (cell["total_ms"] * 1e-3) / 1e12
         reason = None
         if status == "WRONG":
-            reason = f"differs from {self.peers[0].name}: max rel. error {cell['max_rel_err']:.3g} > {cell['tolerance']}"
+            reason = (f"differs from {self.peers[0].name}: max rel. error {cell['max_rel_err']:.3g} > "
+                      f"{cell['tolerance']}")
         return self._end(cell, status, reason), keep
 
     @staticmethod
