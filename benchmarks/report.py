@@ -88,7 +88,9 @@ def summary_rows(doc: dict) -> list[dict]:
         ok = [c for c in cells if c["status"] == "ok"]
         peer = min((c for c in ok if c["family"] == "peer"), key=lambda c: c["total_ms"], default=None)
         vk = min((c for c in ok if c["family"] == "vitkern"), key=lambda c: c["total_ms"], default=None)
-        rows.append({"workload": wl, "case": case, "mode": mode, "best_peer": peer, "best_vitkern": vk})
+        issues = [f"{c['peer']} {c['status']}" for c in cells if c["family"] == "vitkern" and c["status"] != "ok"]
+        rows.append({"workload": wl, "case": case, "mode": mode, "best_peer": peer, "best_vitkern": vk,
+                     "vitkern_issues": issues})
     return rows
 
 
@@ -101,7 +103,8 @@ def markdown(doc: dict) -> str:
              f"(commit {m['git_commit']}) · {cfg['dtype']} · {m['torch_threads']} threads · "
              f"{m['cpu_count']} CPU cores · {m['memory_gib']} GiB RAM"
              + (" · **quick smoke run**" if cfg["quick"] else ""),
-             "", f"Command: `{cfg['command']}`", "",
+             "", f"Command: `{cfg['command']}`. A square {cfg['dtype']} matmul ran at "
+                 f"{_num(cfg['options']['matmul_rate'] / 1e12 * scale)} {unit} on this device at the start.", "",
              f"Times are medians of repeated calls after a warm-up; *prep* is building per-batch metadata (masks), "
              f"timed apart and included in *total*. {unit} counts **useful** work only: 4·D FLOPs per unmasked "
              f"(query, key) pair per head for the forward, 3.5× that for forward+backward, divided by the total time. "
@@ -109,14 +112,15 @@ def markdown(doc: dict) -> str:
              f"above the cell's baseline during its first call. × naive and × best peer compare total times; "
              f"every cell's output (and gradients) were checked against the first peer of its table before timing.",
              "", "## Summary", "",
-             f"| workload | case | mode | best peer | ms | best vitkern | ms | {unit} | × best peer |",
-             "|---|---|---|---|---:|---|---:|---:|---:|"]
+             f"| workload | case | mode | best peer | ms | best vitkern | ms | {unit} | × best peer | vitkern not ok |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---|"]
     for r in summary_rows(doc):
         p, v = r["best_peer"], r["best_vitkern"]
         lines.append(f"| {r['workload']} | {r['case']} | {MODE_NAMES[r['mode']]} | {p['peer'] if p else '–'} | "
                      f"{_num(p['total_ms']) if p else '–'} | {v['peer'] if v else '–'} | "
                      f"{_num(v['total_ms']) if v else '–'} | {_num(v['useful_tflops'] * scale) if v else '–'} | "
-                     f"{_num(v['speedup_vs_best_peer']) if v and v['speedup_vs_best_peer'] else '–'} |")
+                     f"{_num(v['speedup_vs_best_peer']) if v and v['speedup_vs_best_peer'] else '–'} | "
+                     f"{', '.join(r['vitkern_issues']) or '–'} |")
     current = None
     for (wl, case, mode), cells in _groups(doc).items():
         if wl != current:
