@@ -73,7 +73,9 @@ class Peer:
     family = "peer"
     description = ""
     dense_work = False   # computes the full N x N of every batch entry (masked pairs included)
-    compiles = False     # the first call compiles (its time is reported as compile time)
+    compiles = False     # the first call per shape compiles (Triton JIT, torch.compile): reported as compile time,
+                         # never a sample
+    torch_compile = False  # needs torch.compile (skipped by --no-compile and --quick)
 
     def skip_reason(self, case: Case, device: torch.device, dtype: torch.dtype, mode: str) -> Optional[str]:
         """A known reason this peer can't take the cell, or None (then the call itself may still refuse)."""
@@ -269,6 +271,7 @@ def _flex():
 
 class Flex(Peer):
     compiles = True
+    torch_compile = True
 
     def __init__(self, packed: bool):
         self.name = "flex-doc" if packed else "flex"
@@ -362,6 +365,7 @@ class Vitkern(Peer):
         self.backend = backend
         self.name = f"vitkern-{backend}"
         self.dense_work = backend == "reference"
+        self.compiles = backend == "triton"  # JIT and autotuning on the first call of each shape
         api = "varlen_attention (cu_seqlens)" if packed else "scaled_dot_product_attention"
         self.description = f"vitkern.{api}, backend={backend!r}"
 

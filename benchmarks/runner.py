@@ -107,9 +107,9 @@ class CaseRunner:
     def _warm_up(self, peer: Peer) -> None:
         """Call a peer once per process on a tiny input of the same kind, so one-off costs (library loading,
         first dispatch, thread pools; 3.5 s for one backend here) never land in a cell's first call, which is
-        counted as a sample when it is long. Compiling peers are skipped: they compile per shape anyway."""
+        counted as a sample when it is long. torch.compile'd peers are skipped: they compile per shape anyway."""
         key = (peer.name, self.dtype, self.case.packed, self.case.head_dim)
-        if key in _WARMED or peer.compiles or peer.skip_reason(self.case, self.device, self.dtype, "fwd"):
+        if key in _WARMED or peer.torch_compile or peer.skip_reason(self.case, self.device, self.dtype, "fwd"):
             return
         _WARMED.add(key)
         d = self.case.head_dim
@@ -159,8 +159,8 @@ class CaseRunner:
         why = peer.skip_reason(self.case, self.device, self.dtype, mode)
         if why:
             return self._end(cell, "unsupported", why), None
-        if peer.compiles and not self.opts.compile:
-            return self._end(cell, "skipped", "compiling peers are off (--no-compile / --quick)"), None
+        if peer.torch_compile and not self.opts.compile:
+            return self._end(cell, "skipped", "torch.compile peers are off (--no-compile / --quick)"), None
         need = predicted_bytes(peer, self.case, mode, self.elem)
         cell["predicted_mem_bytes"] = need
         budget = self.opts.mem_budget_bytes or measure.memory_budget_bytes(self.device)
