@@ -392,8 +392,10 @@ class Vitkern(Peer):
 
 # ---------------------------------------------------------------------------------------------- selection
 
-# Which vitkern backends to time on which device (triton on CPU tensors is the interpreter: never timed).
-VITKERN_BACKENDS = {"cpu": ["cpu", "reference"], "cuda": ["triton"]}
+# vitkern backends never timed on a device: Triton on CPU tensors is its interpreter; the C++ backend takes CPU
+# tensors only; the reference materializes fp32 scores and is a test oracle, not a GPU contender. Every other
+# backend in vitkern.available_backends() is timed.
+VITKERN_EXCLUDED = {"cpu": {"triton"}, "cuda": {"cpu", "reference"}}
 
 
 def _importable(module: str) -> bool:
@@ -423,8 +425,8 @@ def peers_for(case: Case, device: torch.device) -> list[Peer]:
     if cuda and _importable("xformers.ops"):
         out.append(Xformers(packed))
     import vitkern
-    available = set(vitkern.available_backends())
-    out += [Vitkern(b, packed) for b in VITKERN_BACKENDS.get(device.type, []) if b in available]
+    excluded = VITKERN_EXCLUDED.get(device.type, set())
+    out += [Vitkern(b, packed) for b in vitkern.available_backends() if b not in excluded]
     return out
 
 
