@@ -426,7 +426,8 @@ def peers_for(case: Case, device: torch.device) -> list[Peer]:
         out.append(Xformers(packed))
     import vitkern
     excluded = VITKERN_EXCLUDED.get(device.type, set())
-    out += [Vitkern(b, packed) for b in vitkern.available_backends() if b not in excluded]
+    names = sorted((b for b in vitkern.available_backends() if b not in excluded), key=lambda b: b == "reference")
+    out += [Vitkern(b, packed) for b in names]
     return out
 
 
