@@ -1,4 +1,5 @@
-"""vitkern's benchmark harness: ``python benchmarks/bench_attn.py --help`` (or ``python -m benchmarks.bench_attn``).
+"""vitkern's benchmarks. The attention harness: ``python benchmarks/bench_attn.py --help`` (or
+``python -m benchmarks.bench_attn``), built from:
 
 workloads.py  the attention problems, named after the systems they stand for, sized per device
 peers.py      every implementation timed side by side (naive, torch SDPA and its backends, FlexAttention,
