@@ -65,21 +65,29 @@ def _pack_value_pieces(widths: dict) -> list[list[str]]:
     return calls
 
 
+def _slices(buf: Tensor, names: list, widths: dict):
+    """(name, view) of each value piece laid side by side along the last dim of ``buf``."""
+    start = 0
+    for n in names:
+        yield n, buf[..., start:start + widths[n]]
+        start += widths[n]
+
+
 def _block_grads(q, k_b, v_b, cu_q, cu_k, scale, backend, dout, out, lse):
     """Gradient contributions of one K/V shard: (dq [T_r, H, D], dk_b, dv_b) in the accumulation dtype."""
     cd = out.dtype
     d, dv_dim = q.shape[2], v_b.shape[2]
-    zeros = k_b.new_zeros(k_b.shape)
-    pieces = {"v": v_b.detach(), "z": zeros, "k": k_b.detach()}
     widths = {"v": dv_dim, "z": d, "k": d}
     with torch.enable_grad():
         qg, kg = q.detach().requires_grad_(), k_b.detach().requires_grad_()
-        calls = []
+        calls, parts = [], {}
         for names in _pack_value_pieces(widths):
-            needs_grad = names != ["k"]
-            vals = torch.cat([pieces[n] for n in names], dim=-1) if len(names) > 1 else pieces[names[0]]
-            if needs_grad:
-                vals = vals.detach().requires_grad_()
+            # The widened values are written into one buffer (no per-piece copies, no separate zeros).
+            vals = k_b.new_empty(k_b.shape[:2] + (sum(widths[n] for n in names),))
+            for n, dst in _slices(vals, names, widths):
+                dst.copy_(v_b) if n == "v" else dst.copy_(k_b) if n == "k" else dst.zero_()
+            if names != ["k"]:
+                vals.requires_grad_()
                 o, lse_b = varlen_attention(qg, kg, vals, cu_q, cu_k, scale=scale, return_lse=True,
                                             backend=backend)
             else:
@@ -87,45 +95,39 @@ def _block_grads(q, k_b, v_b, cu_q, cu_k, scale, backend, dout, out, lse):
                     o, lse_b = varlen_attention(q, k_b, vals, cu_q, cu_k, scale=scale, return_lse=True,
                                                 backend=backend)
             calls.append((names, vals, o))
-        parts = {}
-        for names, _, o in calls:
-            start = 0
-            for n in names:
-                parts[n] = o[..., start:start + widths[n]]
-                start += widths[n]
+            parts.update(_slices(o.detach(), names, widths))
         lse_c = lse.to(cd)
-        safe = torch.where(torch.isfinite(lse_c), lse_c, torch.zeros_like(lse_c))
-        w = torch.where(torch.isfinite(lse_c), torch.exp(lse_b.to(cd) - safe), torch.zeros_like(lse_c))
+        finite = torch.isfinite(lse_c)
+        w = torch.where(finite, torch.exp(lse_b.to(cd) - torch.where(finite, lse_c, 0)), 0)
         w = w.t().unsqueeze(-1)                                      # [T_r, H, 1]
         dout_c = dout.to(cd)
-        c = w * (dout_c * (parts["v"].detach().to(cd) - out)).sum(-1, keepdim=True)
+        c = w * (dout_c * (parts["v"].to(cd) - out)).sum(-1, keepdim=True)
         outs, grads = [], []
         for names, vals, o in calls:
             if not vals.requires_grad:
                 continue
-            g = []
-            for n in names:
+            g = torch.empty_like(o)
+            for n, dst in _slices(g, names, widths):
                 if n == "v":
-                    g.append((w * dout_c).to(o.dtype))
+                    dst.copy_(w * dout_c)
                 elif n == "z":
-                    g.append((scale * c * q.to(cd)).to(o.dtype))
+                    dst.copy_(q).mul_(scale * c)
                 else:
-                    g.append(torch.zeros_like(parts["k"]))
+                    dst.zero_()
             outs.append(o)
-            grads.append(torch.cat(g, dim=-1) if len(g) > 1 else g[0])
+            grads.append(g)
         torch.autograd.backward(outs, grads)
-    dq = qg.grad.to(cd) + scale * c * parts["k"].detach().to(cd)
+        del outs, grads
+    dq = qg.grad.to(cd).add_(scale * c * parts["k"].to(cd))
     dk, dv = kg.grad.to(cd), None
     for names, vals, _ in calls:
         if vals.grad is None:
             continue
-        start = 0
-        for n in names:
+        for n, g in _slices(vals.grad, names, widths):
             if n == "v":
-                dv = vals.grad[..., start:start + dv_dim].to(cd)
+                dv = g.to(cd)
             elif n == "z":
-                dk = dk + vals.grad[..., start:start + d].to(cd)
-            start += widths[n]
+                dk = dk + g.to(cd)
     return dq, dk, dv
 
 
