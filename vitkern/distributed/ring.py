@@ -16,6 +16,12 @@ scale * P_b^T (c_b q) for dk. Both come out of the same block call by widening i
 [V_b, 0, K_b]: the K_b columns give P_b K_b, and the all-zero columns, given c_b * q as their output gradient,
 return P_b^T (c_b q) as their "dv" without touching the score gradient (their values are zero). The dK/dV of a
 shard are accumulated as they travel with it and arrive at their owner after one full turn.
+
+Cost: the forward does the same work as allgather_kv; the backward does, per block, one forward and one backward
+with values Dv + 2D wide instead of one backward with Dv: about 2-3x the backward's work (measured 2.7x the
+allgather_kv step at P = 1 on CPU). A backend entry point that takes the global (out, lse) -- the fused kernels
+already compute delta = rowsum(dO * O) from the out they are given -- would bring it to one plain backward per
+block. Precision: the merge uses the op's float32 log-sum-exp, so float64 inputs get float32-accurate weights.
 """
 from __future__ import annotations
 
