@@ -36,8 +36,8 @@ class Block(nn.Module):
         self.attn = SequenceParallelAttention(dim, heads, group=group, mode=mode, backend=backend)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, shard_sizes):
+        x = x + self.attn(self.norm1(x), shard_sizes=shard_sizes)
         return x + self.mlp(self.norm2(x))
 
 
@@ -57,7 +57,8 @@ class PixelTransformer(nn.Module):
         pixels = shard_sequence(image.flatten(1).t(), self.group, sizes=sizes)   # this rank's [T_r, 3]
         x = self.embed(pixels) + shard_sequence(self.pos, self.group, sizes=sizes)
         for blk in self.blocks:
-            x = blk(x)
+            # Every rank knows every shard's size (same rule everywhere): no per-layer exchange of shapes.
+            x = blk(x, sizes)
         # Mean over every rank's pixels; the all-reduce's backward hands each rank the pooled gradient.
         pooled = sum_over_ranks(self.norm(x).sum(0), self.group) / self.tokens
         return self.head(pooled)

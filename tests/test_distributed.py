@@ -102,12 +102,12 @@ def _truth(q, k, v, dout, cu):
     return [out.detach()] + [x.grad for x in leaves]
 
 
-def _run_shard(q, k, v, dout, cu, sizes, rank, mode, group=None, backend=BACKEND):
+def _run_shard(q, k, v, dout, cu, sizes, rank, mode, group=None, backend=BACKEND, pass_sizes=False):
     offsets = shard_offsets(sizes)
     lo, hi = offsets[rank], offsets[rank + 1]
     leaves = [x[lo:hi].clone().requires_grad_() for x in (q, k, v)]
     out, lse = sequence_parallel_attention(*leaves, group=group, cu_seqlens=cu, mode=mode, backend=backend,
-                                           return_lse=True)
+                                           return_lse=True, shard_sizes=list(sizes) if pass_sizes else None)
     out.backward(dout[lo:hi])
     return [out.detach()] + [x.grad for x in leaves] + [lse], (lo, hi)
 
@@ -146,7 +146,7 @@ TOL_VS_SINGLE = {("allgather_kv", torch.float64): (1e-11, 1e-9), ("ring", torch.
 TOL_VS_TRUTH = {torch.float64: (5e-6, 1e-5), torch.float32: (2e-5, 2e-5)}
 
 
-def _attention_case(sizes, lengths, h, hk, d, dv, dtype=torch.float64, seed=0, backend=BACKEND):
+def _attention_case(sizes, lengths, h, hk, d, dv, dtype=torch.float64, seed=0, backend=BACKEND, pass_sizes=False):
     def case(rank, world):
         sz = sizes[world]
         total = sum(sz)
@@ -157,7 +157,8 @@ def _attention_case(sizes, lengths, h, hk, d, dv, dtype=torch.float64, seed=0, b
         # the ranks' sequences of collectives.
         results = {}
         for mode in MODES:
-            results[mode], (lo, hi) = _run_shard(q, k, v, dout, cu, sz, rank, mode, backend=backend)
+            results[mode], (lo, hi) = _run_shard(q, k, v, dout, cu, sz, rank, mode, backend=backend,
+                                                 pass_sizes=pass_sizes)
         want = _truth(q, k, v, dout, cu)
         single = _single_process(q, k, v, dout, cu, backend=backend)
         lse_want = _truth_lse(q, k, cu)[:, lo:hi]
@@ -194,6 +195,10 @@ CASES = {
     "float32_packed": _attention_case({2: [300, 485], 4: [200, 185, 200, 200]},
                                       {2: [197, 197, 3, 388], 4: [197, 197, 3, 388]},
                                       h=3, hk=3, d=64, dv=64, dtype=torch.float32, seed=6),
+    # Shard sizes given by the caller: no exchange of shapes.
+    "shard_sizes_given": _attention_case({2: [400, 385], 4: [100, 300, 185, 200]},
+                                         {2: [0, 300, 5, 0, 200, 1, 279], 4: [0, 300, 5, 0, 200, 1, 279]},
+                                         h=2, hk=1, d=32, dv=48, seed=10, pass_sizes=True),
     # The same through the fastest backend of this install (the fused C++ kernel when it is built).
     "fastest_backend_float32": _attention_case({2: [300, 485], 4: [200, 185, 1, 399]},
                                                {2: [197, 197, 3, 388], 4: [197, 197, 3, 388]},
@@ -300,6 +305,11 @@ def _errors_case(rank, world):
     out["head_dim_mismatch"] = _error(lambda: spa(x, x[..., :4], x))
     out["scale_bad"] = _error(lambda: spa(x, x, x, scale=float("nan") if rank else None))
     out["backend_unknown"] = _error(lambda: spa(x, x, x, backend="cudnn" if rank == 0 else None))
+    # With shard_sizes the checks are local (no exchange): these are wrong on every rank, so all raise.
+    out["sizes_wrong_count"] = _error(lambda: spa(x, x, x, shard_sizes=[5] * (world + 1)))
+    out["sizes_wrong_entry"] = _error(lambda: spa(x, x, x, shard_sizes=[6] * world))
+    out["sizes_cu_total"] = _error(lambda: spa(x, x, x, cu_seqlens=cu + torch.tensor([0, 0, 1]),
+                                               shard_sizes=[5] * world, mode="ring"))
     ok = sequence_parallel_attention(x, x, x, cu_seqlens=cu, backend=BACKEND)
     out["still_usable"] = "ok" if ok.shape == (5, 2, 8) and bool(torch.isfinite(ok).all()) else "broken"
     return out
@@ -394,7 +404,8 @@ def test_matches_single_process(group_results, case):
 ERROR_ARG = {"rank1_2d_query": "q_local", "heads_disagree": "q_local", "cu_total_wrong": "cu_seqlens",
              "cu_disagree": "cu_seqlens", "cu_decreasing": "cu_seqlens", "mode_disagree": "mode",
              "mode_unknown": "mode", "dtype_disagree": "q_local", "head_dim_mismatch": "k_local",
-             "scale_bad": "scale", "backend_unknown": "backend", "k_dtype": "k_local", "cu_not_tensor": "cu_seqlens"}
+             "scale_bad": "scale", "backend_unknown": "backend", "k_dtype": "k_local", "cu_not_tensor": "cu_seqlens",
+             "sizes_wrong_count": "shard_sizes", "sizes_wrong_entry": "shard_sizes", "sizes_cu_total": "cu_seqlens"}
 TYPE_ERRORS = {"k_dtype", "cu_not_tensor"}   # the rest are ValueErrors
 
 

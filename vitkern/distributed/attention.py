@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.distributed as dist
 from torch import Tensor
@@ -10,7 +10,7 @@ from torch import Tensor
 from ..backends import available_backends
 from .allgather_kv import allgather_kv_attention
 from .ring import ring_attention
-from .validation import agree
+from .validation import agree, trust
 
 
 def _group_or_world(group):
@@ -23,7 +23,7 @@ def _group_or_world(group):
 def sequence_parallel_attention(q_local: Tensor, k_local: Tensor, v_local: Tensor, *, group=None,
                                 cu_seqlens: Optional[Tensor] = None, scale: Optional[float] = None,
                                 mode: str = "allgather_kv", return_lse: bool = False,
-                                backend: Optional[str] = None):
+                                backend: Optional[str] = None, shard_sizes: Optional[Sequence[int]] = None):
     """Self-attention over a token sequence split across the ranks of ``group`` (LSS sequence parallelism).
 
     Rank r holds tokens [o_r, o_r + T_r) of the concatenation, in rank order, of every rank's shard (shards may
@@ -39,10 +39,19 @@ def sequence_parallel_attention(q_local: Tensor, k_local: Tensor, v_local: Tenso
     Returns out [T_r, H, Dv] (the rank's queries), and with ``return_lse`` also lse float32 [H, T_r] (not
     differentiable). Collective: every rank of ``group`` must call it with the same mode, heads, head dims,
     dtype and cu_seqlens; a bad or disagreeing argument on any rank raises ValueError/TypeError on every rank.
+    ``shard_sizes``: None (the ranks exchange their shapes first: one small all-gather and a device-to-host
+        copy per call), or every rank's token count [P], the same list on every rank (e.g.
+        ``shard_sizes(T)``): no exchange, and in allgather_kv mode no host sync. Then only this rank's own
+        arguments are checked; a rank that raises leaves the others waiting in a collective until the process
+        group's timeout.
     """
     group = _group_or_world(group)
-    layout = agree(q_local, k_local, v_local, cu_seqlens, mode, group,
-                   extra_problem=_scalar_problem(scale, return_lse, backend))
+    problem = _scalar_problem(scale, return_lse, backend)
+    if shard_sizes is None:
+        layout = agree(q_local, k_local, v_local, cu_seqlens, mode, group, extra_problem=problem)
+    else:
+        layout = trust(q_local, k_local, v_local, cu_seqlens, mode, group, shard_sizes, extra_problem=problem,
+                       need_cu_host=mode == "ring")
     if mode == "allgather_kv":
         out, lse = allgather_kv_attention(q_local, k_local, v_local, cu_seqlens, layout, scale, group, backend)
     else:

@@ -12,9 +12,10 @@ class SequenceParallelAttention(nn.Module):
     """Multi-head self-attention (qkv projection, attention, output projection) on this rank's shard of a
     token sequence; the attention itself sees every token of every rank (``sequence_parallel_attention``).
 
-    forward(x_local [T_r, C], cu_seqlens=None) -> [T_r, C]. ``cu_seqlens``: global boundaries [S + 1] of
-    packed sequences over all ranks' tokens (the same on every rank), or None for one sequence. The weights are
-    replicated: sum their gradients over the group with ``all_reduce_gradients`` after backward.
+    forward(x_local [T_r, C], cu_seqlens=None, shard_sizes=None) -> [T_r, C]. ``cu_seqlens``: global
+    boundaries [S + 1] of packed sequences over all ranks' tokens (the same on every rank), or None for one
+    sequence. ``shard_sizes``: see ``sequence_parallel_attention`` (pass it to skip the per-call exchange).
+    The weights are replicated: sum their gradients over the group with ``all_reduce_gradients`` after backward.
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, *, group=None, mode: str = "allgather_kv",
@@ -28,14 +29,14 @@ class SequenceParallelAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x_local: Tensor, cu_seqlens: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x_local: Tensor, cu_seqlens: Optional[Tensor] = None, shard_sizes=None) -> Tensor:
         if not isinstance(x_local, Tensor) or x_local.dim() != 2:
             raise ValueError(f"x_local: expected a 2-D tensor [T_local, C], got "
                              f"{tuple(x_local.shape) if isinstance(x_local, Tensor) else type(x_local).__name__}")
         t = x_local.shape[0]
         q, k, v = self.qkv(x_local).view(t, 3, self.num_heads, self.head_dim).unbind(1)
         out = sequence_parallel_attention(q, k, v, group=self.group, cu_seqlens=cu_seqlens, mode=self.mode,
-                                          backend=self.backend)
+                                          backend=self.backend, shard_sizes=shard_sizes)
         return self.proj(out.reshape(t, -1))
 
     def extra_repr(self) -> str:

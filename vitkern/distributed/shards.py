@@ -57,4 +57,7 @@ def overlapping_shards(cu_host: Sequence[int], offsets: Sequence[int], rank: int
 
 def dense_cu_seqlens(n: int, device) -> Tensor:
     """Boundaries of a single sequence of ``n`` tokens: ``[0, n]``."""
-    return torch.tensor([0, n], dtype=torch.int64, device=device)
+    # Two fills rather than torch.tensor([0, n]): a host-to-device copy would wait for the queued GPU work.
+    cu = torch.full((2,), n, dtype=torch.int64, device=device)
+    cu[0] = 0
+    return cu

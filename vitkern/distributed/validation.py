@@ -39,8 +39,9 @@ def _shape(x, n=3) -> list[int]:
     return [-1] * n
 
 
-def _local_problem(q, k, v, cu_seqlens, mode) -> Optional[tuple]:
-    """This rank's own argument error as (exception class, message), or None."""
+def _local_problem(q, k, v, cu_seqlens, mode, check_values: bool = True) -> Optional[tuple]:
+    """This rank's own argument error as (exception class, message), or None. ``check_values=False`` skips the
+    checks of cu_seqlens' values (they need a device-to-host copy)."""
     if mode not in _MODES:
         return ValueError, f"mode: expected one of {_MODES}, got {mode!r}"
     for name, x in (("q_local", q), ("k_local", k), ("v_local", v)):
@@ -77,6 +78,8 @@ def _local_problem(q, k, v, cu_seqlens, mode) -> Optional[tuple]:
                                 f"{cu_seqlens.dim()}-D {cu_seqlens.dtype} with {cu_seqlens.numel()} entries")
         if cu_seqlens.device != q.device:
             return ValueError, f"cu_seqlens: expected device {q.device} (q_local's), got {cu_seqlens.device}"
+        if not check_values:
+            return None
         c = cu_seqlens.to(torch.int64)
         if int(c[0]) != 0:
             return ValueError, f"cu_seqlens: expected the first entry to be 0, got {int(c[0])}"
@@ -160,3 +163,37 @@ def _check_table(rows) -> None:
         if row[f["cu_fp1"]:] != first[f["cu_fp1"]:] or row[f["cu_last"]] != first[f["cu_last"]]:
             raise ValueError(f"cu_seqlens: expected the same global boundaries on every rank, but rank {r}'s "
                              f"differ from rank 0's")
+
+
+def trust(q, k, v, cu_seqlens, mode: str, group, shard_sizes, extra_problem: Optional[tuple] = None,
+          need_cu_host: bool = False) -> Layout:
+    """The layout from caller-given shard sizes, without exchanging anything: local checks only.
+
+    A rank whose own arguments are wrong raises here while the others go on into the attention's collectives,
+    where they wait until the process group's timeout: the price of skipping the exchange. The caller promises
+    that every rank passes the same sizes and the same cu_seqlens. cu_seqlens' values are checked only where
+    that needs no device sync (on CPU) or where the host copy is needed anyway (``need_cu_host``, ring mode);
+    on GPUs varlen_attention's device-side checks catch the rest.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    on_cpu = isinstance(q, Tensor) and q.device.type == "cpu"
+    problem = extra_problem or _local_problem(q, k, v, cu_seqlens, mode, check_values=on_cpu or need_cu_host)
+    if problem is None:
+        if (isinstance(shard_sizes, (str, bytes)) or not hasattr(shard_sizes, "__len__")
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shard_sizes)):
+            problem = TypeError, f"shard_sizes: expected a sequence of {world} ints >= 0, got {shard_sizes!r}"
+        elif len(shard_sizes) != world:
+            problem = ValueError, f"shard_sizes: expected {world} entries (one per rank), got {len(shard_sizes)}"
+        elif shard_sizes[rank] != q.shape[0]:
+            problem = ValueError, (f"shard_sizes: entry {rank} (this rank's) is {shard_sizes[rank]}, but q_local "
+                                   f"has {q.shape[0]} tokens")
+    if problem is not None:
+        raise problem[0](problem[1] + f" (on rank {rank})")
+    sizes = [int(s) for s in shard_sizes]
+    cu_host = None
+    if cu_seqlens is not None and (on_cpu or need_cu_host):
+        cu_host = [int(x) for x in cu_seqlens.tolist()]
+        if cu_host[-1] != sum(sizes):
+            raise ValueError(f"cu_seqlens: expected the last entry to be the total token count over all ranks "
+                             f"(sum of shard_sizes = {sum(sizes)}), got {cu_host[-1]} (on rank {rank})")
+    return Layout(rank, world, sizes, cu_host)
