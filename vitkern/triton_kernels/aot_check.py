@@ -1,57 +1,63 @@
-"""Compile every attention kernel for a GPU target without a GPU (ahead of time, to a cubin).
+"""Compile the attention kernels for a GPU target without a GPU (ahead of time, down to a cubin).
 
 Triton's interpreter forgives what a real compile rejects (non-constexpr globals, dtype mismatches in
-tl.where, tl.dot shape limits, shared-memory overruns); this check runs the real compiler pipeline (TTIR ->
-TTGIR -> LLVM -> PTX -> ptxas) for sm_90 by default, on the block sizes config.py picks, and reports each
-variant's shared memory, registers and spills (stack bytes, read from the cubin). Usage (TRITON_INTERPRET must be unset):
+tl.where, tl.dot shape limits, shared-memory overruns, register spills). This check builds the exact launches
+of attention_fwd.forward_launches / attention_bwd.backward_launches on small CPU tensors, specializes their
+arguments the way Triton's launcher does (ints equal to 1 become constants, ints and pointers divisible by 16
+get a divisibility hint, ``do_not_specialize`` respected), and runs the real compiler pipeline (TTIR -> TTGIR
+-> LLVM -> PTX -> ptxas) for sm_90 by default. It reports shared memory, registers and spilled bytes (read
+from the cubin with the cuobjdump Triton ships). Usage (TRITON_INTERPRET must be unset):
 
-    python -m vitkern.triton_kernels.aot_check            # a representative set (a few minutes on 2 cores)
-    python -m vitkern.triton_kernels.aot_check --quick    # one variant per kernel
+    python -m vitkern.triton_kernels.aot_check            # a representative set (minutes on 2 cores)
+    python -m vitkern.triton_kernels.aot_check --quick    # one variant
 """
 from __future__ import annotations
 
 import argparse
-import itertools
+import math
+import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 from . import config
 
-_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-# Largest dynamic shared memory per block on Hopper (227 KiB).
+_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+       torch.uint8: "u8", torch.int8: "i8", torch.int32: "i32", torch.int64: "i64", torch.bool: "u1"}
+# Largest dynamic shared memory per block (227 KiB on Hopper, 163 KiB on A100).
 MAX_SHARED = {90: 232448, 80: 166912}
 
 
-def _signature(kernel, dtype, mask_dtype, constexprs):
-    """Argument types of ``kernel`` as the launchers pass them (pointers by name, ints as i32)."""
-    t = _TL[dtype]
-    ptrs = {"Q": t, "K": t, "V": t, "Out": t, "DOut": t, "DQ": t, "DK": t, "DV": t, "Lse": "fp32", "Lse2": "fp32",
-            "Delta": "fp32", "Mask": mask_dtype, "DMask": "fp32" if mask_dtype == "u8" else mask_dtype,
-            "TileState": "i8", "TileLo": "i32", "TileHi": "i32", "RowLo": "i32", "RowHi": "i32", "ColLo": "i32",
-            "ColHi": "i32", "CuQ": "i32", "CuK": "i32", "BlockSeq": "i32", "BlockStart": "i32"}
-    sig, const = {}, {}
-    for p in kernel.params:
+def specialize(kernel, args, kwargs):
+    """(signature, constexprs, attrs) for ASTSource, as Triton's launcher would derive them from the values."""
+    sig, const, attrs = {}, {}, {}
+    values = list(args) + [kwargs[p.name] for p in kernel.params[len(args):]]
+    for i, (p, x) in enumerate(zip(kernel.params, values)):
         if p.is_constexpr:
-            sig[p.name] = "constexpr"
-            const[p.name] = constexprs[p.name]
-        elif p.name in ptrs:
-            sig[p.name] = "*" + ptrs[p.name]
-        elif p.name in ("scale", "drop_scale"):
+            sig[p.name], const[p.name] = "constexpr", x
+        elif isinstance(x, torch.Tensor):
+            sig[p.name] = "*" + _TL[x.dtype]
+            if x.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(x, bool) or not isinstance(x, (int, float)):
+            raise TypeError(f"{p.name}: unexpected argument {x!r}")
+        elif isinstance(x, float):
             sig[p.name] = "fp32"
+        elif not p.do_not_specialize and x == 1:
+            sig[p.name], const[p.name] = "constexpr", 1
         else:
-            sig[p.name] = "i32"
-    return sig, const
+            sig[p.name] = "i32" if -2**31 <= x < 2**31 else "i64"
+            if not p.do_not_specialize and x % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, const, attrs
 
 
 def _resource_usage(cubin) -> tuple:
-    """(registers, stack bytes) per thread from the cubin, read with the cuobjdump Triton ships (None if absent)."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
+    """(registers, stack bytes) per thread, from the cubin; (None, None) when cuobjdump is not available."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     if cubin is None or not os.path.exists(tool):
@@ -65,83 +71,103 @@ def _resource_usage(cubin) -> tuple:
 
 
 def _variants(quick: bool):
-    """(dtype, head dim, mask kind, causal, varlen, dropout, even)"""
+    """(dtype, head dim, mask kind, causal, varlen, dropout, n): n a tile multiple makes EVEN_M / EVEN_N."""
+    f16, b16, f32 = torch.float16, torch.bfloat16, torch.float32
     if quick:
-        return [(torch.float16, 64, 1, True, False, True, False)]
-    out = [(torch.float16, 64, mk, c, False, dr, ev)
-           for mk, c, dr, ev in [(0, False, False, True), (0, True, False, False), (1, False, False, False),
-                                 (2, True, True, False)]]
-    out += [(torch.float16, 64, 0, c, True, dr, False) for c, dr in [(False, False), (True, True)]]
-    out += [(dt, d, 2, True, False, True, False)
-            for dt, d in itertools.product((torch.bfloat16, torch.float32, torch.float16), (128, 256))]
-    out += [(torch.float32, 64, 0, False, False, False, True), (torch.bfloat16, 80, 1, False, True, False, False)]
+        return [(f16, 64, 0, False, False, False, 256)]
+    out = [(f16, 64, 0, False, False, False, 256), (f16, 64, 0, True, False, False, 197),
+           (f16, 64, 1, False, False, False, 197), (f16, 64, 2, True, False, True, 197),
+           (f16, 64, 0, False, True, False, 197), (f16, 64, 0, True, True, True, 197)]
+    for dt in (f16, b16, f32):
+        for d in (64, 128, 256):
+            out.append((dt, d, 0, False, False, False, 256))
+            out.append((dt, d, 2, True, False, True, 197))
+    out += [(f32, 64, 0, False, False, False, 256), (b16, 96, 1, False, False, False, 197),
+            (b16, 96, 0, True, True, True, 197), (f16, 128, 0, False, True, False, 197),
+            (f32, 256, 2, True, False, True, 197)]
     return out
 
 
+def _launches(dtype, d, mask_kind, causal, varlen, dropout, n):
+    from .attention_bwd import backward_launches
+    from .attention_fwd import forward_launches
+    from ..backends.base import empty_bhnd
+    b, hq, hk = (1, 4, 2) if varlen else (2, 4, 2)
+    q = torch.randn(b, n, hq, d, dtype=dtype).transpose(1, 2)
+    k = torch.randn(b, n, hk, d, dtype=dtype).transpose(1, 2)
+    v = torch.randn(b, n, hk, d, dtype=dtype).transpose(1, 2)
+    mask = None
+    if mask_kind == 1:
+        mask = (torch.rand(n, n) > 0.5).expand(b, hq, n, n)
+    elif mask_kind == 2:
+        mask = torch.randn(n, n, dtype=dtype).expand(b, hq, n, n)
+    cu = torch.tensor([0, n // 3, n], dtype=torch.int32) if varlen else None
+    seed = torch.tensor([1234]) if dropout else None
+    p = 0.1 if dropout else 0.0
+    out = empty_bhnd(b, hq, n, d, q)
+    lse = torch.empty(b, hq, n, dtype=torch.float32)
+    scale = 1 / math.sqrt(d)
+    fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse)
+    grads = (empty_bhnd(b, hq, n, d, q), empty_bhnd(b, hk, n, d, k), empty_bhnd(b, hk, n, d, v),
+             torch.zeros(b, hq, n, n, dtype=dtype) if mask_kind == 2 else q.new_empty(0))
+    bwd = backward_launches(out, q, k, v, out, lse, mask, cu, cu, -1, -1, seed, scale, causal, p, mask_kind == 2,
+                            *grads)
+    return fwd + bwd
+
+
 def check(quick: bool = False, arch: int = 90, verbose: bool = True) -> list[str]:
-    """Compile the variants; returns a list of failures (empty when every variant compiled and fits)."""
+    """Compile the variants; returns the failures (compile errors, shared memory over the limit, spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .attention_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
-    from .attention_fwd import _attention_fwd_kernel
-
     if config.interpreting():
         raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
-    failures = []
-    seen = set()
-    for dtype, d, mk, causal, varlen, dropout, even in _variants(quick):
-        bd = config.padded_head_dim(d)
-        mask_dtype = {0: "fp32", 1: "u8", 2: _TL[dtype]}[mk]
-        precision = config.input_precision(dtype)
-        common = dict(BLOCK_D=bd, BLOCK_DV=bd, MASK_KIND=mk, HAS_SUMMARY=mk != 0, IS_CAUSAL=causal,
-                      IS_VARLEN=varlen, HAS_DROPOUT=dropout, EVEN_M=even, EVEN_N=even, EVEN_D=bd == d,
-                      PRECISION=precision)
-        fcfg, bcfg = config.forward_config(d, d, dtype), config.backward_config(d, d, dtype)
-        jobs = [(_attention_fwd_kernel, fcfg, dict(common, BLOCK_M=fcfg.block_m, BLOCK_N=fcfg.block_n)),
-                (_bwd_preprocess, bcfg, dict(BLOCK_M=bcfg.block_m, BLOCK_DV=bd)),
-                (_bwd_dkdv_kernel, bcfg, dict(common, BLOCK_M=bcfg.block_m, BLOCK_N=bcfg.block_n)),
-                (_bwd_dq_kernel, bcfg, dict(common, BLOCK_M=bcfg.block_m, BLOCK_N=bcfg.block_n, MASK_GRAD=mk == 2))]
-        for kernel, cfg, consts in jobs:
-            sig, const = _signature(kernel, dtype, mask_dtype, consts)
-            key = (kernel.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())),
-                   cfg.num_warps, cfg.num_stages)
+    failures, seen = [], set()
+    for variant in _variants(quick):
+        dtype, d, mk, causal, varlen, dropout, n = variant
+        for kernel, _grid, args, kwargs in _launches(*variant):
+            kw = dict(kwargs)
+            options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
+            sig, const, attrs = specialize(kernel, args, kw)
+            key = (kernel.__name__, str(sig), str(sorted(const.items(), key=str)), str(sorted(attrs)), str(options))
             if key in seen:
                 continue
             seen.add(key)
-            what = (f"{kernel.__name__} {dtype} d={d} mask={mk} causal={causal} varlen={varlen} dropout={dropout} "
-                    f"even={even} blocks={const.get('BLOCK_M')}x{const.get('BLOCK_N')} warps={cfg.num_warps} "
-                    f"stages={cfg.num_stages}")
+            what = (f"{kernel.__name__} {str(dtype)[6:]} d={d} mask={mk} causal={causal} varlen={varlen} "
+                    f"dropout={dropout} n={n} blocks={kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} "
+                    f"warps={options['num_warps']} stages={options['num_stages']}")
             t0 = time.time()
             try:
-                compiled = triton.compile(ASTSource(kernel, sig, const), target=target,
-                                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=options)
             except Exception as e:  # noqa: BLE001  (report every failing variant, not just the first)
-                failures.append(f"{what}: {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
+                msg = str(e).strip().splitlines()
+                failures.append(f"{what}: {type(e).__name__}: {msg[-1] if msg else ''}")
                 if verbose:
-                    print("FAIL", failures[-1], flush=True)
+                    print("FAIL ", failures[-1], flush=True)
                 continue
             shared = compiled.metadata.shared
-            if shared > MAX_SHARED.get(arch, MAX_SHARED[80]):
-                failures.append(f"{what}: needs {shared} bytes of shared memory")
             regs, stack = _resource_usage(compiled.asm.get("cubin"))
+            bad = []
+            if shared > MAX_SHARED.get(arch, MAX_SHARED[80]):
+                bad.append(f"needs {shared} B of shared memory")
             if stack:
-                failures.append(f"{what}: spills ({stack} bytes of stack, {regs} registers)")
+                bad.append(f"spills {stack} B per thread")
+            failures += [f"{what}: {b}" for b in bad]
             if verbose:
-                print(f"{'ok  ' if not stack else 'SPILL'} {what}: shared {shared} B, {regs} regs, stack {stack} B, "
+                print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
                       f"{time.time() - t0:.1f} s", flush=True)
     return failures
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--quick", action="store_true", help="one variant")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
     args = ap.parse_args(argv)
     failures = check(args.quick, args.arch)
-    print(f"{len(failures)} failure(s)")
+    print(f"{len(failures)} problem(s)")
     for f in failures:
         print("  ", f)
     return 1 if failures else 0

@@ -339,7 +339,7 @@ def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, s
     """The kernel launches of the backward, in order: a list of (kernel, grid, args, kwargs)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config.backward_config(D, Dv, q.dtype)
+    cfg = config.backward_config(D, Dv, q.dtype, heavy=mask is not None or dropout_p > 0)
     block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
     bs = config.batch_strides
     lse = lse.contiguous()

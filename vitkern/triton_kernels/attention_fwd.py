@@ -200,7 +200,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
     (attention_forward), aot_check.py compiles them ahead of time with the same arguments."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config.forward_config(D, Dv, q.dtype)
+    cfg = config.forward_config(D, Dv, q.dtype, heavy=mask is not None or dropout_p > 0)
     block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
     varlen = cu_q is not None
     dummy = lse

@@ -57,25 +57,29 @@ def batch_strides(x: torch.Tensor) -> tuple:
     return (0,) + tuple(st[1:]) if x.shape[0] == 1 else tuple(st)
 
 
-def forward_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
+def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> LaunchConfig:
+    """Tiles of the forward kernel. ``heavy``: a mask or dropout is on (more live registers per score).
+
+    Chosen so that no variant spills registers on sm_90 (checked by ``python -m
+    vitkern.triton_kernels.aot_check``); speed is to be tuned on the device."""
     if interpreting():
         return LaunchConfig(16, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
-    wide = dtype == torch.float32     # fp32 tiles take twice the registers / shared memory
+    if dtype == torch.float32:          # "ieee" products run on FMA units: small tiles
+        return LaunchConfig(32, 32, 8, 2) if width <= 64 else LaunchConfig(32, 16, 4, 2) if width <= 128 \
+            else LaunchConfig(16, 16, 8, 2)
     if width <= 64:
-        return LaunchConfig(128, 32 if wide else 64, 4, 3)
+        return LaunchConfig(128, 64, 8, 3)
     if width <= 128:
-        return LaunchConfig(64 if wide else 128, 32 if wide else 64, 8, 3 if not wide else 2)
-    return LaunchConfig(64, 16 if wide else 32, 8, 2)
+        return LaunchConfig(64, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 3)
+    return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(64, 32, 8, 2)
 
 
-def backward_config(d: int, dv: int, dtype: torch.dtype) -> LaunchConfig:
+def backward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> LaunchConfig:
+    """Tiles of the dK/dV and dQ kernels (shared, so one mask summary serves both); see forward_config."""
     if interpreting():
         return LaunchConfig(16, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
-    wide = dtype == torch.float32
-    if width <= 64:
-        return LaunchConfig(64, 64 if not wide else 32, 4, 2)
-    if width <= 128:
-        return LaunchConfig(64 if not wide else 32, 64 if not wide else 32, 8, 2)
-    return LaunchConfig(32 if not wide else 16, 32 if not wide else 16, 8, 1)
+    if dtype == torch.float32:
+        return LaunchConfig(16, 32, 8, 1) if 64 < width <= 128 else LaunchConfig(16, 16, 8, 1)
+    return LaunchConfig(32, 64, 8, 1) if width <= 128 else LaunchConfig(32, 32, 8, 1)
