@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# torch >= 2.13 renamed the flat-buffer collectives; the old names still work (with a FutureWarning) and are
+# Recent torch renamed the flat-buffer collectives; the old names still work (with a FutureWarning) and are
 # the only ones in older releases.
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def comm_device(group, like: Optional[Tensor]) -> torch.device:
@@ -38,12 +38,12 @@ def all_gather_tokens(x: Tensor, sizes: Sequence[int], group) -> Tensor:
     # Flat 1-D buffers: what every backend's flat collective accepts (gloo checks the exact output shape).
     if all(s == longest for s in sizes):
         out = x.new_empty(world * x.numel())
-        _all_gather_flat(out, x.reshape(-1), group=group)
+        all_gather_flat(out, x.reshape(-1), group=group)
         return out.view((longest * world,) + tail)
     padded = x.new_empty((longest,) + tail)
     padded[: x.shape[0]].copy_(x)
     buf = x.new_empty(world * padded.numel())
-    _all_gather_flat(buf, padded.reshape(-1), group=group)
+    all_gather_flat(buf, padded.reshape(-1), group=group)
     buf = buf.view((world, longest) + tail)
     return torch.cat([buf[r, : sizes[r]] for r in range(world)], dim=0)
 
@@ -57,14 +57,14 @@ def reduce_scatter_tokens(full: Tensor, sizes: Sequence[int], rank: int, group) 
     longest = max(sizes)
     out = full.new_empty((longest,) + tail)
     if all(s == longest for s in sizes):
-        _reduce_scatter_flat(out.view(-1), full.view(-1), group=group)
+        reduce_scatter_flat(out.view(-1), full.view(-1), group=group)
         return out
     buf = full.new_zeros((world, longest) + tail)
     start = 0
     for r, s in enumerate(sizes):
         buf[r, :s].copy_(full[start:start + s])
         start += s
-    _reduce_scatter_flat(out.view(-1), buf.view(-1), group=group)
+    reduce_scatter_flat(out.view(-1), buf.view(-1), group=group)
     return out[: sizes[rank]]
 
 

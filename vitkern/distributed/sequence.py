@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .allgather_kv import gather_tokens
-from .collectives import _all_gather_flat as all_gather_flat, comm_device
+from .collectives import all_gather_flat, comm_device
 from .shards import even_shard_sizes, shard_offsets
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .collectives import _all_gather_flat as all_gather_flat, comm_device
+from .collectives import all_gather_flat, comm_device
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MODES = ("allgather_kv", "ring")
