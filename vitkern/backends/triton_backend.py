@@ -31,7 +31,8 @@ class TritonBackend(Backend):
         return torch.cuda.is_available() or _interpreting()
 
     def unavailable_reason(self) -> str:
-        return "the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run CPU tensors in Triton's interpreter)"
+        return ("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run CPU tensors in Triton's "
+                "interpreter)")
 
     def unsupported_reason(self, q, k, v, mask, cu_seqlens_q, dropout_p) -> Optional[str]:
         interp = _interpreting()
@@ -43,6 +44,11 @@ class TritonBackend(Backend):
             return f"dtype must be one of float16, bfloat16, float32, got {q.dtype}"
         if interp and (q.dtype == torch.bfloat16 or (mask is not None and mask.dtype == torch.bfloat16)):
             return "Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic"
+        if (q.device.type == "cuda" and q.dtype == torch.bfloat16 and not interp
+                and torch.cuda.get_device_capability(q.device) < (8, 0)):
+            return "bfloat16 needs a GPU of compute capability 8.0 or newer (Ampere, Hopper)"
+        if mask is not None and cu_seqlens_q is not None:
+            return "a dense mask together with cu_seqlens is not served (the packed layout's mask is implicit)"
         d, dv = q.shape[-1], v.shape[-1]
         if max(d, dv) > MAX_HEAD_DIM:
             return (f"head dims up to {MAX_HEAD_DIM} (a larger tile does not fit a GPU's registers/shared memory), "
