@@ -13,7 +13,8 @@ Canonical layout (the op layer converts both public layouts to it with views, ne
 
 forward  -> out [B, Hq, Nq, Dv] laid out as ``empty_bhnd`` makes it, lse float32 [B, Hq, Nq] (-inf: no key)
 backward -> dq, dk, dv laid out by ``empty_bhnd`` like q, k, v; dmask [B, Hq, Nq, Nk] when mask_grad,
-            else an empty tensor
+            else an empty tensor. It must use the ``out`` and ``lse`` it is given (P = exp(s - lse),
+            delta = rowsum(dout * out)), never recompute them: a caller may pass values merged over calls.
 A query row with no key left gives out = 0, lse = -inf and zero gradients.
 """
 from __future__ import annotations

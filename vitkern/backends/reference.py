@@ -125,7 +125,9 @@ class ReferenceBackend(Backend):
         else:
             pd = p
         dv = torch.matmul(pd.transpose(-1, -2), do)
-        delta = (p * dp).sum(-1, keepdim=True)
+        # delta from the given out (as the fused kernels do), not from P: callers such as the ring mode of
+        # vitkern.distributed pass an out and lse merged over several calls.
+        delta = (do * out.to(cd)).sum(-1, keepdim=True)
         ds = p * (dp - delta)
         dq = torch.matmul(ds, kk) * scale
         dk = torch.matmul(ds.transpose(-1, -2), q.to(cd)) * scale
