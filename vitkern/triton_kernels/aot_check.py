@@ -89,6 +89,7 @@ def _variants(quick: bool):
 
 
 def _launches(dtype, d, mask_kind, causal, varlen, dropout, n):
+    from . import mask_summary
     from .attention_bwd import backward_launches
     from .attention_fwd import forward_launches
     from ..backends.base import empty_bhnd
@@ -107,12 +108,21 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n):
     out = empty_bhnd(b, hq, n, d, q)
     lse = torch.empty(b, hq, n, dtype=torch.float32)
     scale = 1 / math.sqrt(d)
-    fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse)
-    grads = (empty_bhnd(b, hq, n, d, q), empty_bhnd(b, hk, n, d, k), empty_bhnd(b, hk, n, d, v),
-             torch.zeros(b, hq, n, n, dtype=dtype) if mask_kind == 2 else q.new_empty(0))
-    bwd = backward_launches(out, q, k, v, out, lse, mask, cu, cu, -1, -1, seed, scale, causal, p, mask_kind == 2,
-                            *grads)
-    return fwd + bwd
+    summaries = []
+
+    def record(kernel, grid, args, kwargs):   # compile the summary kernel too; call every tile partial
+        args[1].fill_(mask_summary.TILE_PARTIAL)
+        summaries.append((kernel, grid, args, kwargs))
+    mask_summary.launch = record
+    try:
+        fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse)
+        grads = (empty_bhnd(b, hq, n, d, q), empty_bhnd(b, hk, n, d, k), empty_bhnd(b, hk, n, d, v),
+                 torch.zeros(b, hq, n, n, dtype=dtype) if mask_kind == 2 else q.new_empty(0))
+        bwd = backward_launches(out, q, k, v, out, lse, mask, cu, cu, -1, -1, seed, scale, causal, p,
+                                mask_kind == 2, *grads)
+    finally:
+        mask_summary.launch = mask_summary._launch
+    return summaries[:1] + fwd + bwd
 
 
 def check(quick: bool = False, arch: int = 90, verbose: bool = True) -> list[str]:

@@ -1,4 +1,5 @@
-"""Per-tile summary of a dense attention mask, computed on the device with torch ops (no host sync).
+"""Per-tile summary of a dense attention mask, computed on the device (one Triton pass over the mask, then torch
+ops on the small tile grid; no host sync).
 
 A mask reaches the backend as a [B, Hq, Nq, Nk] view whose broadcast dims have stride 0 (a key-padding mask
 [B, 1, 1, Nk], one [Nq, Nk] mask shared by all heads, ...). The summary is computed once on the distinct slice
@@ -19,6 +20,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 TILE_EMPTY, TILE_FULL, TILE_PARTIAL = 0, 1, 2
@@ -38,15 +41,36 @@ def _distinct_slice(mask: Tensor) -> Tensor:
     return mask[idx]
 
 
-def _tiles(x: Tensor, block_m: int, block_n: int, pad_value: bool) -> Tensor:
-    """x bool [b, h, nq, nk] -> bool [b, h, MT, block_m, NT, block_n], padded with pad_value."""
-    b, h, nq, nk = x.shape
-    mt, nt = math.ceil(nq / block_m), math.ceil(nk / block_n)
-    if mt * block_m != nq or nt * block_n != nk:
-        padded = torch.full((b, h, mt * block_m, nt * block_n), pad_value, dtype=torch.bool, device=x.device)
-        padded[:, :, :nq, :nk] = x
-        x = padded
-    return x.reshape(b, h, mt, block_m, nt, block_n)
+@triton.jit
+def _tile_state_kernel(Mask, State, stride_mb, stride_mh, stride_mm, stride_mn,
+                       stride_sb, stride_sh, stride_sm, stride_sn,
+                       num_heads, num_m_tiles, num_n_tiles, n_rows, n_cols,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_BOOL: tl.constexpr):
+    """One program per (slice, tile): reads the tile once and writes its state (0 empty, 1 full, 2 partial)."""
+    pid = tl.program_id(0)
+    nt = pid % num_n_tiles
+    mt = (pid // num_n_tiles) % num_m_tiles
+    bh = pid // (num_n_tiles * num_m_tiles)
+    b = bh // num_heads
+    h = bh % num_heads
+    offs_m = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (offs_m[:, None] < n_rows) & (offs_n[None, :] < n_cols)
+    ptrs = (Mask + b.to(tl.int64) * stride_mb + h.to(tl.int64) * stride_mh
+            + offs_m.to(tl.int64)[:, None] * stride_mm + offs_n.to(tl.int64)[None, :] * stride_mn)
+    if IS_BOOL:
+        x = tl.load(ptrs, mask=inside, other=0)
+        takes_part = (x != 0) & inside
+        neutral = (x != 0) | (inside == 0)
+    else:
+        x = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+        takes_part = (x > float("-inf")) & inside
+        neutral = (x == 0.0) | (inside == 0)
+    any_part = tl.max(tl.max(takes_part.to(tl.int32), 1), 0)
+    all_neutral = tl.min(tl.min(neutral.to(tl.int32), 1), 0)
+    state = tl.where(any_part == 0, 0, tl.where(all_neutral == 1, 1, 2))
+    tl.store(State + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + mt * stride_sm + nt * stride_sn,
+             state.to(tl.int8))
 
 
 def _first_last(any_ok: Tensor, dim: int) -> tuple[Tensor, Tensor]:
@@ -60,23 +84,31 @@ def _first_last(any_ok: Tensor, dim: int) -> tuple[Tensor, Tensor]:
     return lo.to(torch.int32), hi.to(torch.int32)
 
 
+def _launch(kernel, grid, args, kwargs):
+    kernel[grid](*args, **kwargs)
+
+
+# aot_check.py swaps this to compile the launch ahead of time instead of running it.
+launch = _launch
+
+
 def tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
     """mask bool/float [B, Hq, Nq, Nk] (any strides) -> TileSummary of block_m x block_n tiles (see module doc)."""
     B, H, Nq, Nk = mask.shape
     base = _distinct_slice(mask)
-    if mask.dtype == torch.bool:
-        takes_part, neutral = base, base
-    else:
-        takes_part = base > float("-inf")
-        neutral = base == 0
-    any_ok = _tiles(takes_part, block_m, block_n, False).any(5).any(3)
-    all_neutral = _tiles(neutral, block_m, block_n, True).all(5).all(3)
-    state = torch.where(any_ok, torch.where(all_neutral, TILE_FULL, TILE_PARTIAL), TILE_EMPTY).to(torch.int8)
+    if base.dtype == torch.bool:
+        base = base.view(torch.uint8)
+    bs, hs, nq, nk = base.shape
+    mt, nt = math.ceil(nq / block_m), math.ceil(nk / block_n)
+    state = torch.empty(bs, hs, mt, nt, dtype=torch.int8, device=mask.device)
+    if state.numel():
+        launch(_tile_state_kernel, (state.numel(),),
+               (base, state, *base.stride(), *state.stride(), hs, mt, nt, nq, nk),
+               dict(BLOCK_M=block_m, BLOCK_N=block_n, IS_BOOL=mask.dtype == torch.bool, num_warps=4))
     # Tile dims broadcast (a key-padding mask has one row of tiles) are expanded before taking the ranges:
     # every query tile of a key-padding mask must be visited.
     MT, NT = math.ceil(Nq / block_m), math.ceil(Nk / block_n)
-    bs, hs = any_ok.shape[:2]
-    any_ok = any_ok.expand(bs, hs, MT, NT)
+    any_ok = (state != TILE_EMPTY).expand(bs, hs, MT, NT)
     row_lo, row_hi = _first_last(any_ok, 3)
     col_lo, col_hi = _first_last(any_ok, 2)
     return TileSummary(state.expand(B, H, MT, NT), row_lo.expand(B, H, MT), row_hi.expand(B, H, MT),
