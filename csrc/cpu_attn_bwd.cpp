@@ -206,12 +206,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
                                : at::empty({0}, q.options());
   at::Tensor dk_acc = p.dtype == p.compute ? dk : empty_bhnd(p.B, p.Hk, p.Nk, p.D, p.compute);
   at::Tensor dv_acc = p.dtype == p.compute ? dv : empty_bhnd(p.B, p.Hk, p.Nk, p.Dv, p.compute);
-  dk_acc.zero_();  // keys that no query sees keep zero gradients
-  dv_acc.zero_();
+  // Work items write every key row of blocks that have queries; the keys of the other blocks get zeros here.
+  for (int64_t s = 0; s < blocks.count(); ++s) {
+    if (blocks.q[s + 1] > blocks.q[s] || blocks.k[s + 1] == blocks.k[s]) continue;
+    dk_acc.narrow(2, blocks.k[s], blocks.k[s + 1] - blocks.k[s]).zero_();
+    dv_acc.narrow(2, blocks.k[s], blocks.k[s + 1] - blocks.k[s]).zero_();
+  }
 
   int64_t parts = 1;
   const auto items = backward_work(p, blocks, tiles, at::get_num_threads(), &parts);
-  at::Tensor dq_parts = at::zeros({parts, p.B, p.Nq, p.Hq, p.D}, acc_opts);
+  // dQ is accumulated into partial buffers [parts, B, Nq, Hq, D]; with one part and a float32/64 dq, into dq.
+  const bool dq_direct = parts == 1 && p.dtype == p.compute;
+  at::Tensor dq_parts =
+      dq_direct ? dq.transpose(1, 2).unsqueeze(0) : at::empty({parts, p.B, p.Nq, p.Hq, p.D}, acc_opts);
+  dq_parts.zero_();
 
   if (!items.empty()) {
     const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute),
@@ -233,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
     });
   }
   // Fixed summation order over the partial buffers: deterministic.
-  dq.copy_((parts == 1 ? dq_parts[0] : dq_parts.sum(0)).transpose(1, 2));
+  if (!dq_direct) dq.copy_((parts == 1 ? dq_parts[0] : dq_parts.sum(0)).transpose(1, 2));
   if (!dk_acc.is_same(dk)) dk.copy_(dk_acc);
   if (!dv_acc.is_same(dv)) dv.copy_(dv_acc);
   return {dq, dk, dv, dmask};

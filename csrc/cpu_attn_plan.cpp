@@ -38,7 +38,8 @@ int64_t balanced(int64_t n, int64_t cap) {
 }  // namespace
 
 Tiles forward_tiles(const Problem& p, bool masked) {
-  if (masked || p.varlen) return tiles_from_env({64, 128});
+  if (masked) return tiles_from_env({32, 64});
+  if (p.varlen) return tiles_from_env({64, 128});
   // Short sequences: one key tile holds every key (no rescaling at all); long ones: 256 x 512 keeps the BLAS
   // calls large enough to run near peak while a tile still sits in L2.
   const int64_t bm = p.Nq >= 768 ? 256 : (p.Nq >= 192 ? 64 : 32);
@@ -86,7 +87,12 @@ void MaskView::apply_row(T* s, int64_t n, int64_t b, int64_t h, int64_t i, int64
   const T ninf = -std::numeric_limits<T>::infinity();
   switch (dtype) {
     case at::kBool:
-      for (int64_t c = 0; c < n; ++c) s[c] = p[c * step] ? s[c] : ninf;
+      if (step == 1) {
+#pragma omp simd
+        for (int64_t c = 0; c < n; ++c) s[c] = p[c] ? s[c] : ninf;
+      } else {
+        for (int64_t c = 0; c < n; ++c) s[c] = p[c * step] ? s[c] : ninf;
+      }
       break;
     case at::kFloat: add_float_row<T, float>(s, n, p, step); break;
     case at::kDouble: add_float_row<T, double>(s, n, p, step); break;
@@ -101,11 +107,28 @@ template void MaskView::apply_row<double>(double*, int64_t, int64_t, int64_t, in
 namespace {
 
 // Classifies one tile of a mask slice. Rows (columns) that a zero stride makes identical are read once.
+// Bool rows with unit key stride: a byte sum per row says none / some / all allowed (vectorizes).
+uint8_t classify_bool_rows(const char* base, int64_t sq, int64_t rows, int64_t cols) {
+  // torch bools are bytes 0 / 1: an OR and an AND over the tile say whether any / all are allowed.
+  uint8_t any = 0, all = 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(base + r * sq);
+#pragma omp simd reduction(| : any) reduction(& : all)
+    for (int64_t c = 0; c < cols; ++c) {
+      any |= p[c];
+      all &= p[c];
+    }
+    if (any && !all) return kTilePartial;
+  }
+  return all ? kTileClean : (any ? kTilePartial : kTileSkip);
+}
+
 template <typename E>
 uint8_t classify_tile(const char* base, int64_t sq, int64_t sk, int64_t esz, int64_t rows, int64_t cols,
                       bool is_bool) {
   if (sq == 0) rows = 1;
   if (sk == 0) cols = 1;
+  if (is_bool && (sk == 1 || cols == 1)) return classify_bool_rows(base, sq, rows, cols);
   bool any_allowed = false, any_work = false;
   for (int64_t r = 0; r < rows; ++r) {
     const char* p = base + r * sq * esz;
