@@ -86,8 +86,11 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
     const T* acc = o_buf + r * dv;
 #pragma omp simd
     for (int64_t c = 0; c < dv; ++c) o[c] = acc[c] * inv;
-    lse[r] = l > T(0) ? static_cast<float>(m_buf[r] + std::log(l)) : -std::numeric_limits<float>::infinity();
   }
+  // Separate loop: a libm call inside the row loop above would spill its registers on every row.
+  for (int64_t r = 0; r < mq; ++r)
+    lse[r] = l_buf[r] > T(0) ? static_cast<float>(m_buf[r] + std::log(l_buf[r]))
+                             : -std::numeric_limits<float>::infinity();
 }
 
 template <typename T>
