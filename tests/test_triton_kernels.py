@@ -1,7 +1,7 @@
 """Tests of the ``triton`` backend's kernels (vitkern/triton_kernels/), against float64 math.
 
-Without a GPU they run in Triton's interpreter at tiny sizes (16x16 tiles there, so lengths 15/16/17/33 cross
-tile edges):      TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
+Without a GPU they run in Triton's interpreter at tiny sizes (32x16 tiles forward, 16x32 backward there, so
+lengths 15/16/17/31/33 cross tile edges):      TRITON_INTERPRET=1 pytest tests/test_triton_kernels.py
 With a GPU the same tests run compiled, and the ``gpu`` section adds real sizes and bfloat16:
                   pytest tests/test_triton_kernels.py
 The module is skipped unless TRITON_INTERPRET=1 or CUDA is available (the interpreter must be chosen before
@@ -310,7 +310,7 @@ def _seg_pos(cu):
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen(dtype, causal):
-    lq, lk = [0, 1, 15, 17, 16, 0, 5], [3, 1, 17, 15, 16, 2, 0]    # zero lengths, block +-1, Nq != Nk
+    lq, lk = [0, 1, 15, 17, 16, 0, 5, 31], [3, 1, 17, 15, 16, 2, 0, 33]    # zero lengths, block +-1, Nq != Nk
     cu_q, cu_k = _cu(lq), _cu(lk)
     g = torch.Generator().manual_seed(7)
     q = rand(sum(lq), 4, 32, dtype=dtype, gen=g)
@@ -382,6 +382,39 @@ def test_dropout_varlen_uses_packed_token_indices():
     allowed = seg[:, None] == seg[None, :]
     check(lambda q, k, v: _run_op(q, k, v, None, cu, seed, p, False, "triton"),
           lambda q, k, v: math_attention(q, k, v, allowed=allowed, keep=keep, p=p), (q, k, v), "varlen dropout")
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
+def test_everything_at_once(dtype):
+    # GQA + a broadcast float mask that needs a gradient (-inf holes, fully masked rows) + causal + dropout,
+    # Nq != Nk, D != Dv, sizes off the tile grid.
+    b, hq, hk, nq, nk, p = 2, 4, 2, 23, 37, 0.2
+    g = torch.Generator().manual_seed(11)
+    bias = torch.randn(1, hq, nq, nk, generator=g)
+    bias[0, 1, :, 3:30] = -math.inf
+    bias[0, 2, 5] = -math.inf
+    bias = bias.to(DEV, dtype).requires_grad_()
+    q, k, v = qkv(b, hq, nq, nk, 32, 24, hk=hk, dtype=dtype, seed=4)
+    seed = torch.tensor([777])
+    keep = vk_dropout.keep_mask(777, torch.arange(b * hq).view(b, hq, 1, 1), torch.arange(nq).view(-1, 1),
+                                torch.arange(nk).view(1, -1), p).to(DEV)
+
+    def run(q, k, v, m):
+        return attention_fwd(q, k, v, m.expand(b, hq, nq, nk), None, None, seed, -1, -1, 0.3, True, p,
+                             "triton")[0]
+    out = check(run, lambda q, k, v, m: math_attention(q, k, v, mask=m, causal=True, scale=0.3, keep=keep, p=p),
+                (q, k, v, bias), "everything")
+    assert (out[:, 2, 5] == 0).all()
+
+
+def test_fp32_precision_setting(monkeypatch):
+    from vitkern.triton_kernels import config
+    assert config.input_precision(torch.float32) == "ieee" and config.input_precision(torch.float16) is None
+    monkeypatch.setenv("VITKERN_TRITON_FP32_PRECISION", "tf32x3")
+    assert config.input_precision(torch.float32) == "tf32x3"
+    monkeypatch.setenv("VITKERN_TRITON_FP32_PRECISION", "fast")
+    with pytest.raises(ValueError, match="VITKERN_TRITON_FP32_PRECISION"):
+        config.input_precision(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------- input checks

@@ -3,8 +3,8 @@
 Block sizes are a function of (head dim, dtype, interpreter) only, never of sequence lengths, so a packed batch
 with new cu_seqlens or a new total length T reuses the compiled kernels (lengths are also excluded from
 Triton's integer specialization, see ``do_not_specialize`` in the kernels). The GPU table is a first guess for
-Hopper (H100/H200) to be tuned on the device; the interpreter uses 16x16 tiles so that tiny test shapes still
-cross tile boundaries.
+Hopper (H100/H200) to be tuned on the device; the interpreter uses 32x16 tiles forward and 16x32 backward, so
+that tiny test shapes still cross tile boundaries and code that mixes up BLOCK_M and BLOCK_N fails there.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
     Chosen so that no variant spills registers on sm_90 (checked by ``python -m
     vitkern.triton_kernels.aot_check``); speed is to be tuned on the device."""
     if interpreting():
-        return LaunchConfig(16, 16, 1, 1)
+        return LaunchConfig(32, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
     if dtype == torch.float32:          # "ieee" products run on FMA units: small tiles
         return LaunchConfig(32, 32, 8, 2) if width <= 64 else LaunchConfig(32, 16, 4, 2) if width <= 128 \
@@ -78,7 +78,7 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
 def backward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> LaunchConfig:
     """Tiles of the dK/dV and dQ kernels (shared, so one mask summary serves both); see forward_config."""
     if interpreting():
-        return LaunchConfig(16, 16, 1, 1)
+        return LaunchConfig(16, 32, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
     if dtype == torch.float32:
         return LaunchConfig(16, 32, 8, 1) if 64 < width <= 128 else LaunchConfig(16, 16, 8, 1)
