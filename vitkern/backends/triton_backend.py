@@ -44,8 +44,9 @@ class TritonBackend(Backend):
             return f"dtype must be one of float16, bfloat16, float32, got {q.dtype}"
         if interp and (q.dtype == torch.bfloat16 or (mask is not None and mask.dtype == torch.bfloat16)):
             return "Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic"
+        # (Skipped while torch.compile traces: a device query there would break the graph.)
         if (q.device.type == "cuda" and q.dtype == torch.bfloat16 and not interp
-                and torch.cuda.get_device_capability(q.device) < (8, 0)):
+                and not torch.compiler.is_compiling() and torch.cuda.get_device_capability(q.device) < (8, 0)):
             return "bfloat16 needs a GPU of compute capability 8.0 or newer (Ampere, Hopper)"
         if mask is not None and cu_seqlens_q is not None:
             return "a dense mask together with cu_seqlens is not served (the packed layout's mask is implicit)"
