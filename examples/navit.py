@@ -33,6 +33,9 @@ class NaViT(nn.Module):
         self.attn_pool = AttentionPool(dim, num_heads, backend=backend) if pool == "attn" else None
         self.head = nn.Linear(dim, num_classes)
         init_weights(self)
+        # Unit-scale patch embeddings (raw pixels in, unlike a conv stem): at std 0.02 they start far below the
+        # position embeddings and training on small data is markedly slower.
+        nn.init.normal_(self.patch_embed.weight, std=self.patch_embed.in_features ** -0.5)
 
     def pack(self, images: Sequence[Tensor]) -> PackedBatch:
         drop = self.token_drop if self.training and self.token_drop else None

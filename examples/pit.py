@@ -32,6 +32,9 @@ class PiT(nn.Module):
         self.encoder = Encoder(dim, depth, num_heads, mlp_ratio, drop=drop, backend=backend)
         self.head = nn.Linear(dim, num_classes)
         init_weights(self)
+        # A token is one pixel (a scalar per channel): at the ViT init (std 0.02) its embedding would be drowned
+        # by the unit-scale sin-cos positions and training stalls at chance, so start it at unit scale too.
+        nn.init.normal_(self.pixel_embed.weight, std=1.0)
 
     def forward(self, images: Tensor) -> Tensor:
         x = self.pixel_embed(images.flatten(2).transpose(1, 2)) + self.pos_embed     # [B, H·W, D]

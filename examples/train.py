@@ -1,7 +1,7 @@
 """Train an example model on scikit-learn's digits on the CPU, print test accuracy, save a loss curve.
 
     python examples/train.py --model vit            # or navit, pit, cct, all
-    python examples/train.py --model navit --epochs 30 --backend reference
+    python examples/train.py --model navit --epochs 10 --backend reference
 
 NaViT trains on the digits resized to mixed native resolutions (8-16 px per side, varying aspect ratios),
 packed with token dropping; the others on the 8×8 originals.
@@ -44,7 +44,7 @@ def _forward(model, name, x, idx):
     return model([x[i] for i in idx.tolist()]) if name == "navit" else model(x[idx])
 
 
-def train(name: str, epochs: int = 30, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
+def train(name: str, epochs: int = 20, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
           backend=None, out_dir: str = "examples/out", progress: bool = True, limit: int = 0) -> dict:
     """Trains model ``name``; returns {"model", "test_accuracy", "seconds", "losses", "plot"}."""
     from tqdm import tqdm
@@ -108,7 +108,7 @@ def _plot(losses, name: str, out_dir: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS) + ["all"], default="all")
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
