@@ -7,6 +7,8 @@ One file per kernel family:
     mask_summary.py    per-tile summary of a dense mask (torch ops on device), so empty tiles are skipped
     varlen_map.py      program -> (sequence, block) map for packed batches, built on device without a sync
     config.py          block sizes and launch parameters
+    aot_check.py       compiles every kernel variant for sm_90 without a GPU; reports shared memory and spills
+    bench.py           GPU benchmark against torch SDPA (dense, ViT, NaViT packed, PiT 50k tokens)
 
 Importing this package defines the kernels: set ``TRITON_INTERPRET=1`` before importing it to run them on CPU
 tensors with Triton's interpreter.

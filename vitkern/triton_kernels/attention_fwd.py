@@ -11,11 +11,15 @@ Features
   with VITKERN_TRITON_FP32_PRECISION, see config.py);
 - head dims 1..256 padded to a power of two >= 16 with masked loads; Dv may differ from D;
 - dropout with vitkern/dropout.py's counter-based hash (bit-exact), the same keep-mask regenerated backward;
-- a row with no key gives out = 0 and lse = -inf; exp2 on (s - max) * log2(e), exact at large logits.
+- a row with no key gives out = 0 and lse = -inf; exp2 on (s - max) * log2(e), exact at large logits;
+- the key loop is split: interior tiles (left of the diagonal, inside the sequence) run without causal or bounds
+  checks, only the last / diagonal tiles pay for them; causal grids start with the longest rows.
 Limits
 - head dims > 256 are not served (register/shared-memory budget); float64 is not served;
 - the mask summary is recomputed for each call (forward and backward); a mask is assumed not to change between
-  the forward and the backward.
+  the forward and the backward;
+- pointer tiles, not TMA descriptors / block pointers (portable across Triton versions, costs registers);
+  block sizes (config.py) are a spill-free first guess, not yet timed on a GPU.
 """
 import torch
 import triton
