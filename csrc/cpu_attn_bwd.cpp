@@ -158,6 +158,7 @@ template <typename T>
 void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items) {
   std::atomic<int64_t> next{0};
   run_on_threads([&](int64_t) {
+    const BlasSingleThreadScope one_blas_thread;
     const int64_t tile = a.tiles.bm * a.tiles.ld();
     std::vector<T> p_buf(tile), dp_buf(tile), pd_buf(a.dropout.active ? tile : 0), dk_acc(a.tiles.bn * a.p->D),
         dv_acc(a.tiles.bn * a.p->Dv);

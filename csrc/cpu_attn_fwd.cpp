@@ -97,6 +97,7 @@ template <typename T>
 void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items) {
   std::atomic<int64_t> next{0};
   run_on_threads([&](int64_t) {
+    const BlasSingleThreadScope one_blas_thread;
     std::vector<T> s_buf(a.tiles.bm * a.tiles.ld()), o_buf(a.tiles.bm * a.p->Dv), m_buf(a.tiles.bm),
         l_buf(a.tiles.bm);
     for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))

@@ -28,13 +28,17 @@ void* find_symbol(const char* name) {
   return dlsym(RTLD_DEFAULT, name);
 }
 
+using set_threads_local_fn = int (*)(int);
+
 struct Blas {
   sgemm_fn sgemm = nullptr;
   dgemm_fn dgemm = nullptr;
+  set_threads_local_fn mkl_threads_local = nullptr;  // MKL only; returns the previous setting
   Blas() {
     if (const char* off = std::getenv("VITKERN_CPU_NO_BLAS"); off && off[0] == '1') return;
     sgemm = reinterpret_cast<sgemm_fn>(find_symbol("sgemm_"));
     dgemm = reinterpret_cast<dgemm_fn>(find_symbol("dgemm_"));
+    mkl_threads_local = reinterpret_cast<set_threads_local_fn>(find_symbol("MKL_Set_Num_Threads_Local"));
   }
 };
 
@@ -86,6 +90,15 @@ void loops(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_si, i
 }  // namespace
 
 bool have_blas() { return blas().sgemm != nullptr && blas().dgemm != nullptr; }
+
+BlasSingleThreadScope::BlasSingleThreadScope() {
+  if (blas().mkl_threads_local) previous_ = blas().mkl_threads_local(1);
+}
+
+BlasSingleThreadScope::~BlasSingleThreadScope() {
+  // 0 restores "use the global setting", which is what a thread that never set a local value had.
+  if (blas().mkl_threads_local && previous_ >= 0) blas().mkl_threads_local(previous_);
+}
 
 template <typename T>
 void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,

@@ -25,4 +25,17 @@ void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, 
 // Whether the products run on a real BLAS (false: the slow fallback loops).
 bool have_blas();
 
+// Keeps the BLAS single-threaded on the calling thread while alive: the kernels already run one tile per thread,
+// and a BLAS that opens its own nested team on top of that oversubscribes the cores (MKL does for larger tiles).
+class BlasSingleThreadScope {
+ public:
+  BlasSingleThreadScope();
+  ~BlasSingleThreadScope();
+  BlasSingleThreadScope(const BlasSingleThreadScope&) = delete;
+  BlasSingleThreadScope& operator=(const BlasSingleThreadScope&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
 }  // namespace vitkern_cpu
