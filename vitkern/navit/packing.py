@@ -119,9 +119,18 @@ def greedy_pack(lengths: Sequence[int], max_tokens: int, sort: bool = False) -> 
     return bins
 
 
-def _patchify(img: Tensor, p: int) -> Tensor:
-    c, h, w = img.shape
-    return img.reshape(c, h // p, p, w // p, p).permute(1, 3, 0, 2, 4).reshape((h // p) * (w // p), c * p * p)
+def _patchify_into(images: Sequence[Tensor], order: list[int], lengths: list[int], p: int) -> Tensor:
+    """[T, C·p·p] patches of images[order[0]], images[order[1]], ... written straight into one buffer (one copy
+    per pixel, where patchify-then-cat would make two)."""
+    c = images[0].shape[0]
+    out = images[0].new_empty(sum(lengths), c * p * p)
+    start = 0
+    for i, n in zip(order, lengths):
+        _, h, w = images[i].shape
+        out[start:start + n].view(h // p, w // p, c, p, p).copy_(
+            images[i].reshape(c, h // p, p, w // p, p).permute(1, 3, 0, 2, 4))
+        start += n
+    return out
 
 
 def _grid_positions(grid_sizes: Tensor, lengths: Tensor) -> Tensor:
@@ -152,7 +161,7 @@ def pack_images(images: Sequence[Tensor], patch_size: int, max_tokens: int, *, d
     sequence_cu = lengths_to_cu_seqlens([len(b) for b in bins], dtype=torch.int64)
     grid_sizes = torch.tensor(grids, dtype=torch.int64)[order]
     full_packed = full[order]
-    patches = torch.cat([_patchify(images[i], patch_size) for i in order.tolist()], dim=0)
+    patches = _patchify_into(images, order.tolist(), full_packed.tolist(), patch_size)
     positions = _grid_positions(grid_sizes, full_packed)
     image_ids = order.repeat_interleave(full_packed)
     lengths = full_packed
