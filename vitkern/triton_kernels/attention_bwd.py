@@ -8,6 +8,8 @@ With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout appli
 - ``_bwd_dkdv_kernel``: one program per (key tile, key/value head) walks the query tiles of every query head of
   its group (GQA sums in registers), so dK/dV are written once: deterministic;
 - ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles; it also writes dMask.
+Each kernel has its own tiles (config.backward_configs: a wide resident tile and a narrow loop tile, as in the
+Triton tutorial), hence its own program map and mask summary.
 Features and limits are those of attention_fwd.py (varlen map, mask summary ranges, causal, dropout
 bit-exact with the forward). The two-kernel split recomputes Q K^T and dO V^T once more than an atomic-add
 dQ would; it buys a deterministic result without a workspace.
@@ -334,59 +336,76 @@ def _bwd_dq_kernel(
                dq.to(DQ.dtype.element_ty), offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
 
 
+def _tiling(cfg, resident_keys, mask, cu_q, cu_k, Nq, Nk, max_q, max_k, dummy):
+    """What one backward kernel needs for its tiles: the program map along its resident axis (keys for dK/dV,
+    queries for dQ), EVEN flags, and the mask summary (state, and the loop range of each resident tile)."""
+    varlen = cu_q is not None
+    cu, total, block, hint = (cu_k, Nk, cfg.block_n, max_k) if resident_keys else (cu_q, Nq, cfg.block_m, max_q)
+    if varlen:
+        seq, start, num_blocks = varlen_map.block_map(cu, total, block, hint)
+        even_m = even_n = False
+    else:
+        seq = start = dummy
+        num_blocks = triton.cdiv(total, block)
+        even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
+    summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
+    if summary is not None:
+        lo, hi = (summary.col_lo, summary.col_hi) if resident_keys else (summary.row_lo, summary.row_hi)
+        st, t_strides, r_strides = summary.state, summary.state.stride(), lo.stride()
+    else:
+        st = lo = hi = dummy
+        t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
+    flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_SUMMARY=summary is not None, EVEN_M=even_m,
+                 EVEN_N=even_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return seq, start, num_blocks, st, lo, hi, t_strides, r_strides, flags
+
+
 def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
                      mask_grad, dq, dk, dv, dmask):
     """The kernel launches of the backward, in order: a list of (kernel, grid, args, kwargs)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config.backward_config(D, Dv, q.dtype, heavy=mask is not None or dropout_p > 0)
+    kv_cfg, q_cfg = config.backward_configs(D, Dv, q.dtype,
+                                           heavy=mask is not None or dropout_p > 0 or cu_q is not None)
     block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
     bs = config.batch_strides
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
-    launches = [(_bwd_preprocess, (triton.cdiv(Nq, cfg.block_m) * B * Hq,),
+    launches = [(_bwd_preprocess, (triton.cdiv(Nq, q_cfg.block_m) * B * Hq,),
                  (out, dout, lse, delta, lse2, *bs(out), *bs(dout), Hq, Nq, Dv),
-                 dict(BLOCK_M=cfg.block_m, BLOCK_DV=block_dv))]
+                 dict(BLOCK_M=q_cfg.block_m, BLOCK_DV=block_dv))]
 
-    varlen = cu_q is not None
     dummy = lse2
-    if varlen:
-        m_seq, m_start, num_m_blocks = varlen_map.block_map(cu_q, Nq, cfg.block_m, max_q)
-        n_seq, n_start, num_n_blocks = varlen_map.block_map(cu_k, Nk, cfg.block_n, max_k)
-        even_m = even_n = False
+    if cu_q is None:
+        cu_q = cu_k = dummy
+        varlen = False
     else:
-        m_seq = m_start = n_seq = n_start = cu_q = cu_k = dummy
-        num_m_blocks, num_n_blocks = triton.cdiv(Nq, cfg.block_m), triton.cdiv(Nk, cfg.block_n)
-        even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
-    summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
+        varlen = True
     mk = mask_for_kernel(mask) if mask is not None else dummy
     m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    if summary is not None:
-        st = summary.state
-        t_strides = st.stride()
-        lo_r, hi_r, lo_c, hi_c = summary.row_lo, summary.row_hi, summary.col_lo, summary.col_hi
-        r_strides, c_strides = lo_r.stride(), lo_c.stride()
-    else:
-        st = lo_r = hi_r = lo_c = hi_c = dummy
-        t_strides, r_strides, c_strides = (0, 0, 0, 0), (0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
-    flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-                 MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
-                 IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
-                 EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype),
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    launches.append((_bwd_dkdv_kernel, (num_n_blocks * B * Hk,),
-                     (q, k, v, dout, lse2, delta, dk, dv, mk, st, lo_c, hi_c, cu_q, cu_k, n_seq, n_start,
-                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dk), *bs(dv), *m_strides, *t_strides, *c_strides,
-                      Hq, Hk, Hq // Hk, num_n_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale), flags))
+    common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=mask_kind(mask), IS_CAUSAL=bool(is_causal),
+                  IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_D=(D == block_d and Dv == block_dv),
+                  PRECISION=config.input_precision(q.dtype))
+    cu = (cu_q, cu_k) if varlen else (None, None)
+
+    seq, start, n_blocks, st, lo, hi, t_str, r_str, flags = _tiling(kv_cfg, True, mask, *cu, Nq, Nk, max_q, max_k,
+                                                                    dummy)
+    launches.append((_bwd_dkdv_kernel, (n_blocks * B * Hk,),
+                     (q, k, v, dout, lse2, delta, dk, dv, mk, st, lo, hi, cu_q, cu_k, seq, start,
+                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dk), *bs(dv), *m_strides, *t_str, *r_str,
+                      Hq, Hk, Hq // Hk, n_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale), dict(common, **flags)))
+
+    seq, start, m_blocks, st, lo, hi, t_str, r_str, flags = _tiling(q_cfg, False, mask, *cu, Nq, Nk, max_q, max_k,
+                                                                    dummy)
     dm = dmask if mask_grad else dummy
     g_strides = dmask.stride() if mask_grad else (0, 0, 0, 0)
-    launches.append((_bwd_dq_kernel, (num_m_blocks * B * Hq,),
-                     (q, k, v, dout, lse2, delta, dq, dm, mk, st, lo_r, hi_r, cu_q, cu_k, m_seq, m_start,
-                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dq), *m_strides, *g_strides, *t_strides, *r_strides,
-                      Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale),
-                     dict(flags, MASK_GRAD=bool(mask_grad))))
+    launches.append((_bwd_dq_kernel, (m_blocks * B * Hq,),
+                     (q, k, v, dout, lse2, delta, dq, dm, mk, st, lo, hi, cu_q, cu_k, seq, start,
+                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dq), *m_strides, *g_strides, *t_str, *r_str,
+                      Hq, Hq // Hk, m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale),
+                     dict(common, MASK_GRAD=bool(mask_grad), **flags)))
     return launches
 
 

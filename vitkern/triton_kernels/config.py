@@ -75,11 +75,19 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
     return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(64, 32, 8, 2)
 
 
-def backward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> LaunchConfig:
-    """Tiles of the dK/dV and dQ kernels (shared, so one mask summary serves both); see forward_config."""
+def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> tuple:
+    """(dK/dV kernel tiles, dQ kernel tiles). Each kernel keeps a wide tile resident (keys for dK/dV, queries
+    for dQ) and loops over narrow tiles of the other side; see forward_config. ``heavy`` here also covers
+    varlen (its bounds checks cost registers in the dK/dV kernel)."""
     if interpreting():
-        return LaunchConfig(16, 32, 1, 1)
+        return LaunchConfig(16, 32, 1, 1), LaunchConfig(32, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
     if dtype == torch.float32:
-        return LaunchConfig(16, 32, 8, 1) if 64 < width <= 128 else LaunchConfig(16, 16, 8, 1)
-    return LaunchConfig(32, 64, 8, 1) if width <= 128 else LaunchConfig(32, 32, 8, 1)
+        cfg = LaunchConfig(16, 32, 8, 1) if 64 < width <= 128 else LaunchConfig(16, 16, 8, 1)
+        return cfg, cfg
+    if width <= 128:
+        kv = LaunchConfig(32, 64, 8, 1) if heavy else LaunchConfig(32, 128, 8, 2 if width <= 64 else 1)
+        return kv, LaunchConfig(128, 32, 8, 2)
+    if heavy:
+        return LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 32, 8, 1)
+    return LaunchConfig(16, 64, 8, 1), LaunchConfig(64, 16, 8, 2)
