@@ -167,10 +167,6 @@ void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items) 
   });
 }
 
-at::Tensor empty_bhnd(int64_t b, int64_t h, int64_t n, int64_t d, at::ScalarType dt) {
-  return at::empty({b, n, h, d}, at::TensorOptions().dtype(dt)).transpose(1, 2);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(

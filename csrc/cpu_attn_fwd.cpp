@@ -105,10 +105,6 @@ void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items) {
   });
 }
 
-at::Tensor empty_bhnd(int64_t b, int64_t h, int64_t n, int64_t d, at::ScalarType dt) {
-  return at::empty({b, n, h, d}, at::TensorOptions().dtype(dt)).transpose(1, 2);
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

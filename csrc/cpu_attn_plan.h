@@ -27,6 +27,11 @@ Strided<T> strided(const at::Tensor& t) {
   return {t.data_ptr<std::remove_const_t<T>>(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
+// An uninitialized [b, h, n, d] tensor stored as [b, n, h, d]: the output layout of backends/base.py empty_bhnd.
+inline at::Tensor empty_bhnd(int64_t b, int64_t h, int64_t n, int64_t d, at::ScalarType dt) {
+  return at::empty({b, n, h, d}, at::TensorOptions().dtype(dt)).transpose(1, 2);
+}
+
 // The tensor as a BLAS operand in the compute dtype: unit stride along the last dim and a row stride of at
 // least the row length. Already-fitting float32/float64 tensors are used in place (no copy).
 at::Tensor gemm_operand(const at::Tensor& t, at::ScalarType compute);
