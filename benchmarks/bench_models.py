@@ -93,26 +93,40 @@ def _to(batch, device):
     return batch.to(device)
 
 
-def time_step(model, batch, device: str, repeats: int, warmup: int, amp: bool) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    n = len(batch) if isinstance(batch, list) else batch.shape[0]
-    target = torch.randint(0, 10, (n,), device=device)
-    times = []
-    for i in range(warmup + repeats):
-        if device == "cuda":
+class _Stepper:
+    """One training step (forward, cross-entropy, backward, AdamW) of ``model`` on ``batch``, timed."""
+
+    def __init__(self, model, batch, device: str, amp: bool):
+        self.model, self.batch, self.device, self.amp = model.train(), batch, device, amp
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        n = len(batch) if isinstance(batch, list) else batch.shape[0]
+        self.target = torch.randint(0, 10, (n,), device=device)
+
+    def __call__(self) -> float:
+        if self.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            logits = model(batch)
-        loss = F.cross_entropy(logits.float()[:, :10], target)
-        opt.zero_grad(set_to_none=True)
+        with torch.autocast(self.device, dtype=torch.bfloat16, enabled=self.amp):
+            logits = self.model(self.batch)
+        loss = F.cross_entropy(logits.float()[:, :10], self.target)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        if device == "cuda":
+        self.opt.step()
+        if self.device == "cuda":
             torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+        return time.perf_counter() - t0
+
+
+def time_pair(steppers: dict, repeats: int, warmup: int) -> dict:
+    """Median seconds per step of each stepper, their steps interleaved so that load from other processes on a
+    shared machine hits both alike."""
+    times = {k: [] for k in steppers}
+    for i in range(warmup + repeats):
+        for k, step in steppers.items():
+            t = step()
+            if i >= warmup:
+                times[k].append(t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -138,9 +152,10 @@ def main(argv=None) -> int:
         ours_model.load_state_dict(base_model.state_dict())
         row = {"cell": cell["name"], "tokens": cell["tokens"],
                "batch": len(batch) if isinstance(batch, list) else batch.shape[0]}
-        for label, model in (("torch", base_model), ("vitkern", ours_model)):
-            times = time_step(model.train(), batch, device, repeats, warmup, amp)
-            row[f"{label}_ms"] = 1000 * statistics.median(times)
+        medians = time_pair({"torch": _Stepper(base_model, batch, device, amp),
+                             "vitkern": _Stepper(ours_model, batch, device, amp)}, repeats, warmup)
+        for label, sec in medians.items():
+            row[f"{label}_ms"] = 1000 * sec
         row["speedup"] = row["torch_ms"] / row["vitkern_ms"]
         if cell.get("packed"):
             pack_times = []
@@ -182,7 +197,7 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Training step, with and without vitkern ({meta['date']})", "",
              f"Device: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, vitkern backends "
              f"{meta['vitkern_backends']}, 1-min load average at the end {meta['load_avg_1m']}, median of "
-             f"{meta['repeats']} steps" + (", bf16 autocast" if meta["amp_bf16"] else ", fp32") + ".", "",
+             f"{meta['repeats']} steps (the two variants' steps interleaved)" + (", bf16 autocast" if meta["amp_bf16"] else ", fp32") + ".", "",
              "| model | batch | torch SDPA (ms) | vitkern (ms) | speed-up |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['batch']} | {r['torch_ms']:.1f} | {r['vitkern_ms']:.1f} | "
