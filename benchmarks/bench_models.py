@@ -1,7 +1,7 @@
 """End-to-end cell: one training step (forward, backward, optimizer) of each example model and of a timm
 ViT-B/16, with vitkern and without (torch SDPA), median wall time.
 
-    python benchmarks/bench_models.py                 # CPU: small batches, about 2 minutes on 2 cores
+    python benchmarks/bench_models.py                 # CPU: small batches, about 3 minutes on 2 cores
     python benchmarks/bench_models.py --quick         # smoke run, seconds
     python benchmarks/bench_models.py --device cuda   # larger batches, bf16 autocast
 
