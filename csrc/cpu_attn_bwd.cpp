@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
     const at::Tensor& lse, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
     const std::optional<at::Tensor>& cu_k, double scale, bool is_causal, double dropout_p, int64_t seed,
     bool mask_grad) {
-  const Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
+  Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
   const std::vector<int64_t> o_shape{p.B, p.Hq, p.Nq, p.Dv};
   TORCH_CHECK(dout.dim() == 4 && dout.sizes() == at::IntArrayRef(o_shape), "dout: expected shape ",
               at::IntArrayRef(o_shape), ", got ", dout.sizes());
@@ -192,8 +192,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
   TORCH_CHECK(!mask_grad || (has_mask && mask->is_floating_point()),
               "mask_grad: needs a floating mask, got ", has_mask ? c10::toString(mask->scalar_type()) : "none");
 
-  const SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
-  const Tiles tiles = backward_tiles(p, has_mask);
+  SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
+  MaskView mv = MaskView::of(mask);
+  if (auto diag = block_diagonal_blocks(mv, p.B, p.Hq, p.Nq, p.Nk)) {  // dense NaViT mask: run as varlen
+    blocks = std::move(*diag);
+    mv = MaskView();
+    p.varlen = true;
+  }
+  const Tiles tiles = backward_tiles(p, mv.kind != MaskView::kNone);
   const at::TensorOptions acc_opts = at::TensorOptions().dtype(p.compute);
 
   at::Tensor dq = empty_bhnd(p.B, p.Hq, p.Nq, p.D, p.dtype);
@@ -223,7 +229,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
                      vc = gemm_operand(v, p.compute), doc = gemm_operand(dout, p.compute);
     const at::Tensor delta = (dout.to(p.compute) * out.to(p.compute)).sum(-1).contiguous();
     const at::Tensor lse_c = lse.contiguous();
-    const MaskView mv = MaskView::of(mask);
     const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
     AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_bwd", [&] {
       const at::Tensor part0 = dq_parts[0].transpose(1, 2);  // [B, Hq, Nq, D] view of one part

@@ -112,16 +112,21 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& cu_q,
                                                  const std::optional<at::Tensor>& cu_k, double scale,
                                                  bool is_causal, double dropout_p, int64_t seed) {
-  const Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
-  const SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
-  const Tiles tiles = forward_tiles(p, mask.has_value() && mask->defined());
+  Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
+  SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
+  MaskView mv = MaskView::of(mask);
+  if (auto diag = block_diagonal_blocks(mv, p.B, p.Hq, p.Nq, p.Nk)) {  // dense NaViT mask: run as varlen
+    blocks = std::move(*diag);
+    mv = MaskView();
+    p.varlen = true;
+  }
+  const Tiles tiles = forward_tiles(p, mv.kind != MaskView::kNone);
 
   at::Tensor out = empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.dtype);
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, at::TensorOptions().dtype(at::kFloat));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   at::Tensor out_acc = p.dtype == p.compute ? out : empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.compute);
   const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute), vc = gemm_operand(v, p.compute);
-  const MaskView mv = MaskView::of(mask);
   const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
   const auto items = forward_work(p, blocks, tiles);
 

@@ -211,6 +211,46 @@ MaskSummary summarize_mask(const MaskView& m, int64_t B, int64_t H, int64_t nq, 
 
 namespace {
 
+// Whether all n bytes equal v (0 or 1; torch bools are bytes 0 / 1).
+bool bytes_all(const uint8_t* p, int64_t n, uint8_t v) {
+  uint8_t any = 0, all = 1;
+#pragma omp simd reduction(| : any) reduction(& : all)
+  for (int64_t c = 0; c < n; ++c) {
+    any |= p[c];
+    all &= p[c];
+  }
+  return v ? all == 1 : any == 0;
+}
+
+}  // namespace
+
+std::optional<SeqBlocks> block_diagonal_blocks(const MaskView& m, int64_t B, int64_t H, int64_t nq, int64_t nk) {
+  if (m.kind != MaskView::kBool || nq != nk || nq == 0 || m.sk != 1 || (B > 1 && m.sb != 0) ||
+      (H > 1 && m.sh != 0))
+    return std::nullopt;
+  const int64_t n = nq;
+  const auto row = [&](int64_t i) { return reinterpret_cast<const uint8_t*>(m.data) + i * m.sq; };
+  SeqBlocks blocks;
+  blocks.q.push_back(0);
+  for (int64_t s = 0; s < n;) {
+    // The block starting at row s ends where that row's run of allowed keys from column s ends.
+    const uint8_t* first = row(s);
+    int64_t e = s;
+    while (e < n && first[e] == 1) ++e;
+    if (e == s) return std::nullopt;
+    for (int64_t i = s; i < e; ++i) {
+      const uint8_t* r = row(i);
+      if (!bytes_all(r, s, 0) || !bytes_all(r + s, e - s, 1) || !bytes_all(r + e, n - e, 0)) return std::nullopt;
+    }
+    blocks.q.push_back(e);
+    s = e;
+  }
+  blocks.k = blocks.q;
+  return blocks;
+}
+
+namespace {
+
 std::vector<int64_t> read_cu(const at::Tensor& cu, const char* name, int64_t total) {
   TORCH_CHECK(cu.dim() == 1 && (cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong),
               name, ": expected a 1-D int32/int64 tensor, got ", cu.dim(), "-D ", cu.scalar_type());

@@ -86,6 +86,12 @@ struct SeqBlocks {
 SeqBlocks read_blocks(const std::optional<at::Tensor>& cu_q, const std::optional<at::Tensor>& cu_k, int64_t nq,
                       int64_t nk);
 
+// A bool mask that is the same for every batch and head and is block-diagonal with square blocks tiling [0, N)
+// (a packed NaViT batch given as a dense mask) is served as varlen blocks: no mask reads, no partial tiles.
+// Returns the blocks, or nothing (then the tile summary serves). Scans the mask once, stopping at the first
+// row that breaks the pattern.
+std::optional<SeqBlocks> block_diagonal_blocks(const MaskView& m, int64_t B, int64_t H, int64_t nq, int64_t nk);
+
 // Checked sizes and options common to forward and backward.
 struct Problem {
   int64_t B, Hq, Hk, Nq, Nk, D, Dv;

@@ -178,6 +178,36 @@ def test_key_padding_mask_skips_tiles_but_stays_exact():
     assert torch.count_nonzero(grads[1][:, :, n_real:]) == 0 and torch.count_nonzero(grads[2][:, :, n_real:]) == 0
 
 
+def block_diagonal_mask(lengths):
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return seg[:, None] == seg[None, :]
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("broken", [False, True])
+def test_dense_block_diagonal_mask(is_causal, broken):
+    # A packed NaViT batch as a dense bool mask is served as varlen blocks; one flipped entry must fall back to
+    # the tile summary. Both must equal float64 math, causal included (top-left inside each square block is the
+    # same as the global diagonal there).
+    lengths = [1, 63, 64, 65, 7, 129, 30]
+    n = sum(lengths)
+    mask = block_diagonal_mask(lengths).view(1, 1, n, n).clone()
+    if broken:
+        mask[0, 0, 70, 3] = True
+    check_against_truth(rand(2, 3, n, 48), rand(2, 3, n, 48), rand(2, 3, n, 40), mask=mask, is_causal=is_causal)
+
+
+def test_dense_block_diagonal_mask_matches_varlen_bit_for_bit():
+    lengths = [5, 100, 1, 77]
+    n = sum(lengths)
+    q, k, v = rand(1, 2, n, 32), rand(1, 2, n, 32), rand(1, 2, n, 32)
+    mask = block_diagonal_mask(lengths).view(1, 1, n, n).expand(1, 2, n, n)
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    dense = OPS.flash_fwd(q, k, v, mask, None, None, 0.2, True, 0.3, 5)
+    packed = OPS.flash_fwd(q, k, v, None, cu, cu, 0.2, True, 0.3, 5)
+    assert torch.equal(dense[0], packed[0]) and torch.equal(dense[1], packed[1])
+
+
 # ------------------------------------------------------------------------------------------------ varlen
 
 def varlen_truth(q, k, v, cu_q, cu_k, dout, is_causal):
