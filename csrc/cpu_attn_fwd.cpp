@@ -43,7 +43,7 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
 
   fill_row(m_buf, mq, ninf);
   fill_row(l_buf, mq, T(0));
-  fill_row(o_buf, mq * dv, T(0));
+  bool o_live = false;  // the accumulator is written by the first visited tile's product (beta = 0)
 
   for (int64_t j0 = w.k_lo; j0 < w.k_hi; j0 += bn) {
     const int64_t nb = std::min(bn, w.k_hi - j0);
@@ -71,11 +71,13 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
       const T sum = exp_shift_sum(s, nb, m_new);
       l_buf[r] = l_buf[r] * alpha + sum;
       m_buf[r] = m_new;
-      if (alpha != T(1)) scale_row(o_buf + r * dv, dv, alpha);
+      if (o_live && alpha != T(1)) scale_row(o_buf + r * dv, dv, alpha);
       if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
     }
-    gemm_nn<T>(mq, dv, nb, T(1), s_buf, ld, vp, a.v.sn, T(1), o_buf, dv);
+    gemm_nn<T>(mq, dv, nb, T(1), s_buf, ld, vp, a.v.sn, T(o_live ? 1 : 0), o_buf, dv);
+    o_live = true;
   }
+  if (!o_live) fill_row(o_buf, mq * dv, T(0));  // no key tile at all: rows are empty
 
   const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
   float* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
