@@ -192,13 +192,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
   TORCH_CHECK(!mask_grad || (has_mask && mask->is_floating_point()),
               "mask_grad: needs a floating mask, got ", has_mask ? c10::toString(mask->scalar_type()) : "none");
 
-  SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
-  MaskView mv = MaskView::of(mask);
-  if (auto diag = block_diagonal_blocks(mv, p.B, p.Hq, p.Nq, p.Nk)) {  // dense NaViT mask: run as varlen
-    blocks = std::move(*diag);
-    mv = MaskView();
-    p.varlen = true;
-  }
+  VisitPlan plan = plan_visits(p, mask, cu_q, cu_k);
+  const SeqBlocks& blocks = plan.blocks;
+  const MaskView& mv = plan.mask;
   const Tiles tiles = backward_tiles(p, mv.kind != MaskView::kNone);
   const at::TensorOptions acc_opts = at::TensorOptions().dtype(p.compute);
 

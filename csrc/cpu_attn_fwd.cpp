@@ -115,13 +115,9 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
                                                  const std::optional<at::Tensor>& cu_k, double scale,
                                                  bool is_causal, double dropout_p, int64_t seed) {
   Problem p = check_problem(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p, seed);
-  SeqBlocks blocks = read_blocks(cu_q, cu_k, p.Nq, p.Nk);
-  MaskView mv = MaskView::of(mask);
-  if (auto diag = block_diagonal_blocks(mv, p.B, p.Hq, p.Nq, p.Nk)) {  // dense NaViT mask: run as varlen
-    blocks = std::move(*diag);
-    mv = MaskView();
-    p.varlen = true;
-  }
+  VisitPlan plan = plan_visits(p, mask, cu_q, cu_k);
+  const SeqBlocks& blocks = plan.blocks;
+  const MaskView& mv = plan.mask;
   const Tiles tiles = forward_tiles(p, mv.kind != MaskView::kNone);
 
   at::Tensor out = empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.dtype);

@@ -346,4 +346,15 @@ void run_on_threads(const std::function<void(int64_t)>& body) {
   });
 }
 
+VisitPlan plan_visits(Problem& p, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+                      const std::optional<at::Tensor>& cu_k) {
+  VisitPlan plan{read_blocks(cu_q, cu_k, p.Nq, p.Nk), MaskView::of(mask)};
+  if (auto diag = block_diagonal_blocks(plan.mask, p.B, p.Hq, p.Nq, p.Nk)) {  // dense NaViT mask: run as varlen
+    plan.blocks = std::move(*diag);
+    plan.mask = MaskView();
+    p.varlen = true;
+  }
+  return plan;
+}
+
 }  // namespace vitkern_cpu

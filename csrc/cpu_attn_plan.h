@@ -107,6 +107,15 @@ Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       const std::optional<at::Tensor>& cu_k, double scale, bool is_causal, double dropout_p,
                       int64_t seed);
 
+// The blocks a call visits and the mask it still has to read: varlen blocks from cu_seqlens (dense: one block),
+// or, for a dense block-diagonal bool mask, that mask's blocks with no mask left (p.varlen is then set).
+struct VisitPlan {
+  SeqBlocks blocks;
+  MaskView mask;
+};
+VisitPlan plan_visits(Problem& p, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
+                      const std::optional<at::Tensor>& cu_k);
+
 // Runs body(thread_index) on every worker thread; work inside is taken from a shared atomic counter so uneven
 // items (varlen, causal, skipped tiles) balance. Results never depend on which thread took which item.
 void run_on_threads(const std::function<void(int64_t)>& body);
