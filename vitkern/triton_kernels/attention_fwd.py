@@ -27,7 +27,8 @@ import triton.language as tl
 
 from . import config, varlen_map
 from .mask_summary import tile_summary
-from .tile_ops import LN2, LOG2E, dropout_keep, load_rows, mask_scores, store_rows
+from .tile_ops import (LN2, LOG2E, dropout_keep, load_rows, mask_scores, query_block_of_program,
+                       store_rows)
 
 
 @triton.jit
@@ -86,29 +87,9 @@ def _attention_fwd_kernel(
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    # A 1-D grid (axis 0 allows 2**31 programs; axes 1-2 only 65535): consecutive programs are the query
-    # blocks of one head, so that head's K/V stay in L2.
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    if IS_CAUSAL and not IS_VARLEN:
-        pid_m = num_m_blocks - 1 - pid_m      # longest rows first: better tail balance
-    pid_bh = pid // num_m_blocks
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    hk = h // groups
-    if IS_VARLEN:
-        seq = tl.load(BlockSeq + pid_m)
-        m_start = tl.load(BlockStart + pid_m)
-        q_start = tl.load(CuQ + seq).to(tl.int64)
-        q_len = (tl.load(CuQ + seq + 1) - q_start).to(tl.int32)
-        k_start = tl.load(CuK + seq).to(tl.int64)
-        k_len = (tl.load(CuK + seq + 1) - k_start).to(tl.int32)
-    else:
-        m_start = pid_m * BLOCK_M
-        q_start = 0
-        k_start = 0
-        q_len = seq_len_q
-        k_len = seq_len_k
+    b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
+        tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
+        BLOCK_M, IS_CAUSAL, IS_VARLEN)
 
     offs_m = m_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)

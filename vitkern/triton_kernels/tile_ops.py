@@ -114,3 +114,37 @@ def dropout_keep(seed, bh, rows, cols, threshold):
     r = _mix32(a ^ rows.to(tl.uint32))
     u = _mix32(r[:, None] + cols.to(tl.uint32)[None, :] * _COL_MUL)
     return u >= thr_u
+
+
+@triton.jit
+def query_block_of_program(pid, num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q,
+                           seq_len_k, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The query block program ``pid`` of a 1-D grid owns:
+    (b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len), pid_m indexing the block (or the varlen
+    map's entry) and pid_bh = b * num_heads + h.
+
+    Consecutive programs are the query blocks of one head, so that head's K/V stay in L2. Varlen programs read
+    their (sequence, block) from the device-side map of varlen_map.py; q_start/k_start are then the sequence's
+    first token and m_start the block's first row within it.
+    """
+    pid_m = pid % num_m_blocks
+    if IS_CAUSAL and not IS_VARLEN:
+        pid_m = num_m_blocks - 1 - pid_m      # longest rows first: better tail balance
+    pid_bh = pid // num_m_blocks
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    hk = h // groups
+    if IS_VARLEN:
+        seq = tl.load(BlockSeq + pid_m)
+        m_start = tl.load(BlockStart + pid_m)
+        q_start = tl.load(CuQ + seq).to(tl.int64)
+        q_len = (tl.load(CuQ + seq + 1) - q_start).to(tl.int32)
+        k_start = tl.load(CuK + seq).to(tl.int64)
+        k_len = (tl.load(CuK + seq + 1) - k_start).to(tl.int32)
+    else:
+        m_start = pid_m * BLOCK_M
+        q_start = 0
+        k_start = 0
+        q_len = seq_len_q
+        k_len = seq_len_k
+    return b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len
