@@ -100,7 +100,12 @@ def test_auto_selection_falls_back_when_fused_cannot_serve():
     assert torch.equal(out, ref)
 
 
-def test_available_backends_lists_reference():
+def test_available_backends_match_this_install():
+    import importlib.util
     names = vitkern.available_backends()
     assert "reference" in names
-    assert (("triton" in names) == (INTERPRETING or torch.cuda.is_available())) or "triton" not in names
+    assert ("cpu" in names) == vitkern._ext.HAS_C
+    if importlib.util.find_spec("triton") is not None:
+        assert ("triton" in names) == (INTERPRETING or torch.cuda.is_available())
+    else:
+        assert "triton" not in names
