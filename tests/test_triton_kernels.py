@@ -15,6 +15,8 @@ import os
 import pytest
 import torch
 
+import truth
+
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not INTERPRETING and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
@@ -50,31 +52,15 @@ def qkv(b, hq, nq, nk, d, dv=None, hk=None, dtype=torch.float32, seed=0):
 
 
 def math_attention(q, k, v, mask=None, causal=False, scale=None, keep=None, p=0.0, allowed=None):
-    """Plain attention in q's dtype: q [B, Hq, Nq, D], k/v [B, Hk, Nk, *]; bool/float mask broadcastable to
-    the scores; ``allowed`` an extra bool mask; ``keep`` a dropout keep-mask. Rows with no key give 0."""
-    g = q.shape[1] // k.shape[1]
-    if g > 1:
-        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = q @ k.transpose(-1, -2) * scale
-    ok = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device)
-    if causal:
-        ok = ok.tril()
+    """tests/truth.py's attention in q's dtype, with ``allowed`` (an extra bool mask) folded into ``mask``:
+    q [B, Hq, Nq, D], k/v [B, Hk, Nk, *]; ``keep`` a dropout keep-mask. Rows with no key give 0."""
     if allowed is not None:
-        ok = ok & allowed
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            ok = ok & mask
+        if mask is None or mask.dtype == torch.bool:
+            mask = allowed if mask is None else mask & allowed
         else:
-            s = s + mask.to(s.dtype)
-    s = s.masked_fill(~ok, -math.inf)
-    m = s.amax(-1, keepdim=True).detach()
-    e = torch.exp(s - torch.where(torch.isfinite(m), m, 0))
-    den = e.sum(-1, keepdim=True)
-    pr = e / torch.where(den > 0, den, 1)
-    if keep is not None:
-        pr = pr * keep / (1 - p)
-    return pr @ v
+            mask = mask.masked_fill(~allowed, -math.inf)
+    return truth.attention(q, k, v, mask, is_causal=causal, scale=scale, enable_gqa=True, keep=keep,
+                           dropout_p=p, upcast=False)
 
 
 def grads_of(out, leaves, dout):
