@@ -42,11 +42,15 @@ int64_t round_up16(int64_t n) { return (n + 15) / 16 * 16; }
 Tiles forward_tiles(const Problem& p, bool masked) {
   if (masked) return tiles_from_env({32, 64});
   if (p.varlen) return tiles_from_env({64, 128});
-  // Short sequences: one key tile holds every key (no rescaling at all); long ones: 256 x 512 keeps the BLAS
-  // calls large enough to run near peak while a tile still sits in L2.
-  const int64_t bm = p.Nq >= 768 ? 256 : (p.Nq >= 192 ? 64 : 32);
-  // Key tiles a multiple of 16 (the BLAS panels and the vector loops have no ragged tails): 784 -> 400 + 384.
-  return tiles_from_env({balanced(p.Nq, bm), round_up16(balanced(p.Nk, 512))});
+  // Unmasked: big tiles. A short sequence is one tile per head (every key in one BLAS call, no rescaling, K
+  // packed once); a long one 256 x 1024, which keeps the BLAS calls near peak while the score tile (1 MB) still
+  // sits in L2. Smaller query tiles only when there are too few (batch, head, tile) items to keep every
+  // thread busy. Measured on a 2-core AVX-512 Xeon: N = 197 runs 10% faster as 1 x 197 than as 4 x 50.
+  const int64_t heads = p.B * p.Hq, want = 4 * at::get_num_threads();
+  int64_t bm = balanced(p.Nq, 256);
+  while (bm > 32 && heads * ((p.Nq + bm - 1) / bm) < want) bm = balanced(p.Nq, bm / 2);
+  // Key tiles a multiple of 16 (the BLAS panels and the vector loops have no ragged tails): 784 -> 784.
+  return tiles_from_env({bm, round_up16(balanced(p.Nk, 1024))});
 }
 
 Tiles backward_tiles(const Problem& p, bool masked) {

@@ -1,11 +1,16 @@
 // Row operations of the online softmax, written as simple loops the compiler vectorizes (AVX-512/AVX2 under
-// -march=native): max, exp-and-sum, scaling. exp is a Cephes-style polynomial (about 1 ulp) that returns exactly
-// 0 for masked (-inf) scores, so masked keys contribute nothing, not 1e-38.
+// -march=native): max, exp-and-sum, scaling; the float exp loops have an AVX-512 version (exp16) where the build
+// has it. exp is a Cephes-style polynomial (about 1 ulp) that returns exactly 0 for masked (-inf) scores, so
+// masked keys contribute nothing, not 1e-38.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace vitkern_cpu {
 
@@ -61,6 +66,61 @@ inline void exp_shift(T* x, int64_t n, T shift) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] = exp_poly(x[i] - shift);
 }
+
+#if defined(__AVX512F__)
+// 16 lanes of exp(x) for the softmax, where x = score - row max <= 0 or -inf: exp_poly's reduction and polynomial,
+// with the 2^n scaling as one vscalefps. Lanes below -87.3 (-inf included) are zeroed by the write mask rather
+// than left to underflow: an underflowing result costs a microcode assist of ~100 cycles on Intel cores, and a
+// masked tile has many such lanes. NaN propagates (unordered compares keep the lane; max/min return x).
+inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  x = _mm512_max_ps(_mm512_set1_ps(-87.33654f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(88.37626f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, f), f, _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+template <>
+inline float exp_shift_sum<float>(float* x, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+    _mm512_storeu_ps(x + i, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), tail, x + i);
+    const __m512 e = exp16(_mm512_sub_ps(v, sh));  // the -inf lanes give 0: nothing added
+    _mm512_mask_storeu_ps(x + i, tail, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+template <>
+inline void exp_shift<float>(float* x, int64_t n, float shift) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(x + i, exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh)));
+  if (i < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(x + i, tail, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + i), sh)));
+  }
+}
+#endif
 
 template <typename T>
 inline void scale_row(T* x, int64_t n, T a) {

@@ -83,9 +83,43 @@ def check_against_truth(q, k, v, mask=None, is_causal=False, enable_gqa=False, a
     (1, 2, 300, 785, 96, 80),
     (1, 1, 129, 65, 1, 3),
     (1, 2, 65, 70, 256, 256),
+    # Enough (batch, head) items that the unmasked forward takes whole-sequence tiles (bm = Nq, bn >= Nk) ...
+    (4, 3, 197, 197, 64, 64),
+    (1, 8, 785, 785, 80, 80),
+    # ... and key tiles of 1024-class width over a long sequence (2100 = 704 + 704 + 692).
+    (1, 8, 2100, 2100, 32, 32),
 ])
 def test_dense_matches_float64(b, h, nq, nk, d, dv):
     check_against_truth(rand(b, h, nq, d), rand(b, h, nk, d), rand(b, h, nk, dv))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax_weights_are_float_exact(masked):
+    """The probabilities themselves, to a few ulp: D = 1 with q = 1 makes the scores exactly k (scale 1), and
+    V = identity makes out = softmax(scores). Catches an exp or a row sum a few ulp off, which the output
+    tests above (outputs mix many weights) would let through. Scores span [-30, 8] on a 1/64 grid, so that
+    score - max is exact in float and what is left is the exp, the row sum and the division; the mask (partial
+    tiles, many -inf lanes) and scores 100 below the row max exercise the zeroed lanes."""
+    nk = 197
+    g = torch.Generator().manual_seed(5)
+    scores = (torch.round((torch.rand(3, 40, nk, generator=g, dtype=torch.float64) * 38 - 30) * 64) / 64).float()
+    scores[:, 5, :7] -= 100.0
+    q = torch.ones(3, 1, 40, 1)
+    k = scores.unsqueeze(-1)                                   # [3, 40, 197, 1]: one key set per query row
+    q, k = q.transpose(1, 2), k                                 # q [3, 40, 1, 1] -> rows are heads
+    v = torch.eye(nk).expand(3, 40, nk, nk)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 40, 1, nk, generator=g) < 0.5
+        mask[..., 0] = True
+    out = vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, backend="cpu")
+    s64 = scores.double().unsqueeze(2)
+    if masked:
+        s64 = s64.masked_fill(~mask, -math.inf)
+    want = torch.softmax(s64, dim=-1)
+    # Four float ulp (2^-21 relative) per weight: about one for exp, one for the sum of 197 terms, two for the
+    # reciprocal and the product; plus float's smallest normal for the flushed ones.
+    torch.testing.assert_close(out.double(), want, rtol=2.0 ** -21, atol=2.0 ** -126)
 
 
 @pytest.mark.parametrize("nq,nk", [(197, 197), (130, 300), (300, 130)])
