@@ -28,20 +28,20 @@ Tiles tiles_from_env(Tiles fallback) {
   TORCH_CHECK(false, "VITKERN_CPU_TILES: expected 'BMxBN' with both in [1, 4096], got '", env, "'");
 }
 
-// The largest tile of at most `cap` that splits n into equal parts (197 -> 4 x 50, not 3 x 64 + 5).
+}  // namespace
+
+int64_t round_up16(int64_t n) { return (n + 15) / 16 * 16; }
+
 int64_t balanced(int64_t n, int64_t cap) {
   if (n <= 0) return cap;
   const int64_t parts = (n + cap - 1) / cap;
   return (n + parts - 1) / parts;
 }
 
-}  // namespace
-
-int64_t round_up16(int64_t n) { return (n + 15) / 16 * 16; }
-
 Tiles forward_tiles(const Problem& p, bool masked) {
   if (masked) return tiles_from_env({32, 64});
-  if (p.varlen) return tiles_from_env({64, 128});
+  // Varlen blocks are split into equal query tiles of at most 256 (forward_work); the key tile only caps.
+  if (p.varlen) return tiles_from_env({256, 512});
   // Unmasked: big tiles. A short sequence is one tile per head (every key in one BLAS call, no rescaling, K
   // packed once); a long one 256 x 1024, which keeps the BLAS calls near peak while the score tile (1 MB) still
   // sits in L2. Smaller query tiles only when there are too few (batch, head, tile) items to keep every
@@ -54,7 +54,8 @@ Tiles forward_tiles(const Problem& p, bool masked) {
 }
 
 Tiles backward_tiles(const Problem& p, bool masked) {
-  if (masked || p.varlen) return tiles_from_env({64, 64});
+  if (masked) return tiles_from_env({64, 64});
+  if (p.varlen) return tiles_from_env({128, 128});
   return tiles_from_env({balanced(p.Nq, 128), round_up16(balanced(p.Nk, 128))});
 }
 

@@ -46,6 +46,8 @@ struct Tiles {
 // tiles, so skipping is finer. Declared after Problem below.
 struct Problem;
 Tiles forward_tiles(const Problem& p, bool masked);
+// The largest tile of at most `cap` that splits n into equal parts (197 -> 4 x 50, not 3 x 64 + 5).
+int64_t balanced(int64_t n, int64_t cap);
 Tiles backward_tiles(const Problem& p, bool masked);
 
 // A dense mask, read element by element only in tiles its summary marks partial.

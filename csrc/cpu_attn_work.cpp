@@ -19,13 +19,16 @@ std::vector<QueryTile> forward_work(const Problem& p, const SeqBlocks& blocks, T
   for (int64_t s = 0; s < blocks.count(); ++s) {
     const int64_t qs = blocks.q[s], qe = blocks.q[s + 1], ks = blocks.k[s], ke = blocks.k[s + 1];
     const int64_t shift = ks - qs;  // causal inside a block: key - ks <= query - qs
+    // A varlen block gets equal query tiles (864 -> 4 x 216, not 3 x 256 + 96). Dense inputs keep t.bm: the
+    // mask summary's tile grid is built on it.
+    const int64_t bm = p.varlen ? balanced(qe - qs, t.bm) : t.bm;
     for (int64_t b = 0; b < p.B; ++b)
       for (int64_t h = 0; h < p.Hq; ++h)
-        for (int64_t q0 = qs; q0 < qe; q0 += t.bm) {
-          const int64_t q1 = std::min(qe, q0 + t.bm);
+        for (int64_t q0 = qs; q0 < qe; q0 += bm) {
+          const int64_t q1 = std::min(qe, q0 + bm);
           int64_t k_hi = ke;
           if (p.causal) k_hi = std::max(ks, std::min(ke, q1 + shift));  // last query q1-1 sees keys < q1+shift
-          items.push_back({b, h, q0, q1, ks, k_hi, shift, (q0 - qs) / t.bm});
+          items.push_back({b, h, q0, q1, ks, k_hi, shift, (q0 - qs) / bm});
         }
   }
   if (p.causal || p.varlen)

@@ -90,6 +90,8 @@ def test_navit_packs_are_full_and_reproducible():
     assert sum(case.segments()) == case.tokens
     assert case.useful_pairs() == sum(n * n for p in case.packs for n in p)
     assert 0 < case.describe()["useful_fraction"] < 0.5
+    small = workloads.build("navit-small", "cpu")[0]  # the anchors' setting: ~3% of the pairs inside an image
+    assert 0.02 < small.describe()["useful_fraction"] < 0.05 and len(small.packs[0]) > 30
 
 
 def test_useful_flops_count_unmasked_pairs_only():

@@ -262,6 +262,9 @@ def varlen_truth(q, k, v, cu_q, cu_k, dout, is_causal):
 @pytest.mark.parametrize("lengths_q,lengths_k", [
     ([0, 1, 63, 64, 65, 0, 127, 129, 5], None),
     ([3, 70, 0, 1], [5, 60, 4, 0]),  # different key lengths; a sequence with queries but no keys
+    # Across the default (untuned-by-env) tiles: query tiles of <= 256 split evenly per block, key tiles of 512.
+    ([300, 513, 1, 257], None),
+    ([600, 7], [1030, 520]),
 ])
 def test_varlen_matches_float64(lengths_q, lengths_k, is_causal):
     lengths_k = lengths_k or lengths_q
