@@ -59,8 +59,7 @@ void store_mask_grad_row(const MaskView& m, char* dst, const T* ds, int64_t n) {
 }
 
 template <typename T>
-void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_buf, T* pd_buf, T* dk_acc,
-                   T* dv_acc) {
+void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_buf, T* pd_buf) {
   const Problem& p = *a.p;
   const int64_t bm = a.tiles.bm, bn = a.tiles.bn, ld = a.tiles.ld(), d = p.D, dv = p.Dv, groups = p.Hq / p.Hk;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -70,8 +69,11 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
     const int64_t nb = std::min(bn, w.k1 - j0);
     const T* kp = a.k.row(w.b, w.hk, j0);
     const T* vp = a.v.row(w.b, w.hk, j0);
-    fill_row(dk_acc, nb * d, T(0));
-    fill_row(dv_acc, nb * dv, T(0));
+    // dK and dV rows of this key tile are accumulated in place (the BLAS writes them at their row stride): the
+    // first visited query tile overwrites (beta = 0), the rest add.
+    T* dk_rows = a.dk.row(w.b, w.hk, j0);
+    T* dv_rows = a.dv.row(w.b, w.hk, j0);
+    bool live = false;
     // Queries that see at least key j0: causal keeps i + shift >= j0. Query tiles stay on the block's grid.
     int64_t first_q = w.q_lo;
     if (p.causal) first_q = std::max(w.q_lo, j0 - w.causal_shift);
@@ -127,7 +129,8 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
           }
           pd = pd_buf;
         }
-        gemm_tn<T>(nb, dv, mq, T(1), pd, ld, dop, a.dout.sn, T(1), dv_acc, dv);
+        const T beta = T(live ? 1 : 0);
+        gemm_tn<T>(nb, dv, mq, T(1), pd, ld, dop, a.dout.sn, beta, dv_rows, a.dv.sn);
 
         for (int64_t r = 0; r < mq; ++r) {  // dS = P * (dP - delta), written over dP
           T* ds = dp_buf + r * ld;
@@ -140,16 +143,17 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
             store_mask_grad_row(a.mask, dst, ds, nb);
           }
         }
-        gemm_tn<T>(nb, d, mq, scale, dp_buf, ld, qp, a.q.sn, T(1), dk_acc, d);
+        gemm_tn<T>(nb, d, mq, scale, dp_buf, ld, qp, a.q.sn, beta, dk_rows, a.dk.sn);
+        live = true;
         T* dqp = dq_part + w.b * a.dq_in_part.sb + h * a.dq_in_part.sh + i0 * a.dq_in_part.sn;
         gemm_nn<T>(mq, d, nb, scale, dp_buf, ld, kp, a.k.sn, T(1), dqp, a.dq_in_part.sn);
       }
     }
-    for (int64_t c = 0; c < nb; ++c) {
-      T* dkr = a.dk.row(w.b, w.hk, j0 + c);
-      T* dvr = a.dv.row(w.b, w.hk, j0 + c);
-      std::copy(dk_acc + c * d, dk_acc + (c + 1) * d, dkr);
-      std::copy(dv_acc + c * dv, dv_acc + (c + 1) * dv, dvr);
+    if (!live) {  // no query reached these keys (masked out, causal, empty rows): zero gradients
+      for (int64_t c = 0; c < nb; ++c) {
+        fill_row(dk_rows + c * a.dk.sn, d, T(0));
+        fill_row(dv_rows + c * a.dv.sn, dv, T(0));
+      }
     }
   }
 }
@@ -160,10 +164,9 @@ void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items) 
   run_on_threads([&](int64_t) {
     const BlasSingleThreadScope one_blas_thread;
     const int64_t tile = a.tiles.bm * a.tiles.ld();
-    std::vector<T> p_buf(tile), dp_buf(tile), pd_buf(a.dropout.active ? tile : 0), dk_acc(a.tiles.bn * a.p->D),
-        dv_acc(a.tiles.bn * a.p->Dv);
+    std::vector<T> p_buf(tile), dp_buf(tile), pd_buf(a.dropout.active ? tile : 0);
     for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
-      backward_keys<T>(a, items[idx], p_buf.data(), dp_buf.data(), pd_buf.data(), dk_acc.data(), dv_acc.data());
+      backward_keys<T>(a, items[idx], p_buf.data(), dp_buf.data(), pd_buf.data());
   });
 }
 
