@@ -365,7 +365,7 @@ class Vitkern(Peer):
         self.backend = backend
         self.name = f"vitkern-{backend}"
         self.dense_work = backend == "reference"
-        self.compiles = backend == "triton"  # JIT and autotuning on the first call of each shape
+        self.compiles = backend == "triton"  # JIT per kernel variant, autotuning once per key (not per shape)
         api = "varlen_attention (cu_seqlens)" if packed else "scaled_dot_product_attention"
         self.description = f"vitkern.{api}, backend={backend!r}"
 

@@ -6,7 +6,8 @@ One file per kernel family:
     tile_ops.py        @triton.jit helpers shared by both (tile loads, masking, counter-based dropout)
     mask_summary.py    per-tile summary of a dense mask (torch ops on device), so empty tiles are skipped
     varlen_map.py      program -> (sequence, block) map for packed batches, built on device without a sync
-    config.py          block sizes and launch parameters
+    config.py          block sizes and launch parameters: the static table and the autotuner's candidates
+    autotune.py        times the candidates once per key (never sequence lengths), caches the fastest
     aot_check.py       compiles every kernel variant for sm_90 without a GPU; reports shared memory and spills
     bench.py           GPU benchmark against torch SDPA (dense, ViT, NaViT packed, PiT 50k tokens)
 

@@ -6,14 +6,17 @@ of attention_fwd.forward_launches / attention_bwd.backward_launches on small CPU
 arguments the way Triton's launcher does (ints equal to 1 become constants, ints and pointers divisible by 16
 get a divisibility hint, ``do_not_specialize`` respected), and runs the real compiler pipeline (TTIR -> TTGIR
 -> LLVM -> PTX -> ptxas) for sm_90 by default. It reports shared memory, registers and spilled bytes (read
-from the cubin with the cuobjdump Triton ships). Usage (TRITON_INTERPRET must be unset):
+from the cubin with the cuobjdump Triton ships). Every autotuning candidate (config.candidates) is compiled,
+not only the static table's tiles. Usage (TRITON_INTERPRET must be unset):
 
-    python -m vitkern.triton_kernels.aot_check            # a representative set (minutes on 2 cores)
-    python -m vitkern.triton_kernels.aot_check --quick    # one variant
+    python -m vitkern.triton_kernels.aot_check            # a representative set x every candidate (minutes)
+    python -m vitkern.triton_kernels.aot_check --static   # the representative set, static table only
+    python -m vitkern.triton_kernels.aot_check --quick    # one variant, static table only
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import re
@@ -88,7 +91,16 @@ def _variants(quick: bool):
     return out
 
 
-def _launches(dtype, d, mask_kind, causal, varlen, dropout, n):
+def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n) -> list:
+    """(fwd, dK/dV, dQ) configs to compile for one variant: the i-th candidate of each kernel together (None:
+    that kernel has fewer candidates, its table entry stands in and is compiled once)."""
+    heavy_fwd = mask_kind != 0 or dropout
+    lists = [config.candidates(kernel, d, d, dtype, heavy_fwd if kernel == "fwd" else heavy_fwd or varlen)
+             for kernel in config.KERNELS]
+    return list(itertools.zip_longest(*lists))
+
+
+def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None, None)):
     from . import mask_summary
     from .attention_bwd import backward_launches
     from .attention_fwd import forward_launches
@@ -115,18 +127,19 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n):
         summaries.append((kernel, grid, args, kwargs))
     mask_summary.launch = record
     try:
-        fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse)
+        fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse, cfgs[0])
         grads = (empty_bhnd(b, hq, n, d, q), empty_bhnd(b, hk, n, d, k), empty_bhnd(b, hk, n, d, v),
                  torch.zeros(b, hq, n, n, dtype=dtype) if mask_kind == 2 else q.new_empty(0))
         bwd = backward_launches(out, q, k, v, out, lse, mask, cu, cu, -1, -1, seed, scale, causal, p,
-                                mask_kind == 2, *grads)
+                                mask_kind == 2, *grads, kv_cfg=cfgs[1], q_cfg=cfgs[2])
     finally:
         mask_summary.launch = mask_summary._launch
     return summaries[:1] + fwd + bwd
 
 
-def check(quick: bool = False, arch: int = 90, verbose: bool = True) -> list[str]:
-    """Compile the variants; returns the failures (compile errors, shared memory over the limit, spills)."""
+def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True) -> list[str]:
+    """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``); returns
+    the failures (compile errors, shared memory over the limit, spills)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -135,9 +148,11 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True) -> list[str
         raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
     failures, seen = [], set()
-    for variant in _variants(quick):
+    jobs = [(variant, cfgs) for variant in _variants(quick)
+            for cfgs in (_candidate_sets(*variant) if candidates and not quick else [(None, None, None)])]
+    for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
-        for kernel, _grid, args, kwargs in _launches(*variant):
+        for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
             kw = dict(kwargs)
             options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
             sig, const, attrs = specialize(kernel, args, kw)
@@ -173,10 +188,11 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True) -> list[str
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one variant")
+    ap.add_argument("--quick", action="store_true", help="one variant, static table only")
+    ap.add_argument("--static", action="store_true", help="the static table only, not every autotune candidate")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
     args = ap.parse_args(argv)
-    failures = check(args.quick, args.arch)
+    failures = check(args.quick, args.arch, candidates=not args.static)
     print(f"{len(failures)} problem(s)")
     for f in failures:
         print("  ", f)

@@ -9,7 +9,8 @@ With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout appli
   its group (GQA sums in registers), so dK/dV are written once: deterministic;
 - ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles; it also writes dMask.
 Each kernel has its own tiles (config.backward_configs: a wide resident tile and a narrow loop tile, as in the
-Triton tutorial), hence its own program map and mask summary.
+Triton tutorial; on a GPU each kernel's tiles are autotuned once per key, autotune.py), hence its own program
+map and mask summary.
 Features and limits are those of attention_fwd.py (varlen map, mask summary ranges, causal, dropout
 bit-exact with the forward). The two-kernel split recomputes Q K^T and dO V^T once more than an atomic-add
 dQ would; it buys a deterministic result without a workspace.
@@ -18,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import config, varlen_map
+from . import autotune, config, varlen_map
 from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
 from .mask_summary import tile_summary
 from .tile_ops import LOG2E, dropout_keep, load_rows, mask_scores, query_block_of_program, store_rows
@@ -342,53 +343,78 @@ def _tiling(cfg, resident_keys, mask, cu_q, cu_k, Nq, Nk, max_q, max_k, dummy):
     return seq, start, num_blocks, st, lo, hi, t_strides, r_strides, flags
 
 
+class _BackwardCall:
+    """The arguments of one backward call; each method builds the launch (kernel, grid, args, kwargs) of one
+    kernel for the tiles it is given, so that the autotuner can build a launch per candidate."""
+
+    def __init__(self, dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
+                 dropout_p, mask_grad, dq, dk, dv, dmask):
+        self.B, self.Hq, self.Nq, D = q.shape
+        self.Hk, self.Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
+        self.dims, self.dtype = (D, Dv), q.dtype
+        self.inputs, self.out, self.grads, self.dmask = (q, k, v, dout), out, (dq, dk, dv), dmask
+        self.mask, self.hints, self.mask_grad = mask, (max_q, max_k), bool(mask_grad)
+        self.varlen = cu_q is not None
+        # heavy: more live registers (mask, dropout, varlen bounds), see config.backward_configs
+        self.heavy = mask is not None or dropout_p > 0 or self.varlen
+        self.lse = lse.contiguous()
+        self.delta = torch.empty_like(self.lse)
+        self.lse2 = torch.empty_like(self.lse)
+        self.cu = (cu_q, cu_k) if self.varlen else (None, None)
+        self.cu_args = (cu_q, cu_k) if self.varlen else (self.lse2, self.lse2)
+        self.mk = mask_for_kernel(mask) if mask is not None else self.lse2
+        self.m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+        self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
+        block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
+        self.block_dv = block_dv
+        self.common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=mask_kind(mask),
+                           IS_CAUSAL=bool(is_causal), IS_VARLEN=self.varlen, HAS_DROPOUT=dropout_p > 0,
+                           EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype))
+
+    def static_configs(self) -> tuple:
+        return config.backward_configs(*self.dims, self.dtype, heavy=self.heavy)
+
+    def preprocess(self, block_m: int):
+        dout, bs = self.inputs[3], config.batch_strides
+        return (_bwd_preprocess, (triton.cdiv(self.Nq, block_m) * self.B * self.Hq,),
+                (self.out, dout, self.lse, self.delta, self.lse2, *bs(self.out), *bs(dout), self.Hq, self.Nq,
+                 self.dims[1]),
+                dict(BLOCK_M=block_m, BLOCK_DV=self.block_dv))
+
+    def _launch(self, kernel, cfg, resident_keys, outs, out_strides, heads, **kw):
+        """The dK/dV or dQ launch: both take (inputs, row stats, two outputs, mask and tile summary, program
+        map, strides, head counts, scalars) in the same order."""
+        bs = config.batch_strides
+        seq, start, blocks, st, lo, hi, t_str, r_str, flags = _tiling(
+            cfg, resident_keys, self.mask, *self.cu, self.Nq, self.Nk, *self.hints, self.lse2)
+        args = (*self.inputs, self.lse2, self.delta, *outs, self.mk, st, lo, hi, *self.cu_args, seq, start,
+                *(x for t in self.inputs for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks,
+                *self.scalars)
+        return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags)
+
+    def dkdv(self, cfg):
+        bs = config.batch_strides
+        dk, dv = self.grads[1:]
+        return self._launch(_bwd_dkdv_kernel, cfg, True, (dk, dv), (*bs(dk), *bs(dv), *self.m_strides),
+                            (self.Hq, self.Hk, self.Hq // self.Hk))
+
+    def dq(self, cfg):
+        dq = self.grads[0]
+        dm = self.dmask if self.mask_grad else self.lse2
+        g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
+        return self._launch(_bwd_dq_kernel, cfg, False, (dq, dm),
+                            (*config.batch_strides(dq), *self.m_strides, *g_strides),
+                            (self.Hq, self.Hq // self.Hk), MASK_GRAD=self.mask_grad)
+
+
 def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
-                     mask_grad, dq, dk, dv, dmask):
-    """The kernel launches of the backward, in order: a list of (kernel, grid, args, kwargs)."""
-    B, Hq, Nq, D = q.shape
-    Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    kv_cfg, q_cfg = config.backward_configs(D, Dv, q.dtype,
-                                           heavy=mask is not None or dropout_p > 0 or cu_q is not None)
-    block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
-    bs = config.batch_strides
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
-    lse2 = torch.empty_like(lse)
-    launches = [(_bwd_preprocess, (triton.cdiv(Nq, q_cfg.block_m) * B * Hq,),
-                 (out, dout, lse, delta, lse2, *bs(out), *bs(dout), Hq, Nq, Dv),
-                 dict(BLOCK_M=q_cfg.block_m, BLOCK_DV=block_dv))]
-
-    dummy = lse2
-    if cu_q is None:
-        cu_q = cu_k = dummy
-        varlen = False
-    else:
-        varlen = True
-    mk = mask_for_kernel(mask) if mask is not None else dummy
-    m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
-    common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=mask_kind(mask), IS_CAUSAL=bool(is_causal),
-                  IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_D=(D == block_d and Dv == block_dv),
-                  PRECISION=config.input_precision(q.dtype))
-    cu = (cu_q, cu_k) if varlen else (None, None)
-
-    seq, start, n_blocks, st, lo, hi, t_str, r_str, flags = _tiling(kv_cfg, True, mask, *cu, Nq, Nk, max_q, max_k,
-                                                                    dummy)
-    launches.append((_bwd_dkdv_kernel, (n_blocks * B * Hk,),
-                     (q, k, v, dout, lse2, delta, dk, dv, mk, st, lo, hi, cu_q, cu_k, seq, start,
-                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dk), *bs(dv), *m_strides, *t_str, *r_str,
-                      Hq, Hk, Hq // Hk, n_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale), dict(common, **flags)))
-
-    seq, start, m_blocks, st, lo, hi, t_str, r_str, flags = _tiling(q_cfg, False, mask, *cu, Nq, Nk, max_q, max_k,
-                                                                    dummy)
-    dm = dmask if mask_grad else dummy
-    g_strides = dmask.stride() if mask_grad else (0, 0, 0, 0)
-    launches.append((_bwd_dq_kernel, (m_blocks * B * Hq,),
-                     (q, k, v, dout, lse2, delta, dq, dm, mk, st, lo, hi, cu_q, cu_k, seq, start,
-                      *bs(q), *bs(k), *bs(v), *bs(dout), *bs(dq), *m_strides, *g_strides, *t_str, *r_str,
-                      Hq, Hq // Hk, m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale),
-                     dict(common, MASK_GRAD=bool(mask_grad), **flags)))
-    return launches
+                      mask_grad, dq, dk, dv, dmask, kv_cfg=None, q_cfg=None):
+    """The kernel launches of the backward, in order (delta pre-pass, dK/dV, dQ): a list of (kernel, grid,
+    args, kwargs), with tiles kv_cfg / q_cfg (default: config.py's table). aot_check.py compiles them."""
+    call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
+                         dropout_p, mask_grad, dq, dk, dv, dmask)
+    static_kv, static_q = call.static_configs()
+    return [call.preprocess(static_q.block_m), call.dkdv(kv_cfg or static_kv), call.dq(q_cfg or static_q)]
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
@@ -397,10 +423,15 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
     must arrive zeroed: skipped tiles are not written); returns (dq, dk, dv, dmask).
 
     dout / out [B, Hq, Nq, Dv], lse float32 [B, Hq, Nq] (the forward's), other arguments as in
-    attention_fwd.attention_forward.
+    attention_fwd.attention_forward. The dK/dV and dQ kernels are autotuned separately (autotune.py).
     """
-    for kernel, grid, args, kwargs in backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k,
-                                                        seed, scale, is_causal, dropout_p, mask_grad, dq, dk, dv,
-                                                        dmask):
-        kernel[grid](*args, **kwargs)
+    call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
+                         dropout_p, mask_grad, dq, dk, dv, dmask)
+    autotune.launch([call.preprocess(call.static_configs()[1].block_m)])
+    flags = (mask, is_causal, call.varlen, dropout_p > 0, call.heavy)
+    # dk / dv and dq are rewritten whole by every candidate; dmask is not (skipped tiles are left as they
+    # are), so it is zeroed again before the chosen config runs when tuning ran.
+    autotune.launch_tuned("bwd_dkdv", q, v.shape[3], *flags, lambda cfg: [call.dkdv(cfg)])
+    autotune.launch_tuned("bwd_dq", q, v.shape[3], *flags, lambda cfg: [call.dq(cfg)],
+                          reset=dmask.zero_ if mask_grad else None, mask_grad=bool(mask_grad))
     return dq, dk, dv, dmask

@@ -13,19 +13,20 @@ Features
 - dropout with vitkern/dropout.py's counter-based hash (bit-exact), the same keep-mask regenerated backward;
 - a row with no key gives out = 0 and lse = -inf; exp2 on (s - max) * log2(e), exact at large logits;
 - the key loop is split: interior tiles (left of the diagonal, inside the sequence) run without causal or bounds
-  checks, only the last / diagonal tiles pay for them; causal grids start with the longest rows.
+  checks, only the last / diagonal tiles pay for them; causal grids start with the longest rows;
+- block sizes: config.py's spill-free table, or on a GPU the fastest of a few candidates around it, timed once
+  per key (head dims, dtype, mask kind, causal, varlen, dropout; never lengths) by autotune.py.
 Limits
 - head dims > 256 are not served (register/shared-memory budget); float64 is not served;
 - the mask summary is recomputed for each call (forward and backward); a mask is assumed not to change between
   the forward and the backward;
-- pointer tiles, not TMA descriptors / block pointers (portable across Triton versions, costs registers);
-  block sizes (config.py) are a spill-free first guess, not yet timed on a GPU.
+- pointer tiles, not TMA descriptors / block pointers (portable across Triton versions, costs registers).
 """
 import torch
 import triton
 import triton.language as tl
 
-from . import config, varlen_map
+from . import autotune, config, varlen_map
 from .mask_summary import tile_summary
 from .tile_ops import (LN2, LOG2E, dropout_keep, load_rows, mask_scores, query_block_of_program,
                        store_rows)
@@ -180,12 +181,15 @@ def mask_for_kernel(mask):
     return mask
 
 
-def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out, lse):
-    """The kernel launches that fill out / lse: a list of (kernel, grid, args, kwargs). Apart from launching
-    (attention_forward), aot_check.py compiles them ahead of time with the same arguments."""
+def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out, lse,
+                     cfg=None):
+    """The kernel launches that fill out / lse with tiles ``cfg`` (default: config.py's table): a list of
+    (kernel, grid, args, kwargs). Apart from launching (attention_forward), aot_check.py compiles them ahead of
+    time with the same arguments."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    cfg = config.forward_config(D, Dv, q.dtype, heavy=mask is not None or dropout_p > 0)
+    if cfg is None:
+        cfg = config.forward_config(D, Dv, q.dtype, heavy=mask is not None or dropout_p > 0)
     block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
     varlen = cu_q is not None
     dummy = lse
@@ -224,7 +228,10 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_c
     q [B, Hq, Nq, D], k [B, Hk, Nk, D], v [B, Hk, Nk, Dv] (any strides); mask None or [B, Hq, Nq, Nk] bool/float
     (dense only); cu_q / cu_k None or int [S + 1] with B == 1 (packed layout).
     """
-    for kernel, grid, args, kwargs in forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale,
-                                                       is_causal, dropout_p, out, lse):
-        kernel[grid](*args, **kwargs)
+    def build(cfg):
+        return forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out,
+                                lse, cfg)
+    # Every candidate rewrites all of out / lse: what tuning runs leave behind is overwritten.
+    autotune.launch_tuned("fwd", q, v.shape[3], mask, is_causal, cu_q is not None, dropout_p > 0,
+                          mask is not None or dropout_p > 0, build)
     return out, lse

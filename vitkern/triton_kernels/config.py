@@ -1,10 +1,14 @@
-"""Block sizes and launch parameters of the attention kernels.
+"""Block sizes and launch parameters of the attention kernels: the static table and the autotuner's candidates.
 
-Block sizes are a function of (head dim, dtype, interpreter) only, never of sequence lengths, so a packed batch
-with new cu_seqlens or a new total length T reuses the compiled kernels (lengths are also excluded from
-Triton's integer specialization, see ``do_not_specialize`` in the kernels). The GPU table is a first guess for
-Hopper (H100/H200) to be tuned on the device; the interpreter uses 32x16 tiles forward and 16x32 backward, so
-that tiny test shapes still cross tile boundaries and code that mixes up BLOCK_M and BLOCK_N fails there.
+Block sizes are a function of (head dim, dtype, interpreter, "heavy") only, never of sequence lengths, so a
+packed batch with new cu_seqlens or a new total length T reuses the compiled kernels (lengths are also excluded
+from Triton's integer specialization, see ``do_not_specialize`` in the kernels). The static table
+(``forward_config`` / ``backward_configs``) is a spill-free first guess for Hopper (H100/H200); on a GPU the
+autotuner (autotune.py) times it against a few neighbours (``candidates``: the table entry first, then block
+sizes halved/doubled, num_warps 4/8, num_stages +-1, the ones that spill on sm_90 left out) once per key and
+keeps the fastest; ``VITKERN_TRITON_AUTOTUNE=0`` keeps the table. The interpreter uses the table's 32x16 tiles
+forward and 16x32 backward, so that tiny test shapes still cross tile boundaries and code that mixes up
+BLOCK_M and BLOCK_N fails there.
 """
 from __future__ import annotations
 
@@ -91,3 +95,96 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
     if heavy:
         return LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 32, 8, 1)
     return LaunchConfig(16, 64, 8, 1), LaunchConfig(64, 16, 8, 2)
+
+
+# ------------------------------------------------------------------------------------------ autotuning
+# The kernels the autotuner tunes one by one (the backward's delta pre-pass is not tuned).
+KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
+# How many neighbours of the table entry are timed (at most).
+MAX_NEIGHBOURS = 4
+MAX_BLOCK = 128
+# Neighbours that spill registers on sm_90 in some variant of aot_check (python -m
+# vitkern.triton_kernels.aot_check, Triton 3.8; found with every neighbour of _neighbours proposed), by
+# (kernel, "16" or "32" bit, padded width class 64/128/256, heavy) -> {(block_m, block_n, num_warps,
+# num_stages)}: they are never proposed.
+SPILLS = {
+    ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)},
+    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
+    ('fwd', '32', 64, True): {(32, 64, 8, 2)},
+    ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
+    ('fwd', '32', 128, True): {(32, 32, 4, 2), (64, 16, 4, 2)},
+    ('fwd', '32', 256, True): {(16, 16, 4, 2), (16, 32, 8, 2)},
+    ('bwd_dkdv', '16', 64, False): {(32, 128, 4, 2), (64, 128, 8, 2)},
+    ('bwd_dkdv', '16', 64, True): {(32, 32, 8, 1), (64, 64, 8, 1)},
+    ('bwd_dkdv', '16', 128, False): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 128, True): {(32, 32, 8, 1), (32, 64, 4, 1), (32, 64, 8, 2), (32, 128, 8, 1), (64, 64, 8, 1)},
+    ('bwd_dkdv', '16', 256, False): {(16, 64, 4, 1), (16, 128, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)},
+    ('bwd_dkdv', '32', 64, False): {(16, 32, 8, 1)},
+    ('bwd_dkdv', '32', 64, True): {(16, 32, 8, 1), (32, 16, 8, 1)},
+    ('bwd_dkdv', '32', 128, False): {(16, 32, 8, 2), (16, 64, 8, 1)},
+    ('bwd_dkdv', '32', 256, False): {(16, 16, 8, 2)},
+    ('bwd_dkdv', '32', 256, True): {(16, 16, 4, 1)},
+    ('bwd_dq', '16', 64, True): {(128, 32, 4, 2)},
+    ('bwd_dq', '16', 128, False): {(128, 32, 4, 2)},
+    ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
+    ('bwd_dq', '16', 256, False): {(64, 16, 8, 1)},
+    ('bwd_dq', '16', 256, True): {(32, 64, 8, 1), (64, 32, 8, 1)},
+    ('bwd_dq', '32', 64, True): {(32, 16, 8, 1)},
+    ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
+}
+
+
+def static_config(kernel: str, d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> LaunchConfig:
+    """The table's tiles of one kernel (see forward_config / backward_configs for ``heavy``)."""
+    if kernel == "fwd":
+        return forward_config(d, dv, dtype, heavy)
+    kv, q = backward_configs(d, dv, dtype, heavy)
+    return {"bwd_dkdv": kv, "bwd_dq": q}[kernel]
+
+
+def _width_class(d: int, dv: int) -> int:
+    width = max(padded_head_dim(d), padded_head_dim(dv))
+    return 64 if width <= 64 else 128 if width <= 128 else 256
+
+
+def _neighbours(kernel: str, c: LaunchConfig) -> list:
+    """Launch configs next to c, the likeliest first: num_warps 4 <-> 8, the loop tile doubled, the resident
+    tile halved (more programs for short sequences), one more pipeline stage, the resident tile doubled, the
+    loop tile halved, one stage less. The dK/dV kernel keeps key tiles (block_n) resident, the others query
+    tiles (block_m)."""
+    def tiles(resident: int, loop: int) -> tuple:
+        return (loop, resident) if kernel == "bwd_dkdv" else (resident, loop)
+    res, loop = (c.block_n, c.block_m) if kernel == "bwd_dkdv" else (c.block_m, c.block_n)
+    out = [LaunchConfig(c.block_m, c.block_n, 4 if c.num_warps == 8 else 8, c.num_stages),
+           LaunchConfig(*tiles(res, loop * 2), c.num_warps, c.num_stages),
+           LaunchConfig(*tiles(res // 2, loop), c.num_warps, c.num_stages),
+           LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages + 1),
+           LaunchConfig(*tiles(res * 2, loop), c.num_warps, c.num_stages),
+           LaunchConfig(*tiles(res, loop // 2), c.num_warps, c.num_stages),
+           LaunchConfig(c.block_m, c.block_n, c.num_warps, c.num_stages - 1)]
+    return [n for n in out if MIN_BLOCK <= min(n.block_m, n.block_n) and max(n.block_m, n.block_n) <= MAX_BLOCK
+            and 1 <= n.num_stages <= 4]
+
+
+def candidates(kernel: str, d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> list:
+    """The launch configs the autotuner times for one kernel, the static table's entry first.
+
+    At most MAX_NEIGHBOURS neighbours (see _neighbours), minus those listed in SPILLS; every one is compiled
+    by aot_check. In the interpreter (speed means nothing there): the table's tiles, the swapped tiles and
+    16x16."""
+    first = static_config(kernel, d, dv, dtype, heavy)
+    if interpreting():
+        pool = [LaunchConfig(first.block_n, first.block_m, 1, 1), LaunchConfig(MIN_BLOCK, MIN_BLOCK, 1, 1)]
+    else:
+        bits = "32" if dtype == torch.float32 else "16"
+        spills = SPILLS.get((kernel, bits, _width_class(d, dv), bool(heavy)), ())
+        pool = [n for n in _neighbours(kernel, first)
+                if (n.block_m, n.block_n, n.num_warps, n.num_stages) not in spills]
+    out = [first]
+    for n in pool:
+        if n not in out and len(out) <= MAX_NEIGHBOURS:
+            out.append(n)
+    return out
