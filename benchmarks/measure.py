@@ -116,41 +116,73 @@ class Timing:
     first_call_s: float
 
 
+@dataclass
+class TimedJob:
+    """One cell's call to time: ``fn`` has already run once, taking ``first_call_s``. ``error`` is set when a
+    timed call raised (its timing is then None)."""
+    fn: Callable[[], object]
+    first_call_s: float
+    error: Optional[BaseException] = None
+
+
+def time_interleaved(jobs: list[TimedJob], device: torch.device, budget_s: float, min_reps: int, max_reps: int,
+                     long_call_s: float) -> list[Optional[Timing]]:
+    """Median wall time of each job, sampled round-robin (one call of each job per round), so that the
+    machine's drifts (other tenants, clock changes) hit every peer of a table alike instead of whichever ran
+    while they lasted.
+
+    Per job the sample count follows the budget: repeats fill ``budget_s`` within [min_reps, max_reps]. A call
+    longer than ``long_call_s`` is its own warm-up: its one-off costs are a negligible part of it, so the first
+    call counts as a sample and only as many more run as the budget allows (possibly none); a shorter one gets
+    one more untimed warm-up (caches, allocator, lazy init after the first call).
+    """
+    plans: list[tuple[list, int]] = []
+    for job in jobs:
+        if job.first_call_s >= long_call_s:
+            reps = max(0, min(int(budget_s // job.first_call_s) - 1, max_reps - 1))
+            plans.append(([job.first_call_s], reps))
+            continue
+        _guarded(job, lambda j=job: (j.fn(), synchronize(device)))
+        plans.append(([], int(min(max_reps, max(min_reps, budget_s // max(job.first_call_s, 1e-6))))))
+    flush = _L2Flush(device) if device.type == "cuda" and jobs else None
+    for r in range(max((reps for _, reps in plans), default=0)):
+        for job, (samples, reps) in zip(jobs, plans):
+            if r < reps and job.error is None:
+                _guarded(job, lambda j=job, s=samples: s.append(_one_sample(j.fn, device, flush)))
+    del flush
+    return [Timing(statistics.median(samples), samples, job.first_call_s) if job.error is None and samples
+            else None for job, (samples, _) in zip(jobs, plans)]
+
+
+def _guarded(job: TimedJob, call: Callable[[], object]) -> None:
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001  (the caller reports it as the cell's status)
+        job.error = e
+
+
+def _one_sample(fn: Callable[[], object], device: torch.device, flush: Optional[_L2Flush]) -> float:
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    flush()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3
+
+
 def time_calls(fn: Callable[[], object], device: torch.device, first_call_s: float, budget_s: float,
                min_reps: int, max_reps: int, long_call_s: float) -> Timing:
-    """Median wall time of ``fn`` (already called once, taking ``first_call_s``).
-
-    Repeats fill ``budget_s`` within [min_reps, max_reps]. A call longer than ``long_call_s`` is its own warm-up:
-    its one-off costs are a negligible part of it, so the first call counts as a sample and only as many more
-    run as the budget allows (possibly none).
-    """
-    samples: list[float] = []
-    if first_call_s >= long_call_s:
-        samples.append(first_call_s)
-        extra = int(budget_s // first_call_s) - 1
-        reps = max(0, min(extra, max_reps - 1))
-    else:
-        # One more untimed warm-up for short calls (caches, allocator, lazy init after the first call).
-        fn()
-        synchronize(device)
-        reps = int(min(max_reps, max(min_reps, budget_s // max(first_call_s, 1e-6))))
-    if device.type == "cuda":
-        flush = _L2Flush(device)
-        for _ in range(reps):
-            flush()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            samples.append(start.elapsed_time(end) / 1e3)
-        del flush
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
-    return Timing(statistics.median(samples), samples, first_call_s)
+    """``time_interleaved`` for one call (already called once, taking ``first_call_s``); its errors propagate."""
+    job = TimedJob(fn, first_call_s)
+    timing = time_interleaved([job], device, budget_s, min_reps, max_reps, long_call_s)[0]
+    if job.error is not None:
+        raise job.error
+    return timing
 
 
 def timed_first_call(fn: Callable[[], object], device: torch.device,

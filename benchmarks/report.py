@@ -105,7 +105,8 @@ def markdown(doc: dict) -> str:
              + (" · **quick smoke run**" if cfg["quick"] else ""),
              "", f"Command: `{cfg['command']}`. A square {cfg['dtype']} matmul ran at "
                  f"{_num(cfg['options']['matmul_rate'] / 1e12 * scale)} {unit} on this device at the start.", "",
-             f"Times are medians of repeated calls after a warm-up; *prep* is building per-batch metadata (masks), "
+             f"Times are medians of repeated calls after a warm-up, the cells of a table timed round-robin (one call "
+             f"of each per round); *prep* is building per-batch metadata (masks), "
              f"timed apart and included in *total*. {unit} counts **useful** work only: 4·D FLOPs per unmasked "
              f"(query, key) pair per head for the forward, 3.5× that for forward+backward, divided by the total time. "
              f"Peak memory is {_memory_kind(m)} "

@@ -1,5 +1,5 @@
 """Runs the cells of one case: every peer, in every mode, guarded by memory and time predictions and checked
-against the truth (the case's first peer) before it is timed.
+against the truth (the case's first peer); then the checked cells of a mode are timed together, round-robin.
 
 A cell ends in one status: "ok"; "WRONG" (its output or gradients differ from the truth beyond the dtype's loose
 tolerance: its time is still shown but it never counts as best); "OOM" (predicted over the budget, never tried, or
@@ -132,9 +132,9 @@ class CaseRunner:
         dout = torch.randn(out_shape, generator=g).to(self.device, self.dtype) if mode == "fwdbwd" else None
         truth = None
         truth_peer = self.peers[0].name if self.peers else None
-        cells = []
+        cells, pending = [], []
         for peer in self.peers:
-            cell, result = self._run_cell(peer, inp, mode, dout, truth)
+            cell, result, job = self._run_cell(peer, inp, mode, dout, truth)
             if peer.name == truth_peer and cell["status"] == "ok":
                 truth = result
                 cell["check"] = "truth"
@@ -142,6 +142,14 @@ class CaseRunner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             cells.append(cell)
+            if job is not None:
+                pending.append((cell, job))
+        # Every checked cell of this table is timed together, round-robin (see measure.time_interleaved).
+        timings = measure.time_interleaved([job for _, job in pending], self.device, self.opts.cell_budget_s,
+                                           self.opts.min_reps, self.opts.max_reps, self.opts.long_call_s)
+        for (cell, job), timing in zip(pending, timings):
+            self._finish(cell, job, timing)
+        for cell in cells:
             self.on_cell(cell)
         return cells
 
@@ -155,32 +163,40 @@ class CaseRunner:
                 "speedup_vs_best_peer": None, "best_peer": None}
 
     def _run_cell(self, peer: Peer, inp: Inputs, mode: str, dout, truth):
+        """Checks one cell and calls it once: (cell, its result, the job that times it), or (ended cell, None,
+        None) when it cannot run."""
         cell = self._cell(peer, mode)
         why = peer.skip_reason(self.case, self.device, self.dtype, mode)
         if why:
-            return self._end(cell, "unsupported", why), None
+            return self._end(cell, "unsupported", why), None, None
         if peer.torch_compile and not self.opts.compile:
-            return self._end(cell, "skipped", "torch.compile peers are off (--no-compile / --quick)"), None
+            return self._end(cell, "skipped", "torch.compile peers are off (--no-compile / --quick)"), None, None
         need = predicted_bytes(peer, self.case, mode, self.elem)
         cell["predicted_mem_bytes"] = need
         budget = self.opts.mem_budget_bytes or measure.memory_budget_bytes(self.device)
         if need > budget:
-            return self._end(cell, "OOM", f"needs {_gib(need)}, budget {_gib(budget)} (predicted, not run)"), None
+            return self._end(cell, "OOM", f"needs {_gib(need)}, budget {_gib(budget)} (predicted, not run)"), \
+                None, None
         if self.opts.max_cell_s is not None:
             secs = 2 * predicted_seconds(peer, self.case, mode, self.opts.matmul_rate)
             if secs > self.opts.max_cell_s:
                 return self._end(cell, "skipped", f"predicted {secs:.1f} s > --max-cell-s {self.opts.max_cell_s}"), \
-                    None
+                    None, None
         try:
             return self._measure(cell, peer, inp, mode, dout, truth)
         except Exception as e:  # noqa: BLE001  (a cell must never end the run)
-            if _is_oom(e):
-                return self._end(cell, "OOM", _first_line(e)), None
-            # vitkern promises ValueError/TypeError for an input it can't take: anything else from it is a failure
-            # to show. Peers refuse in many ways (dispatcher errors, NotImplementedError, asserts).
-            refusals = (ValueError, TypeError) if peer.family == "vitkern" else \
-                (RuntimeError, NotImplementedError, ValueError, TypeError, ImportError, AssertionError)
-            return self._end(cell, "unsupported" if isinstance(e, refusals) else "error", _first_line(e)), None
+            return self._fail(cell, e), None, None
+
+    def _fail(self, cell: dict, e: BaseException) -> dict:
+        if _is_oom(e):
+            return self._end(cell, "OOM", _first_line(e))
+        # vitkern promises ValueError/TypeError for an input it can't take: anything else from it is a failure
+        # to show. Peers refuse in many ways (dispatcher errors, NotImplementedError, asserts).
+        refusals = (ValueError, TypeError) if cell["family"] == "vitkern" else \
+            (RuntimeError, NotImplementedError, ValueError, TypeError, ImportError, AssertionError)
+        for key in ("time_ms", "total_ms", "compile_s"):
+            cell[key] = None
+        return self._end(cell, "unsupported" if isinstance(e, refusals) else "error", _first_line(e))
 
     def _measure(self, cell: dict, peer: Peer, inp: Inputs, mode: str, dout, truth):
         state = peer.prepare(inp)
@@ -215,20 +231,25 @@ class CaseRunner:
             cell["check"] = "no truth"
         keep = result if truth is None else None
         del result
-        timing = measure.time_calls(fn, self.device, first_s, self.opts.cell_budget_s, self.opts.min_reps,
-                                    self.opts.max_reps, self.opts.long_call_s)
-        cell["time_ms"] = timing.median_s * 1e3
         cell["prep_ms"] = prep_s * 1e3
-        cell["total_ms"] = (timing.median_s + prep_s) * 1e3
-        cell["repeats"] = len(timing.samples)
-        if compile_call_s is not None:
-            cell["compile_s"] = max(0.0, compile_call_s - timing.median_s)
-        cell["useful_tflops"] = cell["useful_flops"] / (cell["total_ms"] * 1e-3) / 1e12
+        cell["compile_s"] = compile_call_s  # the compiling call's length until _finish subtracts a plain call
         reason = None
         if status == "WRONG":
             reason = (f"differs from {self.peers[0].name}: max rel. error {cell['max_rel_err']:.3g} > "
                       f"{cell['tolerance']}")
-        return self._end(cell, status, reason), keep
+        return self._end(cell, status, reason), keep, measure.TimedJob(fn, first_s)
+
+    def _finish(self, cell: dict, job: measure.TimedJob, timing: Optional[measure.Timing]) -> None:
+        """Fills in a checked cell's times, or its failure if a timed call raised."""
+        if timing is None:
+            self._fail(cell, job.error)
+            return
+        cell["time_ms"] = timing.median_s * 1e3
+        cell["total_ms"] = timing.median_s * 1e3 + cell["prep_ms"]
+        cell["repeats"] = len(timing.samples)
+        if cell["compile_s"] is not None:
+            cell["compile_s"] = max(0.0, cell["compile_s"] - timing.median_s)
+        cell["useful_tflops"] = cell["useful_flops"] / (cell["total_ms"] * 1e-3) / 1e12
 
     @staticmethod
     def _end(cell: dict, status: str, reason: Optional[str]) -> dict:

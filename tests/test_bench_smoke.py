@@ -169,6 +169,26 @@ def test_a_long_first_call_is_its_own_sample_and_a_short_one_is_not():
     assert len(timing.samples) == 3 and len(calls) == 4  # one more warm-up, then three timed
 
 
+def test_cells_of_a_table_are_timed_round_robin_and_a_failing_one_stops_alone():
+    from benchmarks import measure
+    order = []
+
+    def job(name, fail_at=None):
+        def fn():
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise RuntimeError("out of memory")
+        return measure.TimedJob(fn, first_call_s=0.001)
+
+    jobs = [job("a"), job("b", fail_at=3), job("c")]
+    timings = measure.time_interleaved(jobs, torch.device("cpu"), budget_s=0.0, min_reps=4, max_reps=10,
+                                       long_call_s=3.0)
+    # One warm-up each, then rounds of one call per job; b raises on its second timed call and drops out.
+    assert order == ["a", "b", "c"] + ["a", "b", "c"] * 2 + ["a", "c"] * 2
+    assert len(timings[0].samples) == 4 and len(timings[2].samples) == 4
+    assert timings[1] is None and "out of memory" in str(jobs[1].error)
+
+
 def test_gpu_peer_lists_are_built_without_touching_a_gpu():
     cuda = torch.device("cuda")
     dense = [p.name for p in peers.peers_for(workloads.build("fa3-grid", "cuda")[0], cuda)]
