@@ -8,4 +8,4 @@ bash scripts/setup.sh
 . "${VITKERN_VENV:-.venv}/bin/activate"
 python -m pytest -q -p no:cacheprovider tests "$@"
 TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/test_contract_sdpa.py tests/test_contract_varlen.py \
-  tests/test_property.py tests/test_triton_kernels.py "$@"
+  tests/test_property.py tests/test_triton_kernels.py tests/test_triton_autotune.py tests/test_segment_ids.py "$@"
