@@ -56,21 +56,31 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     b = _prod(q_lead[:-1]) if q_lead else 1
     hq = q_lead[-1] if q_lead else 1
     hk = kv_lead[-1] if kv_lead else 1
-    q4 = query.expand(*q_lead, nq, d).reshape(b, hq, nq, d)
-    k4 = key.expand(*kv_lead, nk, d).reshape(b, hk, nk, d)
-    v4 = value.expand(*kv_lead, nk, dv).reshape(b, hk, nk, dv)
+    q4 = _canonical(query, (*q_lead, nq, d), (b, hq, nq, d))
+    k4 = _canonical(key, (*kv_lead, nk, d), (b, hk, nk, d))
+    v4 = _canonical(value, (*kv_lead, nk, dv), (b, hk, nk, dv))
     mask4 = None
     if attn_mask is not None:
         checks.attn_mask(attn_mask, query, tuple(q_lead) + (nq, nk))
-        mask4 = attn_mask.expand(*q_lead, nq, nk).reshape(b, hq, nq, nk)
+        mask4 = _canonical(attn_mask, (*q_lead, nq, nk), (b, hq, nq, nk))
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     name = backends.select(backend, q4, k4, v4, mask4, None, dropout_p)
     out, _ = attention_fwd(q4, k4, v4, mask4, None, None, _seed(dropout_p), -1, -1, scale, is_causal,
                            float(dropout_p), name)
-    return out.reshape(*q_lead, nq, dv)
+    return out if out.dim() == len(q_lead) + 2 else out.reshape(*q_lead, nq, dv)
+
+
+def _canonical(x: Tensor, full: tuple, shape: tuple) -> Tensor:
+    """x broadcast to ``full`` and viewed as the 4-D ``shape``; an input that already has ``shape`` is used as
+    it is (expand and reshape cost ~3 us each, per call)."""
+    if x.shape == shape:
+        return x
+    return x.expand(*full).reshape(shape)
 
 
 def _broadcast(what: str, *shapes) -> tuple:
+    if all(s == shapes[0] for s in shapes[1:]):  # the common case, without torch.broadcast_shapes' ~25 us
+        return tuple(shapes[0])
     try:
         return tuple(torch.broadcast_shapes(*shapes))
     except RuntimeError:
