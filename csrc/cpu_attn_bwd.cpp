@@ -159,6 +159,30 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
 }
 
 template <typename T>
+T dot(const T* x, const T* y, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < n; ++c) acc += x[c] * y[c];
+  return acc;
+}
+
+// delta [B, H, N] = rowsum(dO * O) in the compute dtype, row by row: no [B, H, N, Dv] product is materialized
+// (a temporary as large as the output, fresh pages on every call).
+at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t H = a.size(1), N = a.size(2), D = a.size(3);
+  at::Tensor out = at::empty({a.size(0), H, N}, a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vitkern_cpu::row_dots", [&] {
+    const Strided<const scalar_t> x = strided<const scalar_t>(a), y = strided<const scalar_t>(b);
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, out.numel(), 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        dst[r] = dot(x.row(r / (N * H), (r / N) % H, r % N), y.row(r / (N * H), (r / N) % H, r % N), D);
+    });
+  });
+  return out;
+}
+
+template <typename T>
 void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items) {
   std::atomic<int64_t> next{0};
   run_on_threads([&](int64_t) {
@@ -226,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
   if (!items.empty()) {
     const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute),
                      vc = gemm_operand(v, p.compute), doc = gemm_operand(dout, p.compute);
-    const at::Tensor delta = (dout.to(p.compute) * out.to(p.compute)).sum(-1).contiguous();
+    const at::Tensor delta = row_dots(doc, gemm_operand(out, p.compute));
     const at::Tensor lse_c = lse.contiguous();
     const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
     AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_bwd", [&] {
