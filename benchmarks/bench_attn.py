@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage.*")
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
+    allocator = measure.steady_allocator() if device.type == "cpu" else None
     opts = make_options(args, device, dtype)
     machine = measure.machine_info(device)
     now = datetime.now(timezone.utc)
@@ -112,7 +113,7 @@ def main(argv=None) -> int:
         "schema": 1,
         "machine": machine,
         "config": {"command": "python benchmarks/bench_attn.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                   "quick": args.quick, "device": device.type, "dtype": args.dtype, "modes": args.modes,
+                   "quick": args.quick, "allocator": allocator, "device": device.type, "dtype": args.dtype, "modes": args.modes,
                    "workloads": args.workloads, "peer_filter": args.peers, "options": {
                        k: v for k, v in vars(opts).items() if k != "peer_filter"}},
         "workloads": {name: {"description": workloads.WORKLOADS[name], "cases": [c.describe() for c in cs]}

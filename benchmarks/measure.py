@@ -42,6 +42,24 @@ def malloc_trim() -> None:
         pass
 
 
+def steady_allocator() -> Optional[str]:
+    """Tell glibc to keep freed memory (no trimming of the heap top, large blocks from the heap up to 32 MB)
+    for the rest of the process; returns what was set, or None where that is not glibc.
+
+    By default glibc hands a freed multi-MB block back to the OS or maps it afresh, depending on the history of
+    earlier allocations: the same call then takes minor page faults for its whole output (here 0 to 16,000 a
+    call for a ViT-B backward, up to 27 ms of kernel time) or none, and which of the two a peer gets varies
+    from process to process. With this setting every peer reuses its memory; it applies to all peers alike."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    m_trim_threshold, m_mmap_threshold = -1, -3  # mallopt parameters (malloc.h)
+    if not (libc.mallopt(m_trim_threshold, 2**30) and libc.mallopt(m_mmap_threshold, 32 * 2**20)):
+        return None
+    return "glibc mallopt: M_TRIM_THRESHOLD 1 GiB, M_MMAP_THRESHOLD 32 MiB"
+
+
 class PeakMemory:
     """Context manager: ``.peak`` = peak bytes allocated inside the block above what was allocated before it."""
 

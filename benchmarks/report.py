@@ -104,7 +104,9 @@ def markdown(doc: dict) -> str:
              f"{m['cpu_count']} CPU cores · {m['memory_gib']} GiB RAM"
              + (" · **quick smoke run**" if cfg["quick"] else ""),
              "", f"Command: `{cfg['command']}`. A square {cfg['dtype']} matmul ran at "
-                 f"{_num(cfg['options']['matmul_rate'] / 1e12 * scale)} {unit} on this device at the start.", "",
+                 f"{_num(cfg['options']['matmul_rate'] / 1e12 * scale)} {unit} on this device at the start."
+                 + (f" Allocator: {cfg['allocator']} (freed memory is reused, so no peer's time includes page "
+                    f"faults that depend on the allocator's history)." if cfg.get("allocator") else ""), "",
              f"Times are medians of repeated calls after a warm-up, the cells of a table timed round-robin (one call "
              f"of each per round); *prep* is building per-batch metadata (masks), "
              f"timed apart and included in *total*. {unit} counts **useful** work only: 4·D FLOPs per unmasked "
