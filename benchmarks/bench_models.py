@@ -36,6 +36,7 @@ from pit import PiT  # noqa: E402
 from vit import ViT  # noqa: E402
 
 import vitkern  # noqa: E402
+from benchmarks.measure import steady_allocator  # noqa: E402
 from vitkern.navit import pack_images  # noqa: E402
 
 
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if args.quick else (5 if device == "cpu" else 20))
     warmup = 1 if args.quick else 2
     amp = device == "cuda"
+    allocator = steady_allocator() if device == "cpu" else None  # as bench_attn: see measure.steady_allocator
     rows = []
     for cell in cells(device, args.quick):
         if args.only and args.only not in cell["name"]:
@@ -174,7 +176,7 @@ def main(argv=None) -> int:
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else _cpu_name(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "vitkern_backends":
             vitkern.available_backends(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-            "amp_bf16": amp, "repeats": repeats, "quick": args.quick,
+            "amp_bf16": amp, "repeats": repeats, "quick": args.quick, "allocator": allocator,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"models-{device}-{datetime.now(timezone.utc):%Y%m%d}{'-quick' if args.quick else ''}"
@@ -197,7 +199,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
     lines = [f"# Training step, with and without vitkern ({meta['date']})", "",
              f"Device: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, vitkern backends "
              f"{meta['vitkern_backends']}, 1-min load average at the end {meta['load_avg_1m']}, median of "
-             f"{meta['repeats']} steps (the two variants' steps interleaved)" + (", bf16 autocast" if meta["amp_bf16"] else ", fp32") + ".", "",
+             f"{meta['repeats']} steps (the two variants' steps interleaved)" + (", bf16 autocast" if meta["amp_bf16"] else ", fp32") + "."
+             + (f" Allocator: {meta['allocator']}." if meta.get("allocator") else ""), "",
              "| model | batch | torch SDPA (ms) | vitkern (ms) | speed-up |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['cell']} | {r['batch']} | {r['torch_ms']:.1f} | {r['vitkern_ms']:.1f} | "
