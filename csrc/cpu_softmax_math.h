@@ -90,24 +90,51 @@ inline __m512 exp16(__m512 x) {
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
+// Two (exp-sum) or four (max) accumulators: one would chain every vector add or max of a row behind the
+// previous one (4 cycles each), and a softmax row is short (197 scores = 13 vectors).
 template <>
 inline float exp_shift_sum<float>(float* x, int64_t n, float shift) {
   const __m512 sh = _mm512_set1_ps(shift);
-  __m512 acc = _mm512_setzero_ps();
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 e0 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+    const __m512 e1 = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), sh));
+    _mm512_storeu_ps(x + i, e0);
+    _mm512_storeu_ps(x + i + 16, e1);
+    acc0 = _mm512_add_ps(acc0, e0);
+    acc1 = _mm512_add_ps(acc1, e1);
+  }
   for (; i + 16 <= n; i += 16) {
     const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
     _mm512_storeu_ps(x + i, e);
-    acc = _mm512_add_ps(acc, e);
+    acc0 = _mm512_add_ps(acc0, e);
   }
   if (i < n) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
     const __m512 v = _mm512_mask_loadu_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), tail, x + i);
     const __m512 e = exp16(_mm512_sub_ps(v, sh));  // the -inf lanes give 0: nothing added
     _mm512_mask_storeu_ps(x + i, tail, e);
-    acc = _mm512_add_ps(acc, e);
+    acc1 = _mm512_add_ps(acc1, e);
   }
-  return _mm512_reduce_add_ps(acc);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// NaN scores are skipped, as in the generic row_max (max_ps returns its second operand when either is NaN).
+template <>
+inline float row_max<float>(const float* x, int64_t n) {
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    m0 = _mm512_max_ps(_mm512_loadu_ps(x + i), m0);
+    m1 = _mm512_max_ps(_mm512_loadu_ps(x + i + 16), m1);
+    m2 = _mm512_max_ps(_mm512_loadu_ps(x + i + 32), m2);
+    m3 = _mm512_max_ps(_mm512_loadu_ps(x + i + 48), m3);
+  }
+  for (; i + 16 <= n; i += 16) m0 = _mm512_max_ps(_mm512_loadu_ps(x + i), m0);
+  if (i < n) m1 = _mm512_max_ps(_mm512_mask_loadu_ps(ninf, static_cast<__mmask16>((1u << (n - i)) - 1), x + i), m1);
+  return _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
 }
 
 template <>
