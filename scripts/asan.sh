@@ -2,6 +2,7 @@
 # Builds the C++ CPU kernel with AddressSanitizer in a scratch copy of the repo and runs the CPU kernel tests
 # against it: any out-of-bounds read or write in csrc/ aborts the run with a report. Needs scripts/setup.sh first.
 # Usage: bash scripts/asan.sh [pytest args...]   (default: the CPU kernel, contract, property and segment tests)
+# KEEP=1 leaves the scratch copy (its path is printed by bash -x) for a look at the build.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 py="$repo/.venv/bin/python"
