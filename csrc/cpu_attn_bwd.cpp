@@ -27,7 +27,7 @@ namespace {
 template <typename T>
 struct BackwardArgs {
   Strided<const T> q, k, v, dout;
-  const float* lse;  // [B, Hq, Nq]
+  const T* lse;  // [B, Hq, Nq], in the compute dtype
   const T* delta;    // [B, Hq, Nq]: rowsum(dout * out)
   Strided<T> dk, dv;
   T* dq_parts;  // [parts, B, Nq, Hq, D]
@@ -82,7 +82,7 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
 
     for (int64_t h = w.hk * groups; h < (w.hk + 1) * groups; ++h) {
       const uint8_t* codes = a.summary ? a.summary->tiles_of(w.b, h) : nullptr;
-      const float* lse = a.lse + (w.b * p.Hq + h) * p.Nq;
+      const T* lse = a.lse + (w.b * p.Hq + h) * p.Nq;
       const T* delta = a.delta + (w.b * p.Hq + h) * p.Nq;
       const int64_t bh = w.b * p.Hq + h;
       T* dq_part = a.dq_parts + w.part * a.part_stride;
@@ -99,8 +99,8 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
         for (int64_t r = 0; r < mq; ++r) {
           T* s = p_buf + r * ld;
           const int64_t i = i0 + r;
-          const T l = T(lse[i]);
-          if (l == ninf) {  // a row with no key: P = 0, no gradient
+          const T l = lse[i];
+          if (l == ninf) {  // a row with no key: P = 0, no gradient (a NaN lse goes on: NaN grads)
             fill_row(s, nb, T(0));
             continue;
           }
@@ -211,9 +211,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
               ", got ", dout.scalar_type(), " and ", out.scalar_type());
   TORCH_CHECK(dout.device().is_cpu() && out.device().is_cpu() && lse.device().is_cpu(),
               "dout, out, lse: expected CPU tensors");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
-                  lse.size(2) == p.Nq,
-              "lse: expected float32 [", p.B, ", ", p.Hq, ", ", p.Nq, "], got ", lse.scalar_type(), " ",
+  TORCH_CHECK((lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble) && lse.dim() == 3 &&
+                  lse.size(0) == p.B && lse.size(1) == p.Hq && lse.size(2) == p.Nq,
+              "lse: expected float32/float64 [", p.B, ", ", p.Hq, ", ", p.Nq, "], got ", lse.scalar_type(), " ",
               lse.sizes());
   const bool has_mask = mask.has_value() && mask->defined();
   TORCH_CHECK(!mask_grad || (has_mask && mask->is_floating_point()),
@@ -251,13 +251,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
     const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute),
                      vc = gemm_operand(v, p.compute), doc = gemm_operand(dout, p.compute);
     const at::Tensor delta = row_dots(doc, gemm_operand(out, p.compute));
-    const at::Tensor lse_c = lse.contiguous();
+    const at::Tensor lse_c = lse.to(p.compute).contiguous();  // float64 math keeps a float64 lse
     const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
     AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_bwd", [&] {
       const at::Tensor part0 = dq_parts[0].transpose(1, 2);  // [B, Hq, Nq, D] view of one part
       BackwardArgs<scalar_t> a{strided<const scalar_t>(qc), strided<const scalar_t>(kc),
                                strided<const scalar_t>(vc), strided<const scalar_t>(doc),
-                               lse_c.const_data_ptr<float>(), delta.const_data_ptr<scalar_t>(),
+                               lse_c.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),
                                strided<scalar_t>(dk_acc), strided<scalar_t>(dv_acc),
                                dq_parts.data_ptr<scalar_t>(), strided<scalar_t>(part0), dq_parts.stride(0), &p, mv,
                                mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles,

@@ -23,7 +23,7 @@ template <typename T>
 struct ForwardArgs {
   Strided<const T> q, k, v;
   Strided<T> out;
-  float* lse;  // [B, Hq, Nq] contiguous
+  T* lse;  // [B, Hq, Nq] contiguous, in the compute dtype (float64 inputs keep a float64 lse)
   const Problem* p;
   MaskView mask;
   const MaskSummary* summary;
@@ -62,8 +62,9 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
         const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
         fill_row(s + allowed, nb - allowed, ninf);
       }
-      const T m_new = std::max(m_buf[r], row_max(s, nb));
-      if (m_new == ninf) {  // nothing taken part in this row so far
+      const T m_new = std::max(m_buf[r], row_max(s, nb));  // row_max skips NaN scores; the sum below keeps them
+      if (m_new == ninf) {  // nothing taken part in this row so far, unless a score is NaN
+        if (has_nan(s, nb)) l_buf[r] = std::numeric_limits<T>::quiet_NaN();  // stays NaN: l * alpha + sum
         fill_row(s, nb, T(0));
         continue;
       }
@@ -80,19 +81,18 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
   if (!o_live) fill_row(o_buf, mq * dv, T(0));  // no key tile at all: rows are empty
 
   const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
-  float* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
+  T* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
   for (int64_t r = 0; r < mq; ++r) {
     T* o = a.out.row(w.b, w.h, w.q0 + r);
     const T l = l_buf[r];
-    const T inv = l > T(0) ? keep_scale / l : T(0);
+    const T inv = l == T(0) ? T(0) : keep_scale / l;  // a NaN l (a NaN score) gives a NaN row
     const T* acc = o_buf + r * dv;
 #pragma omp simd
     for (int64_t c = 0; c < dv; ++c) o[c] = acc[c] * inv;
   }
   // Separate loop: a libm call inside the row loop above would spill its registers on every row.
   for (int64_t r = 0; r < mq; ++r)
-    lse[r] = l_buf[r] > T(0) ? static_cast<float>(m_buf[r] + std::log(l_buf[r]))
-                             : -std::numeric_limits<float>::infinity();
+    lse[r] = l_buf[r] == T(0) ? ninf : m_buf[r] + std::log(l_buf[r]);
 }
 
 template <typename T>
@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
   const Tiles tiles = forward_tiles(p, mv.kind != MaskView::kNone);
 
   at::Tensor out = empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.dtype);
-  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, at::TensorOptions().dtype(p.compute));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
   at::Tensor out_acc = p.dtype == p.compute ? out : empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.compute);
   const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute), vc = gemm_operand(v, p.compute);
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
 
   AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_fwd", [&] {
     ForwardArgs<scalar_t> a{strided<const scalar_t>(qc), strided<const scalar_t>(kc), strided<const scalar_t>(vc),
-                            strided<scalar_t>(out_acc), lse.data_ptr<float>(), &p, mv,
+                            strided<scalar_t>(out_acc), lse.data_ptr<scalar_t>(), &p, mv,
                             mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles};
     run_forward<scalar_t>(a, items);
   });

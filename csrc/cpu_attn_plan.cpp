@@ -81,9 +81,15 @@ inline double mask_value(const char* p) {
   return static_cast<double>(*reinterpret_cast<const E*>(p));
 }
 
+// A -inf entry removes the pair even when its score is NaN (a masked pair is never read); other entries add,
+// so a NaN entry makes the row NaN.
 template <typename T, typename E>
 void add_float_row(T* s, int64_t n, const char* p, int64_t step) {
-  for (int64_t c = 0; c < n; ++c) s[c] += static_cast<T>(*reinterpret_cast<const E*>(p + c * step));
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < n; ++c) {
+    const T m = static_cast<T>(*reinterpret_cast<const E*>(p + c * step));
+    s[c] = m == ninf ? ninf : s[c] + m;
+  }
 }
 
 }  // namespace

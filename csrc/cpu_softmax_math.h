@@ -47,6 +47,13 @@ inline T row_max(const T* x, int64_t n) {
   return m;
 }
 
+template <typename T>
+inline bool has_nan(const T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] != x[i]) return true;
+  return false;
+}
+
 // x[i] = exp(x[i] - shift) in place; returns the sum. shift must be finite.
 template <typename T>
 inline T exp_shift_sum(T* x, int64_t n, T shift) {

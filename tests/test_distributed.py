@@ -417,9 +417,9 @@ def test_bad_arguments_raise_on_every_rank(group_results, what):
         err = got[what]
         assert isinstance(err, dict), (r, err)
         if ERROR_ARG[what] in err["message"]:
-            assert err["type"] == ("TypeError" if what in TYPE_ERRORS else "ValueError"), (r, err)
+            assert err["type"] == ("VitkernTypeError" if what in TYPE_ERRORS else "VitkernValueError"), (r, err)
         else:
-            assert err["type"] == "ValueError", (r, err)
+            assert err["type"] == "VitkernValueError", (r, err)
         # The rank that passed the bad argument names it; the others name the rank that stopped them.
         assert ERROR_ARG[what] in err["message"] or "rejected their arguments" in err["message"], (r, err)
     assert any(ERROR_ARG[what] in res["errors"][what]["message"] for res in results)

@@ -14,6 +14,7 @@ from torch import Tensor
 from . import backends, checks
 from . import dropout as _dropout
 from .ops import attention_fwd
+from .errors import VitkernTypeError, VitkernValueError
 
 
 def _seed(dropout_p: float) -> Optional[Tensor]:
@@ -42,13 +43,13 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     checks.scalar_args(dropout_p, scale, is_causal)
     nq, d, nk, dv = query.shape[-2], query.shape[-1], key.shape[-2], value.shape[-1]
     if key.shape[:-2] != value.shape[:-2]:
-        raise ValueError(f"value: expected batch/head dims {tuple(key.shape[:-2])} (the key's), got "
-                         f"{tuple(value.shape[:-2])}")
+        raise VitkernValueError(f"value: expected batch/head dims {tuple(key.shape[:-2])} (the key's), got "
+                                f"{tuple(value.shape[:-2])}")
     if enable_gqa and query.dim() >= 3 and key.dim() >= 3 and query.shape[-3] != key.shape[-3]:
         hq, hk = query.shape[-3], key.shape[-3]
         if hq % hk:
-            raise ValueError(f"key: with enable_gqa the query heads ({hq}) must be a multiple of the key heads, "
-                             f"got {hk}")
+            raise VitkernValueError(f"key: with enable_gqa the query heads ({hq}) must be a multiple of the key heads, "
+                                    f"got {hk}")
         lead = _broadcast("query/key", query.shape[:-3], key.shape[:-3])
         q_lead, kv_lead = lead + (hq,), lead + (hk,)
     else:
@@ -63,11 +64,26 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if attn_mask is not None:
         checks.attn_mask(attn_mask, query, tuple(q_lead) + (nq, nk))
         mask4 = _canonical(attn_mask, (*q_lead, nq, nk), (b, hq, nq, nk))
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = (1.0 / math.sqrt(d) if d else 1.0) if scale is None else float(scale)
+    if d == 0 or dv == 0:
+        q4, k4, v4 = _nonzero_head_dims(q4, k4, v4)
     name = backends.select(backend, q4, k4, v4, mask4, None, dropout_p)
     out, _ = attention_fwd(q4, k4, v4, mask4, None, None, _seed(dropout_p), -1, -1, scale, is_causal,
                            float(dropout_p), name)
+    if dv == 0:
+        out = out[..., :0]  # [B, Hq, Nq, 0] keeps its layout
     return out if out.dim() == len(q_lead) + 2 else out.reshape(*q_lead, nq, dv)
+
+
+def _nonzero_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Head dims of 0 as torch's SDPA reads them: D = 0 makes every score 0 (uniform weights over the allowed
+    keys), Dv = 0 an empty output. Both become a head dim of 1 filled with zeros -- a sum over the empty dim, so
+    autograd still reaches the inputs -- and the caller slices the output back to Dv."""
+    if q.shape[-1] == 0:
+        q, k = q.sum(-1, keepdim=True), k.sum(-1, keepdim=True)
+    if v.shape[-1] == 0:
+        v = v.sum(-1, keepdim=True)
+    return q, k, v
 
 
 def _canonical(x: Tensor, full: tuple, shape: tuple) -> Tensor:
@@ -84,8 +100,8 @@ def _broadcast(what: str, *shapes) -> tuple:
     try:
         return tuple(torch.broadcast_shapes(*shapes))
     except RuntimeError:
-        raise ValueError(f"{what}: expected batch/head dims that broadcast together, got "
-                         f"{', '.join(str(tuple(s)) for s in shapes)}") from None
+        raise VitkernValueError(f"{what}: expected batch/head dims that broadcast together, got "
+                                f"{', '.join(str(tuple(s)) for s in shapes)}") from None
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Optional[Tensor] = None,
@@ -106,30 +122,33 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     checks.qkv_dtypes_devices(q, k, v)
     checks.head_dims(q, k, v, n_axis=0)
     if k.shape[1] != v.shape[1]:
-        raise ValueError(f"v: expected {k.shape[1]} heads (the key's), got {v.shape[1]}")
+        raise VitkernValueError(f"v: expected {k.shape[1]} heads (the key's), got {v.shape[1]}")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"k: expected a head count dividing the query's {q.shape[1]}, got {k.shape[1]}")
+        raise VitkernValueError(f"k: expected a head count dividing the query's {q.shape[1]}, got {k.shape[1]}")
     checks.scalar_args(dropout_p, scale, is_causal)
     checks.cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     if cu_seqlens_k is None:
         if k.shape[0] != q.shape[0]:
-            raise ValueError(f"cu_seqlens_k: needed when k has a different token count ({k.shape[0]}) than q "
-                             f"({q.shape[0]})")
+            raise VitkernValueError(f"cu_seqlens_k: needed when k has a different token count ({k.shape[0]}) than q "
+                                    f"({q.shape[0]})")
         cu_seqlens_k = cu_seqlens_q
     else:
         checks.cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
         if cu_seqlens_k.numel() != cu_seqlens_q.numel():
-            raise ValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (as cu_seqlens_q), got "
-                             f"{cu_seqlens_k.numel()}")
+            raise VitkernValueError(f"cu_seqlens_k: expected {cu_seqlens_q.numel()} entries (as cu_seqlens_q), got "
+                                    f"{cu_seqlens_k.numel()}")
     max_q = checks.max_seqlen("max_seqlen_q", max_seqlen_q, cu_seqlens_q)
     max_k = checks.max_seqlen("max_seqlen_k", max_seqlen_k, cu_seqlens_k)
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+        raise VitkernTypeError(f"return_lse: expected a bool, got {type(return_lse).__name__}")
+    d, dv = q.shape[-1], v.shape[-1]
+    scale = (1.0 / math.sqrt(d) if d else 1.0) if scale is None else float(scale)
     # [T, H, D] viewed as [1, H, T, D]: the kernels see one batch whose blocks cu_seqlens delimits.
     q4, k4, v4 = [x.unsqueeze(0).transpose(1, 2) for x in (q, k, v)]
+    if d == 0 or dv == 0:
+        q4, k4, v4 = _nonzero_head_dims(q4, k4, v4)
     name = backends.select(backend, q4, k4, v4, None, cu_seqlens_q, dropout_p)
     out, lse = attention_fwd(q4, k4, v4, None, cu_seqlens_q, cu_seqlens_k, _seed(dropout_p), max_q, max_k, scale,
                              is_causal, float(dropout_p), name)
-    out = out[0].transpose(0, 1)
+    out = out[0, ..., :dv].transpose(0, 1)
     return (out, lse[0]) if return_lse else out

@@ -5,15 +5,16 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from .errors import VitkernTypeError, VitkernValueError
 
 
 def lengths_to_cu_seqlens(lengths, dtype: torch.dtype = torch.int32, device=None) -> Tensor:
     """Sequence lengths ``[S]`` (list or 1-D int tensor, zeros allowed) -> cu_seqlens ``[S + 1]``, 0 first."""
     lengths = torch.as_tensor(lengths, device=device)
     if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
-        raise ValueError(f"lengths: expected a 1-D integer sequence, got {lengths.dim()}-D {lengths.dtype}")
+        raise VitkernValueError(f"lengths: expected a 1-D integer sequence, got {lengths.dim()}-D {lengths.dtype}")
     if lengths.numel() and bool((lengths < 0).any()):
-        raise ValueError(f"lengths: expected values >= 0, got {lengths.tolist()}")
+        raise VitkernValueError(f"lengths: expected values >= 0, got {lengths.tolist()}")
     cu = torch.zeros(lengths.numel() + 1, dtype=dtype, device=lengths.device)
     cu[1:] = torch.cumsum(lengths, 0)
     return cu
@@ -31,15 +32,15 @@ def segment_ids_to_cu_seqlens(segment_ids, dtype: torch.dtype = torch.int32, *,
     """
     ids = torch.as_tensor(segment_ids)
     if ids.dim() != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ValueError(f"segment_ids: expected a 1-D integer tensor, got {ids.dim()}-D {ids.dtype}")
+        raise VitkernValueError(f"segment_ids: expected a 1-D integer tensor, got {ids.dim()}-D {ids.dtype}")
     if max_segments is not None:
         return _padded_cu_seqlens(ids, max_segments, dtype)
     if ids.numel() == 0:
         return torch.zeros(1, dtype=dtype, device=ids.device)
     runs, counts = torch.unique_consecutive(ids, return_counts=True)
     if runs.numel() != torch.unique(runs).numel():
-        raise ValueError("segment_ids: expected each segment to be one contiguous run of tokens, but an id "
-                         "appears in more than one run")
+        raise VitkernValueError("segment_ids: expected each segment to be one contiguous run of tokens, but an id "
+                                "appears in more than one run")
     return lengths_to_cu_seqlens(counts, dtype=dtype, device=ids.device)
 
 
@@ -50,10 +51,10 @@ def _num_runs(x: Tensor) -> Tensor:
 
 def _padded_cu_seqlens(ids: Tensor, max_segments: int, dtype: torch.dtype) -> Tensor:
     if isinstance(max_segments, bool) or not isinstance(max_segments, int):
-        raise TypeError(f"max_segments: expected None or an int >= 1, got {max_segments!r} "
-                        f"({type(max_segments).__name__})")
+        raise VitkernTypeError(f"max_segments: expected None or an int >= 1, got {max_segments!r} "
+                               f"({type(max_segments).__name__})")
     if max_segments < 1:
-        raise ValueError(f"max_segments: expected None or an int >= 1, got {max_segments}")
+        raise VitkernValueError(f"max_segments: expected None or an int >= 1, got {max_segments}")
     # Token i's run index r_i (0-based, non-decreasing); cu[j] = #tokens with r_i < j, T once j passes the runs.
     new_run = torch.ones(ids.numel(), dtype=torch.int64, device=ids.device)
     new_run[1:] = ids[1:] != ids[:-1]
@@ -75,7 +76,7 @@ def _check_runs(ids: Tensor, max_segments: int) -> None:
         return
     runs, distinct = int(runs), int(distinct)
     if runs > max_segments:
-        raise ValueError(f"segment_ids: expected at most max_segments={max_segments} runs (sequences), got {runs}")
+        raise VitkernValueError(f"segment_ids: expected at most max_segments={max_segments} runs (sequences), got {runs}")
     if distinct != runs:
-        raise ValueError(f"segment_ids: expected each segment to be one contiguous run of tokens, but {distinct} "
-                         f"distinct ids make {runs} runs (an id appears in more than one run)")
+        raise VitkernValueError(f"segment_ids: expected each segment to be one contiguous run of tokens, but {distinct} "
+                                f"distinct ids make {runs} runs (an id appears in more than one run)")

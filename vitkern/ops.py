@@ -17,6 +17,11 @@ from . import backends
 from .backends.base import empty_bhnd
 
 
+def lse_dtype(q: Tensor) -> torch.dtype:
+    """float64 inputs keep a float64 log-sum-exp (their gradients are float64-accurate); all others float32."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 def _degenerate(q: Tensor, k: Tensor) -> bool:
     # No query, or no key to attend to: answered here so no backend needs an empty-size special case.
     return q.numel() == 0 or k.shape[2] == 0
@@ -26,12 +31,12 @@ def _degenerate(q: Tensor, k: Tensor) -> bool:
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                   cu_seqlens_k: Optional[Tensor], seed: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                   scale: float, is_causal: bool, dropout_p: float, backend: str) -> tuple[Tensor, Tensor]:
-    """out [B, Hq, Nq, Dv] (stored as [B, Nq, Hq, Dv]), lse float32 [B, Hq, Nq]; see backends/base.py."""
+    """out [B, Hq, Nq, Dv] (stored as [B, Nq, Hq, Dv]), lse [B, Hq, Nq] (``lse_dtype``); see backends/base.py."""
     if _degenerate(q, k):
         b, h, n, _ = q.shape
         out = empty_bhnd(b, h, n, v.shape[3], q)
         out.zero_()
-        return out, torch.full((b, h, n), -math.inf, dtype=torch.float32, device=q.device)
+        return out, torch.full((b, h, n), -math.inf, dtype=lse_dtype(q), device=q.device)
     return backends.get(backend).forward(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                          seed, scale, is_causal, dropout_p)
 
@@ -40,7 +45,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], cu_se
 def _attention_fwd_fake(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale,
                         is_causal, dropout_p, backend):
     b, h, n, _ = q.shape
-    return empty_bhnd(b, h, n, v.shape[3], q), q.new_empty((b, h, n), dtype=torch.float32)
+    return empty_bhnd(b, h, n, v.shape[3], q), q.new_empty((b, h, n), dtype=lse_dtype(q))
 
 
 @torch.library.custom_op("vitkern::attention_bwd", mutates_args=())

@@ -10,6 +10,7 @@ from typing import Optional
 
 from .base import Backend
 from .reference import ReferenceBackend
+from ..errors import VitkernValueError
 
 _REGISTRY: dict[str, Backend] = {}
 # Availability is decided once, at registration: it cannot change within a process, and asking again while
@@ -30,7 +31,7 @@ def known_backends() -> list[str]:
 
 def get(name: str) -> Backend:
     if not isinstance(name, str) or name not in _REGISTRY:
-        raise ValueError(f"backend: expected one of {sorted(_REGISTRY)} or None, got {name!r}")
+        raise VitkernValueError(f"backend: expected one of {sorted(_REGISTRY)} or None, got {name!r}")
     return _REGISTRY[name]
 
 
@@ -44,10 +45,10 @@ def select(name: Optional[str], q, k, v, mask, cu_seqlens_q, dropout_p) -> str:
     if name is not None:
         be = get(name)
         if not _AVAILABLE[name]:
-            raise ValueError(f"backend={name!r}: {be.unavailable_reason()}")
+            raise VitkernValueError(f"backend={name!r}: {be.unavailable_reason()}")
         why = be.unsupported_reason(q, k, v, mask, cu_seqlens_q, dropout_p)
         if why is not None:
-            raise ValueError(f"backend={name!r} can't take this input: {why}")
+            raise VitkernValueError(f"backend={name!r} can't take this input: {why}")
         return name
     for cand in _PRIORITY.get(q.device.type, ["reference"]):
         be = _REGISTRY.get(cand)

@@ -11,7 +11,7 @@ Canonical layout (the op layer converts both public layouts to it with views, ne
     max_q, max_k hints (-1 = unknown) for the longest sequence
     seed None, or an int64 [1] CPU tensor: dropout seed (see vitkern/dropout.py)
 
-forward  -> out [B, Hq, Nq, Dv] laid out as ``empty_bhnd`` makes it, lse float32 [B, Hq, Nq] (-inf: no key)
+forward  -> out [B, Hq, Nq, Dv] laid out as ``empty_bhnd`` makes it, lse [B, Hq, Nq] float32, float64 for float64 inputs (-inf: no key, NaN: a NaN score)
 backward -> dq, dk, dv laid out by ``empty_bhnd`` like q, k, v; dmask [B, Hq, Nq, Nk] when mask_grad,
             else an empty tensor. It must use the ``out`` and ``lse`` it is given (P = exp(s - lse),
             delta = rowsum(dout * out)), never recompute them: a caller may pass values merged over calls.

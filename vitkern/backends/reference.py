@@ -34,8 +34,9 @@ def allowed_pairs(q: Tensor, k: Tensor, mask: Optional[Tensor], cu_q: Optional[T
     """Bool [B|1, H|1, Nq, Nk]: which (query, key) pairs take part (bool masks, causal, varlen blocks)."""
     nq, nk = q.shape[2], k.shape[2]
     ok = torch.ones(1, 1, nq, nk, dtype=torch.bool, device=q.device)
-    if mask is not None and mask.dtype == torch.bool:
-        ok = ok & mask
+    if mask is not None:
+        # A -inf float entry removes the pair even when its score is NaN (a masked pair is never read).
+        ok = ok & (mask if mask.dtype == torch.bool else mask != -math.inf)
     if cu_q is not None:
         seg_q, pos_q = _segments(cu_q, nq)
         seg_k, pos_k = _segments(cu_k, nk)
@@ -95,18 +96,18 @@ class ReferenceBackend(Backend):
     def forward(self, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p):
         cd = _compute_dtype(q)
         s, _ = _scores(q, k, mask, cu_q, cu_k, scale, is_causal)
-        m = s.amax(-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        m = s.amax(-1, keepdim=True)  # NaN if a score is NaN: then so are the row and its lse
+        m = torch.where(m == -math.inf, torch.zeros_like(m), m)
         p = torch.exp(s - m)
         denom = p.sum(-1, keepdim=True)
         lse = (m + torch.log(denom)).squeeze(-1)
-        p = torch.where(denom > 0, p / denom, torch.zeros_like(p))
+        p = torch.where(denom == 0, torch.zeros_like(p), p / denom)
         if dropout_p > 0:
             p = p * _dropout_keep(q, k.shape[2], seed, dropout_p) * _dropout_scale(dropout_p)
         o = torch.matmul(p, _expand_kv(v, q.shape[1] // k.shape[1], cd))
         out = empty_bhnd(q.shape[0], q.shape[1], q.shape[2], v.shape[3], q)
         out.copy_(o)
-        return out, lse.to(torch.float32)
+        return out, lse
 
     def backward(self, dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                  dropout_p, mask_grad):
@@ -114,8 +115,9 @@ class ReferenceBackend(Backend):
         groups = q.shape[1] // k.shape[1]
         s, kk = _scores(q, k, mask, cu_q, cu_k, scale, is_causal)
         lse_c = lse.to(cd).unsqueeze(-1)
-        # Rows with no key (lse = -inf) get P = 0, hence zero gradients.
-        p = torch.where(torch.isfinite(lse_c), torch.exp(s - torch.where(torch.isfinite(lse_c), lse_c, 0)), 0)
+        # Rows with no key (lse = -inf) get P = 0, hence zero gradients; a NaN lse gives NaN gradients.
+        empty = lse_c == -math.inf
+        p = torch.where(empty | (s == -math.inf), 0, torch.exp(s - torch.where(empty, 0, lse_c)))
         vv = _expand_kv(v, groups, cd)
         do = dout.to(cd)
         dp = torch.matmul(do, vv.transpose(-1, -2))

@@ -11,6 +11,7 @@ from ..backends import available_backends
 from .allgather_kv import allgather_kv_attention
 from .ring import ring_attention
 from .validation import agree, trust
+from ..errors import VitkernTypeError, VitkernValueError
 
 
 def _group_or_world(group):
@@ -63,9 +64,9 @@ def _scalar_problem(scale, return_lse, backend) -> Optional[tuple]:
 
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
                               or not math.isfinite(scale)):
-        return ValueError, f"scale: expected None or a finite float, got {scale!r}"
+        return VitkernValueError, f"scale: expected None or a finite float, got {scale!r}"
     if not isinstance(return_lse, bool):
-        return TypeError, f"return_lse: expected a bool, got {type(return_lse).__name__}"
+        return VitkernTypeError, f"return_lse: expected a bool, got {type(return_lse).__name__}"
     if backend is not None and backend not in available_backends():
-        return ValueError, f"backend: expected None or one of {available_backends()}, got {backend!r}"
+        return VitkernValueError, f"backend: expected None or one of {available_backends()}, got {backend!r}"
     return None

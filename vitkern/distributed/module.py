@@ -6,6 +6,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .attention import sequence_parallel_attention
+from ..errors import VitkernValueError
 
 
 class SequenceParallelAttention(nn.Module):
@@ -22,8 +23,8 @@ class SequenceParallelAttention(nn.Module):
                  backend: Optional[str] = None):
         super().__init__()
         if not isinstance(dim, int) or not isinstance(num_heads, int) or num_heads < 1 or dim % num_heads:
-            raise ValueError(f"dim/num_heads: expected positive ints with dim divisible by num_heads, got "
-                             f"dim={dim!r}, num_heads={num_heads!r}")
+            raise VitkernValueError(f"dim/num_heads: expected positive ints with dim divisible by num_heads, got "
+                                    f"dim={dim!r}, num_heads={num_heads!r}")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.group, self.mode, self.backend = group, mode, backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -31,8 +32,8 @@ class SequenceParallelAttention(nn.Module):
 
     def forward(self, x_local: Tensor, cu_seqlens: Optional[Tensor] = None, shard_sizes=None) -> Tensor:
         if not isinstance(x_local, Tensor) or x_local.dim() != 2:
-            raise ValueError(f"x_local: expected a 2-D tensor [T_local, C], got "
-                             f"{tuple(x_local.shape) if isinstance(x_local, Tensor) else type(x_local).__name__}")
+            raise VitkernValueError(f"x_local: expected a 2-D tensor [T_local, C], got "
+                                    f"{tuple(x_local.shape) if isinstance(x_local, Tensor) else type(x_local).__name__}")
         t = x_local.shape[0]
         q, k, v = self.qkv(x_local).view(t, 3, self.num_heads, self.head_dim).unbind(1)
         out = sequence_parallel_attention(q, k, v, group=self.group, cu_seqlens=cu_seqlens, mode=self.mode,

@@ -21,7 +21,7 @@ Cost: the forward does the same work as allgather_kv; the backward does, per blo
 with values Dv + 2D wide instead of one backward with Dv: about 2-3x the backward's work (measured 2.7x the
 allgather_kv step at P = 1 on CPU). A backend entry point that takes the global (out, lse) -- the fused kernels
 already compute delta = rowsum(dO * O) from the out they are given -- would bring it to one plain backward per
-block. Precision: the merge uses the op's float32 log-sum-exp, so float64 inputs get float32-accurate weights.
+block. Precision: the merge uses the op's log-sum-exp, float64 for float64 inputs.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _block_cu(cu_seqlens: Optional[Tensor], lo: int, hi: int, device) -> Tensor:
 
 
 def _merge(out_acc: Tensor, lse_acc: Tensor, out_b: Tensor, lse_b: Tensor) -> None:
-    """out_acc [T, H, Dv], lse_acc float32 [H, T] <- merged with one shard's (out_b, lse_b), in place."""
+    """out_acc [T, H, Dv], lse_acc [H, T] <- merged with one shard's (out_b, lse_b), in place."""
     cd = out_acc.dtype
     a, b = lse_acc.to(cd), lse_b.to(cd)
     new = torch.logaddexp(a, b)
@@ -148,7 +148,7 @@ class _RingAttention(torch.autograd.Function):
         meets = (overlapping_shards(layout.cu_host, offsets, rank) if layout.cu_host is not None
                  else [s > 0 and sizes[rank] > 0 for s in sizes])
         out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=cd, device=q.device)
-        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), -math.inf, dtype=cd, device=q.device)
         k_cur, v_cur = k.detach().contiguous(), v.detach().contiguous()
         for step in range(world):
             src = (rank - step) % world

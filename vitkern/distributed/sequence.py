@@ -17,6 +17,7 @@ from torch import Tensor
 from .allgather_kv import gather_tokens
 from .collectives import all_gather_flat, comm_device
 from .shards import even_shard_sizes, shard_offsets
+from ..errors import VitkernTypeError, VitkernValueError
 
 
 def _group(group):
@@ -39,15 +40,15 @@ def shard_sequence(x: Tensor, group=None, dim: int = 0, sizes: Optional[Sequence
     """
     group = _group(group)
     if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        raise VitkernTypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if not -x.dim() <= dim < x.dim():
-        raise ValueError(f"dim: expected a dim of a {x.dim()}-D tensor, got {dim}")
+        raise VitkernValueError(f"dim: expected a dim of a {x.dim()}-D tensor, got {dim}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     total = x.shape[dim]
     sizes = even_shard_sizes(total, world) if sizes is None else [int(s) for s in sizes]
     if len(sizes) != world or any(s < 0 for s in sizes) or sum(sizes) != total:
-        raise ValueError(f"sizes: expected {world} non-negative shard sizes summing to x.shape[{dim}] = {total}, "
-                         f"got {list(sizes)}")
+        raise VitkernValueError(f"sizes: expected {world} non-negative shard sizes summing to x.shape[{dim}] = {total}, "
+                                f"got {list(sizes)}")
     return x.narrow(dim, shard_offsets(sizes)[rank], sizes[rank])
 
 
@@ -59,13 +60,13 @@ def gather_sequence(x_local: Tensor, group=None, dim: int = 0) -> Tensor:
     """
     group = _group(group)
     if not isinstance(x_local, Tensor):
-        raise TypeError(f"x_local: expected a torch.Tensor, got {type(x_local).__name__}")
+        raise VitkernTypeError(f"x_local: expected a torch.Tensor, got {type(x_local).__name__}")
     if not -x_local.dim() <= dim < x_local.dim():
-        raise ValueError(f"dim: expected a dim of a {x_local.dim()}-D tensor, got {dim}")
+        raise VitkernValueError(f"dim: expected a dim of a {x_local.dim()}-D tensor, got {dim}")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     moved = x_local.movedim(dim, 0)
     if moved.dim() > 7:
-        raise ValueError(f"x_local: expected at most 7 dims, got {x_local.dim()}")
+        raise VitkernValueError(f"x_local: expected at most 7 dims, got {x_local.dim()}")
     # Every rank learns every shard's shape: the sizes to gather, and a clear error instead of a hang.
     row = torch.tensor([moved.dim()] + list(moved.shape) + [-1] * (7 - moved.dim()), dtype=torch.int64,
                        device=comm_device(group, x_local))
@@ -74,9 +75,9 @@ def gather_sequence(x_local: Tensor, group=None, dim: int = 0) -> Tensor:
     rows = table.view(world, row.numel()).tolist()
     for r, other in enumerate(rows):
         if other[0] != rows[0][0] or other[2:] != rows[0][2:]:
-            raise ValueError(f"x_local: expected shards that differ only along dim {dim}, got shape "
-                             f"{tuple(rows[0][1:1 + rows[0][0]])} on rank 0 and {tuple(other[1:1 + other[0]])} on "
-                             f"rank {r} (dim {dim} moved first)")
+            raise VitkernValueError(f"x_local: expected shards that differ only along dim {dim}, got shape "
+                                    f"{tuple(rows[0][1:1 + rows[0][0]])} on rank 0 and {tuple(other[1:1 + other[0]])} on "
+                                    f"rank {r} (dim {dim} moved first)")
     sizes = [other[1] for other in rows]
     return gather_tokens(moved, sizes, rank, group).movedim(0, dim)
 
@@ -102,7 +103,7 @@ def sum_over_ranks(x: Tensor, group=None) -> Tensor:
     ``sum_over_ranks(x_local.sum(0)) / T`` is the mean over all ranks' tokens. Collective."""
     group = _group(group)
     if not isinstance(x, Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        raise VitkernTypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     return _SumOverRanks.apply(x, group)
 
 

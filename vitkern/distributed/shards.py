@@ -10,15 +10,16 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from ..errors import VitkernValueError
 
 
 def even_shard_sizes(total: int, world_size: int) -> list[int]:
     """Sizes of ``world_size`` contiguous shards of ``total`` tokens, as even as possible (the first
     ``total % world_size`` shards get one token more, like ``torch.tensor_split``)."""
     if not isinstance(total, int) or total < 0:
-        raise ValueError(f"total: expected an int >= 0, got {total!r}")
+        raise VitkernValueError(f"total: expected an int >= 0, got {total!r}")
     if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size: expected an int >= 1, got {world_size!r}")
+        raise VitkernValueError(f"world_size: expected an int >= 1, got {world_size!r}")
     base, extra = divmod(total, world_size)
     return [base + (1 if r < extra else 0) for r in range(world_size)]
 

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .collectives import all_gather_flat, comm_device
+from ..errors import VitkernTypeError, VitkernValueError
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MODES = ("allgather_kv", "ring")
@@ -43,48 +44,48 @@ def _local_problem(q, k, v, cu_seqlens, mode, check_values: bool = True) -> Opti
     """This rank's own argument error as (exception class, message), or None. ``check_values=False`` skips the
     checks of cu_seqlens' values (they need a device-to-host copy)."""
     if mode not in _MODES:
-        return ValueError, f"mode: expected one of {_MODES}, got {mode!r}"
+        return VitkernValueError, f"mode: expected one of {_MODES}, got {mode!r}"
     for name, x in (("q_local", q), ("k_local", k), ("v_local", v)):
         if not isinstance(x, Tensor):
-            return TypeError, f"{name}: expected a torch.Tensor, got {type(x).__name__}"
+            return VitkernTypeError, f"{name}: expected a torch.Tensor, got {type(x).__name__}"
         if x.dim() != 3:
-            return ValueError, (f"{name}: expected a 3-D tensor [T_local, H, D], got {x.dim()}-D with shape "
-                                f"{tuple(x.shape)}")
+            return VitkernValueError, (f"{name}: expected a 3-D tensor [T_local, H, D], got {x.dim()}-D with shape "
+                                       f"{tuple(x.shape)}")
     if q.dtype not in _DTYPES:
-        return TypeError, f"q_local: expected a floating dtype {_DTYPES}, got {q.dtype}"
+        return VitkernTypeError, f"q_local: expected a floating dtype {_DTYPES}, got {q.dtype}"
     for name, x in (("k_local", k), ("v_local", v)):
         if x.dtype != q.dtype:
-            return TypeError, f"{name}: expected dtype {q.dtype} (q_local's), got {x.dtype}"
+            return VitkernTypeError, f"{name}: expected dtype {q.dtype} (q_local's), got {x.dtype}"
         if x.device != q.device:
-            return ValueError, f"{name}: expected device {q.device} (q_local's), got {x.device}"
+            return VitkernValueError, f"{name}: expected device {q.device} (q_local's), got {x.device}"
     if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
-        return ValueError, (f"k_local/v_local: expected the same {q.shape[0]} tokens as q_local (the rank's "
-                            f"shard of one token sequence), got k_local {tuple(k.shape)}, v_local "
-                            f"{tuple(v.shape)}")
+        return VitkernValueError, (f"k_local/v_local: expected the same {q.shape[0]} tokens as q_local (the rank's "
+                                   f"shard of one token sequence), got k_local {tuple(k.shape)}, v_local "
+                                   f"{tuple(v.shape)}")
     if k.shape[2] != q.shape[2]:
-        return ValueError, f"k_local: expected head dim {q.shape[2]} (q_local's), got {k.shape[2]}"
+        return VitkernValueError, f"k_local: expected head dim {q.shape[2]} (q_local's), got {k.shape[2]}"
     if v.shape[1] != k.shape[1]:
-        return ValueError, f"v_local: expected {k.shape[1]} heads (k_local's), got {v.shape[1]}"
+        return VitkernValueError, f"v_local: expected {k.shape[1]} heads (k_local's), got {v.shape[1]}"
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        return ValueError, f"k_local: expected a head count dividing q_local's {q.shape[1]}, got {k.shape[1]}"
+        return VitkernValueError, f"k_local: expected a head count dividing q_local's {q.shape[1]}, got {k.shape[1]}"
     if q.shape[2] == 0 or v.shape[2] == 0:
-        return ValueError, f"q_local/v_local: expected head dims >= 1, got D={q.shape[2]}, Dv={v.shape[2]}"
+        return VitkernValueError, f"q_local/v_local: expected head dims >= 1, got D={q.shape[2]}, Dv={v.shape[2]}"
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, Tensor):
-            return TypeError, (f"cu_seqlens: expected None or a 1-D int32/int64 tensor, got "
-                               f"{type(cu_seqlens).__name__}")
+            return VitkernTypeError, (f"cu_seqlens: expected None or a 1-D int32/int64 tensor, got "
+                                      f"{type(cu_seqlens).__name__}")
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.numel() < 2:
-            return ValueError, (f"cu_seqlens: expected a 1-D int32/int64 tensor with at least 2 entries, got "
-                                f"{cu_seqlens.dim()}-D {cu_seqlens.dtype} with {cu_seqlens.numel()} entries")
+            return VitkernValueError, (f"cu_seqlens: expected a 1-D int32/int64 tensor with at least 2 entries, got "
+                                       f"{cu_seqlens.dim()}-D {cu_seqlens.dtype} with {cu_seqlens.numel()} entries")
         if cu_seqlens.device != q.device:
-            return ValueError, f"cu_seqlens: expected device {q.device} (q_local's), got {cu_seqlens.device}"
+            return VitkernValueError, f"cu_seqlens: expected device {q.device} (q_local's), got {cu_seqlens.device}"
         if not check_values:
             return None
         c = cu_seqlens.to(torch.int64)
         if int(c[0]) != 0:
-            return ValueError, f"cu_seqlens: expected the first entry to be 0, got {int(c[0])}"
+            return VitkernValueError, f"cu_seqlens: expected the first entry to be 0, got {int(c[0])}"
         if c.numel() > 1 and bool((c[1:] < c[:-1]).any()):
-            return ValueError, f"cu_seqlens: expected non-decreasing boundaries, got {c.tolist()[:16]}"
+            return VitkernValueError, f"cu_seqlens: expected non-decreasing boundaries, got {c.tolist()[:16]}"
     return None
 
 
@@ -122,16 +123,16 @@ def agree(q, k, v, cu_seqlens, mode: str, group, extra_problem: Optional[tuple] 
         raise problem[0](problem[1] + f" (on rank {rank})")
     bad = [r for r in range(world) if rows[r][0]]
     if bad:
-        raise ValueError(f"sequence_parallel_attention: rank(s) {bad} rejected their arguments (see the error "
-                         f"raised there); rank {rank} stops too so that no rank waits in a collective")
+        raise VitkernValueError(f"sequence_parallel_attention: rank(s) {bad} rejected their arguments (see the error "
+                                f"raised there); rank {rank} stops too so that no rank waits in a collective")
     _check_table(rows)
     sizes = [rows[r][_FLD["tq"]] for r in range(world)]
     cu_host = None
     if cu_seqlens is not None:
         cu_host = [int(x) for x in cu_seqlens.tolist()]
         if cu_host[-1] != sum(sizes):
-            raise ValueError(f"cu_seqlens: expected the last entry to be the total token count over all ranks "
-                             f"({' + '.join(map(str, sizes))} = {sum(sizes)}), got {cu_host[-1]}")
+            raise VitkernValueError(f"cu_seqlens: expected the last entry to be the total token count over all ranks "
+                                    f"({' + '.join(map(str, sizes))} = {sum(sizes)}), got {cu_host[-1]}")
     return Layout(rank, world, sizes, cu_host)
 
 
@@ -145,24 +146,24 @@ def _check_table(rows) -> None:
             want = [first[f[n]] for n in names]
             if got != want:
                 arg = what.split()[0]
-                raise ValueError(f"{arg}: expected the same head count and head dim on every rank, but "
-                                 f"{what} has (H, D) = {tuple(want)} on rank 0 and {tuple(got)} on rank {r}")
+                raise VitkernValueError(f"{arg}: expected the same head count and head dim on every rank, but "
+                                        f"{what} has (H, D) = {tuple(want)} on rank 0 and {tuple(got)} on rank {r}")
         if row[f["mode"]] != first[f["mode"]]:
-            raise ValueError(f"mode: expected the same mode on every rank, got {_MODES[first[f['mode']]]!r} on "
-                             f"rank 0 and {_MODES[row[f['mode']]]!r} on rank {r}")
+            raise VitkernValueError(f"mode: expected the same mode on every rank, got {_MODES[first[f['mode']]]!r} on "
+                                    f"rank 0 and {_MODES[row[f['mode']]]!r} on rank {r}")
         if row[f["dtype"]] != first[f["dtype"]]:
-            raise ValueError(f"q_local: expected the same dtype on every rank, got {_DTYPES[first[f['dtype']]]} on "
-                             f"rank 0 and {_DTYPES[row[f['dtype']]]} on rank {r}")
+            raise VitkernValueError(f"q_local: expected the same dtype on every rank, got {_DTYPES[first[f['dtype']]]} on "
+                                    f"rank 0 and {_DTYPES[row[f['dtype']]]} on rank {r}")
         if (row[f["cu_len"]] < 0) != (first[f["cu_len"]] < 0):
-            raise ValueError(f"cu_seqlens: expected either every rank or no rank to pass it, got "
-                             f"{'None' if first[f['cu_len']] < 0 else 'a tensor'} on rank 0 and "
-                             f"{'None' if row[f['cu_len']] < 0 else 'a tensor'} on rank {r}")
+            raise VitkernValueError(f"cu_seqlens: expected either every rank or no rank to pass it, got "
+                                    f"{'None' if first[f['cu_len']] < 0 else 'a tensor'} on rank 0 and "
+                                    f"{'None' if row[f['cu_len']] < 0 else 'a tensor'} on rank {r}")
         if row[f["cu_len"]] != first[f["cu_len"]]:
-            raise ValueError(f"cu_seqlens: expected the same global boundaries on every rank, got "
-                             f"{first[f['cu_len']]} entries on rank 0 and {row[f['cu_len']]} on rank {r}")
+            raise VitkernValueError(f"cu_seqlens: expected the same global boundaries on every rank, got "
+                                    f"{first[f['cu_len']]} entries on rank 0 and {row[f['cu_len']]} on rank {r}")
         if row[f["cu_fp1"]:] != first[f["cu_fp1"]:] or row[f["cu_last"]] != first[f["cu_last"]]:
-            raise ValueError(f"cu_seqlens: expected the same global boundaries on every rank, but rank {r}'s "
-                             f"differ from rank 0's")
+            raise VitkernValueError(f"cu_seqlens: expected the same global boundaries on every rank, but rank {r}'s "
+                                    f"differ from rank 0's")
 
 
 def trust(q, k, v, cu_seqlens, mode: str, group, shard_sizes, extra_problem: Optional[tuple] = None,
@@ -181,12 +182,12 @@ def trust(q, k, v, cu_seqlens, mode: str, group, shard_sizes, extra_problem: Opt
     if problem is None:
         if (isinstance(shard_sizes, (str, bytes)) or not hasattr(shard_sizes, "__len__")
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shard_sizes)):
-            problem = TypeError, f"shard_sizes: expected a sequence of {world} ints >= 0, got {shard_sizes!r}"
+            problem = VitkernTypeError, f"shard_sizes: expected a sequence of {world} ints >= 0, got {shard_sizes!r}"
         elif len(shard_sizes) != world:
-            problem = ValueError, f"shard_sizes: expected {world} entries (one per rank), got {len(shard_sizes)}"
+            problem = VitkernValueError, f"shard_sizes: expected {world} entries (one per rank), got {len(shard_sizes)}"
         elif shard_sizes[rank] != q.shape[0]:
-            problem = ValueError, (f"shard_sizes: entry {rank} (this rank's) is {shard_sizes[rank]}, but q_local "
-                                   f"has {q.shape[0]} tokens")
+            problem = VitkernValueError, (f"shard_sizes: entry {rank} (this rank's) is {shard_sizes[rank]}, but q_local "
+                                          f"has {q.shape[0]} tokens")
     if problem is not None:
         raise problem[0](problem[1] + f" (on rank {rank})")
     sizes = [int(s) for s in shard_sizes]
@@ -194,6 +195,6 @@ def trust(q, k, v, cu_seqlens, mode: str, group, shard_sizes, extra_problem: Opt
     if cu_seqlens is not None and (on_cpu or need_cu_host):
         cu_host = [int(x) for x in cu_seqlens.tolist()]
         if cu_host[-1] != sum(sizes):
-            raise ValueError(f"cu_seqlens: expected the last entry to be the total token count over all ranks "
-                             f"(sum of shard_sizes = {sum(sizes)}), got {cu_host[-1]} (on rank {rank})")
+            raise VitkernValueError(f"cu_seqlens: expected the last entry to be the total token count over all ranks "
+                                    f"(sum of shard_sizes = {sum(sizes)}), got {cu_host[-1]} (on rank {rank})")
     return Layout(rank, world, sizes, cu_host)

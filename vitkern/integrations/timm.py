@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..api import scaled_dot_product_attention
 from ..nn.attention import Attention
+from ..errors import VitkernTypeError, VitkernValueError
 
 _SDPA_FUNCS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -81,7 +82,7 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None) -> int:
     picks the fastest). Raises ValueError if the model holds no attention that vitkern can take over.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        raise VitkernTypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     timm_attention = _timm_attention_class()
     count = 0
     for parent in list(model.modules()):
@@ -99,6 +100,6 @@ def patch_timm(model: nn.Module, backend: Optional[str] = None) -> int:
     if count == 0:
         already = any(isinstance(m, Attention) or type(m) in _REDIRECTED.values() for m in model.modules())
         why = "it is already patched" if already else "it holds no timm attention module that calls SDPA"
-        raise ValueError(f"model: expected a timm model with attention layers to patch, but {why} "
-                         f"({type(model).__name__})")
+        raise VitkernValueError(f"model: expected a timm model with attention layers to patch, but {why} "
+                                f"({type(model).__name__})")
     return count

@@ -19,6 +19,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ..api import scaled_dot_product_attention
+from ..errors import VitkernValueError
 
 NAME = "vitkern"
 
@@ -41,8 +42,8 @@ def vitkern_attention_forward(module: nn.Module, query: Tensor, key: Tensor, val
     attention_mask bool/float broadcasting to [B, Hq, Nq, Nk] (or None). Returns ([B, Nq, Hq, Dv], None): no
     attention probabilities are ever materialized."""
     if kwargs.get("output_attentions", False):
-        raise ValueError("output_attentions: vitkern never materializes attention probabilities; use "
-                         "attn_implementation='eager' to get them")
+        raise VitkernValueError("output_attentions: vitkern never materializes attention probabilities; use "
+                                "attn_implementation='eager' to get them")
     head_mask = None
     if attention_mask is not None and _passes_head_mask(module):
         head_mask, attention_mask = attention_mask, None

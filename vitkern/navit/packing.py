@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..cu_seqlens import lengths_to_cu_seqlens
+from ..errors import VitkernTypeError, VitkernValueError
 
 
 @dataclass(frozen=True)
@@ -68,29 +69,29 @@ class PackedBatch:
 
 def _check_images(images, patch_size: int, max_tokens: int) -> list[tuple[int, int]]:
     if not isinstance(images, (list, tuple)):
-        raise TypeError(f"images: expected a list of [C, H, W] tensors, got {type(images).__name__}")
+        raise VitkernTypeError(f"images: expected a list of [C, H, W] tensors, got {type(images).__name__}")
     if len(images) == 0:
-        raise ValueError("images: expected at least one image, got an empty list")
+        raise VitkernValueError("images: expected at least one image, got an empty list")
     if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"patch_size: expected a positive int, got {patch_size!r}")
+        raise VitkernValueError(f"patch_size: expected a positive int, got {patch_size!r}")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
+        raise VitkernValueError(f"max_tokens: expected a positive int, got {max_tokens!r}")
     first = images[0]
     grids = []
     for i, img in enumerate(images):
         if not isinstance(img, Tensor):
-            raise TypeError(f"images[{i}]: expected a torch.Tensor, got {type(img).__name__}")
+            raise VitkernTypeError(f"images[{i}]: expected a torch.Tensor, got {type(img).__name__}")
         if img.dim() != 3:
-            raise ValueError(f"images[{i}]: expected a [C, H, W] tensor, got shape {tuple(img.shape)}")
+            raise VitkernValueError(f"images[{i}]: expected a [C, H, W] tensor, got shape {tuple(img.shape)}")
         if img.shape[0] != first.shape[0]:
-            raise ValueError(f"images[{i}]: expected {first.shape[0]} channels (as images[0]), got {img.shape[0]}")
+            raise VitkernValueError(f"images[{i}]: expected {first.shape[0]} channels (as images[0]), got {img.shape[0]}")
         if img.dtype != first.dtype or img.device != first.device:
-            raise ValueError(f"images[{i}]: expected dtype {first.dtype} on {first.device} (as images[0]), got "
-                             f"{img.dtype} on {img.device}")
+            raise VitkernValueError(f"images[{i}]: expected dtype {first.dtype} on {first.device} (as images[0]), got "
+                                    f"{img.dtype} on {img.device}")
         h, w = img.shape[1], img.shape[2]
         if h % patch_size or w % patch_size or h == 0 or w == 0:
-            raise ValueError(f"images[{i}]: expected height and width divisible by patch_size={patch_size}, got "
-                             f"{h}x{w}")
+            raise VitkernValueError(f"images[{i}]: expected height and width divisible by patch_size={patch_size}, got "
+                                    f"{h}x{w}")
         grids.append((h // patch_size, w // patch_size))
     return grids
 
@@ -103,7 +104,7 @@ def greedy_pack(lengths: Sequence[int], max_tokens: int, sort: bool = False) -> 
     """
     for i, n in enumerate(lengths):
         if n > max_tokens:
-            raise ValueError(f"images[{i}]: {n} tokens does not fit the token budget max_tokens={max_tokens}")
+            raise VitkernValueError(f"images[{i}]: {n} tokens does not fit the token budget max_tokens={max_tokens}")
     items = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else range(len(lengths))
     bins: list[list[int]] = []
     room: list[int] = []
@@ -178,7 +179,7 @@ def pack_images(images: Sequence[Tensor], patch_size: int, max_tokens: int, *, d
 def unpack(x: Tensor, batch: PackedBatch) -> list[Tensor]:
     """Per-token outputs x [T, ...] -> list of [n_i, ...], one per input image, in input order."""
     if x.shape[0] != batch.image_ids.numel():
-        raise ValueError(f"x: expected {batch.image_ids.numel()} tokens in dim 0 (the batch's), got {x.shape[0]}")
+        raise VitkernValueError(f"x: expected {batch.image_ids.numel()} tokens in dim 0 (the batch's), got {x.shape[0]}")
     parts = torch.split(x, batch.lengths.tolist(), dim=0)
     out: list[Optional[Tensor]] = [None] * batch.num_images
     for packed_index, input_index in enumerate(batch.order.tolist()):
@@ -189,7 +190,7 @@ def unpack(x: Tensor, batch: PackedBatch) -> list[Tensor]:
 def to_input_order(per_image: Tensor, batch: PackedBatch) -> Tensor:
     """Per-image outputs in packed order [I, ...] (e.g. pooled features) -> the same in input order."""
     if per_image.shape[0] != batch.num_images:
-        raise ValueError(f"per_image: expected {batch.num_images} rows (one per image), got {per_image.shape[0]}")
+        raise VitkernValueError(f"per_image: expected {batch.num_images} rows (one per image), got {per_image.shape[0]}")
     out = torch.empty_like(per_image)
     out[batch.order] = per_image
     return out

@@ -11,16 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from ..api import varlen_attention
+from ..errors import VitkernValueError
 
 
 def _check_packed(x: Tensor, cu_seqlens: Tensor) -> None:
     if not isinstance(x, Tensor) or x.dim() != 2:
-        raise ValueError(f"x: expected a packed [T, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        raise VitkernValueError(f"x: expected a packed [T, C] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.is_floating_point():
-        raise ValueError("cu_seqlens: expected a 1-D integer tensor [I + 1]")
+        raise VitkernValueError("cu_seqlens: expected a 1-D integer tensor [I + 1]")
     if cu_seqlens.numel() < 1 or int(cu_seqlens[-1]) != x.shape[0]:
-        raise ValueError(f"cu_seqlens: expected the last entry to equal x's token count {x.shape[0]}, got "
-                         f"{cu_seqlens.tolist()[-1:]}")
+        raise VitkernValueError(f"cu_seqlens: expected the last entry to equal x's token count {x.shape[0]}, got "
+                                f"{cu_seqlens.tolist()[-1:]}")
 
 
 def masked_mean_pool(x: Tensor, cu_seqlens: Tensor) -> Tensor:
@@ -41,7 +42,7 @@ class AttentionPool(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, *, backend: Optional[str] = None):
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
+            raise VitkernValueError(f"dim: expected a multiple of num_heads={num_heads}, got {dim}")
         self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
         self.query = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)

@@ -7,13 +7,14 @@ import math
 
 import torch
 from torch import Tensor, nn
+from ..errors import VitkernValueError
 
 
 def sincos_1d(coords: Tensor, dim: int, scale: float) -> Tensor:
     """coords [T] (fractions in [0, 1)) -> [T, dim]: sin and cos of coords·scale at dim/2 geometric frequencies
     (periods from 2π up to 2π·10000, as in the Transformer's sinusoidal embedding)."""
     if dim % 2:
-        raise ValueError(f"dim: expected an even size for sin-cos embeddings, got {dim}")
+        raise VitkernValueError(f"dim: expected an even size for sin-cos embeddings, got {dim}")
     freqs = torch.exp(-math.log(10000.0) * torch.arange(dim // 2, device=coords.device, dtype=torch.float32)
                       / (dim // 2))
     angles = (coords.to(torch.float32) * scale)[:, None] * freqs[None, :]
@@ -31,20 +32,20 @@ class FractionalPosEmbed(nn.Module):
     def __init__(self, dim: int, kind: str = "learned", num_buckets: int = 32) -> None:
         super().__init__()
         if kind not in ("learned", "sincos"):
-            raise ValueError(f"kind: expected 'learned' or 'sincos', got {kind!r}")
+            raise VitkernValueError(f"kind: expected 'learned' or 'sincos', got {kind!r}")
         if num_buckets < 1:
-            raise ValueError(f"num_buckets: expected a positive int, got {num_buckets!r}")
+            raise VitkernValueError(f"num_buckets: expected a positive int, got {num_buckets!r}")
         self.dim, self.kind, self.num_buckets = dim, kind, num_buckets
         if kind == "learned":
             self.y_table = nn.Parameter(torch.randn(num_buckets, dim) * 0.02)
             self.x_table = nn.Parameter(torch.randn(num_buckets, dim) * 0.02)
         elif dim % 2:
-            raise ValueError(f"dim: expected an even size for kind='sincos', got {dim}")
+            raise VitkernValueError(f"dim: expected an even size for kind='sincos', got {dim}")
 
     def forward(self, frac: Tensor) -> Tensor:
         if frac.dim() != 2 or frac.shape[1] != 2 or not frac.is_floating_point():
-            raise ValueError(f"frac: expected a float [T, 2] tensor of (y/H, x/W), got {frac.dtype} "
-                             f"{tuple(frac.shape)}")
+            raise VitkernValueError(f"frac: expected a float [T, 2] tensor of (y/H, x/W), got {frac.dtype} "
+                                    f"{tuple(frac.shape)}")
         if self.kind == "learned":
             idx = (frac * self.num_buckets).floor().long().clamp(0, self.num_buckets - 1)
             return self.y_table[idx[:, 0]] + self.x_table[idx[:, 1]]

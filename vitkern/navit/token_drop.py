@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from ..errors import VitkernValueError
 
 
 def keep_counts(lengths: Tensor, drop_rate, generator: Optional[torch.Generator] = None) -> Tensor:
@@ -19,7 +20,7 @@ def keep_counts(lengths: Tensor, drop_rate, generator: Optional[torch.Generator]
     n = lengths.numel()
     if isinstance(drop_rate, tuple):
         if len(drop_rate) != 2 or not 0.0 <= drop_rate[0] <= drop_rate[1] < 1.0:
-            raise ValueError(f"drop_rate: expected (low, high) with 0 <= low <= high < 1, got {drop_rate!r}")
+            raise VitkernValueError(f"drop_rate: expected (low, high) with 0 <= low <= high < 1, got {drop_rate!r}")
         low, high = drop_rate
         rates = low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
     elif isinstance(drop_rate, (float, int)) and not isinstance(drop_rate, bool):
@@ -27,12 +28,12 @@ def keep_counts(lengths: Tensor, drop_rate, generator: Optional[torch.Generator]
     else:
         rates = torch.as_tensor(drop_rate, dtype=torch.float64).cpu()
         if rates.shape != (n,):
-            raise ValueError(f"drop_rate: expected a float, a (low, high) tuple or {n} per-image rates, got shape "
-                             f"{tuple(rates.shape)}")
+            raise VitkernValueError(f"drop_rate: expected a float, a (low, high) tuple or {n} per-image rates, got shape "
+                                    f"{tuple(rates.shape)}")
     bad = ~((rates >= 0) & (rates < 1))
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"drop_rate: expected rates in [0, 1), got {float(rates[i])} for images[{i}]")
+        raise VitkernValueError(f"drop_rate: expected rates in [0, 1), got {float(rates[i])} for images[{i}]")
     kept = torch.round(lengths.cpu().to(torch.float64) * (1.0 - rates)).to(torch.int64)
     return torch.minimum(kept.clamp(min=1), lengths.cpu())
 
@@ -63,8 +64,8 @@ def drop_tokens(batch, drop_rate, generator: Optional[torch.Generator] = None):
     else:
         rates = torch.as_tensor(drop_rate, dtype=torch.float64).cpu()
         if rates.shape != (batch.num_images,):
-            raise ValueError(f"drop_rate: expected a float, a (low, high) tuple or {batch.num_images} per-image "
-                             f"rates, got shape {tuple(rates.shape)}")
+            raise VitkernValueError(f"drop_rate: expected a float, a (low, high) tuple or {batch.num_images} per-image "
+                                    f"rates, got shape {tuple(rates.shape)}")
         kept = keep_counts(lengths, rates[batch.order.cpu()], generator)
     keep = select_kept(lengths, kept, generator).to(batch.patches.device)
     return replace(batch, patches=batch.patches[keep], image_ids=batch.image_ids[keep],

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import scaled_dot_product_attention, varlen_attention
+from ..errors import VitkernTypeError, VitkernValueError
 
 # "torch" is not a vitkern backend: it routes to torch's own SDPA (a dense block-diagonal mask for packed input),
 # the baseline the benchmarks compare against.
@@ -43,7 +44,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
                                             scale=scale, backend=backend)
     if backend == TORCH_BASELINE:
         if is_causal:
-            raise ValueError("backend='torch': the packed baseline has no causal mode; use a vitkern backend")
+            raise VitkernValueError("backend='torch': the packed baseline has no causal mode; use a vitkern backend")
         mask = _block_diagonal_mask(cu_seqlens, q.shape[0])
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
                                              attn_mask=mask, dropout_p=dropout_p, scale=scale)
@@ -69,14 +70,14 @@ class Attention(nn.Module):
                  backend: Optional[str] = None) -> None:
         super().__init__()
         if not isinstance(num_heads, int) or num_heads < 1:
-            raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
+            raise VitkernValueError(f"num_heads: expected a positive int, got {num_heads!r}")
         if attn_head_dim is None:
             if dim % num_heads:
-                raise ValueError(f"dim: expected a multiple of num_heads={num_heads} (or pass attn_head_dim), "
-                                 f"got {dim}")
+                raise VitkernValueError(f"dim: expected a multiple of num_heads={num_heads} (or pass attn_head_dim), "
+                                        f"got {dim}")
             attn_head_dim = dim // num_heads
         if (qk_norm or scale_norm) and norm_layer is None:
-            raise ValueError("norm_layer: required when qk_norm or scale_norm is True, got None")
+            raise VitkernValueError("norm_layer: required when qk_norm or scale_norm is True, got None")
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.head_dim = attn_head_dim
@@ -105,8 +106,8 @@ class Attention(nn.Module):
             new.gate = None
         missing = {"qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"} - set(module._modules)
         if missing:
-            raise TypeError(f"module: expected a timm Attention with submodules qkv, q_norm, k_norm, attn_drop, "
-                            f"norm, proj, proj_drop; {type(module).__name__} lacks {sorted(missing)}")
+            raise VitkernTypeError(f"module: expected a timm Attention with submodules qkv, q_norm, k_norm, attn_drop, "
+                                   f"norm, proj, proj_drop; {type(module).__name__} lacks {sorted(missing)}")
         for name, child in module._modules.items():  # timm's registration order, so state-dict order too
             setattr(new, name, child)
         new.train(module.training)
@@ -118,15 +119,15 @@ class Attention(nn.Module):
         scores) or packed x [T, C] with cu_seqlens [S + 1] (tokens attend within their segment only).
         Returns [B, N, dim_out] or [T, dim_out]."""
         if not isinstance(x, Tensor):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+            raise VitkernTypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         packed = cu_seqlens is not None
         if x.dim() != (2 if packed else 3):
             want = "[T, C] (packed, since cu_seqlens was given)" if packed else "[B, N, C]"
-            raise ValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
+            raise VitkernValueError(f"x: expected {want}, got shape {tuple(x.shape)}")
         if x.shape[-1] != self.qkv.in_features:
-            raise ValueError(f"x: expected {self.qkv.in_features} channels in the last dim, got {x.shape[-1]}")
+            raise VitkernValueError(f"x: expected {self.qkv.in_features} channels in the last dim, got {x.shape[-1]}")
         if packed and attn_mask is not None:
-            raise ValueError("attn_mask: must be None with cu_seqlens (the segments are the mask), got a tensor")
+            raise VitkernValueError("attn_mask: must be None with cu_seqlens (the segments are the mask), got a tensor")
         lead = x.shape[:-1]
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(*lead, 3, self.num_heads, self.head_dim)
