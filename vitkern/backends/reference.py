@@ -84,6 +84,14 @@ def _fold_groups(g: Tensor, hk: int) -> Tensor:
     return g.view(b, hk, hq // hk, n, d).sum(2) if hq != hk else g
 
 
+def _weighted(w: Tensor, x: Tensor) -> Tensor:
+    """w @ x, where a NaN in a row of x reaches only the outputs that weigh it (w != 0): the fused kernels never
+    read another packed sequence's rows or a skipped tile, and this one-tile spec must not either (0 * NaN = NaN)."""
+    nan_x = torch.isnan(x)
+    out = torch.matmul(w, x.masked_fill(nan_x, 0))
+    return out.masked_fill(torch.matmul((w != 0).to(w.dtype), nan_x.to(w.dtype)) > 0, math.nan)
+
+
 class ReferenceBackend(Backend):
     name = "reference"
 
@@ -104,7 +112,7 @@ class ReferenceBackend(Backend):
         p = torch.where(denom == 0, torch.zeros_like(p), p / denom)
         if dropout_p > 0:
             p = p * _dropout_keep(q, k.shape[2], seed, dropout_p) * _dropout_scale(dropout_p)
-        o = torch.matmul(p, _expand_kv(v, q.shape[1] // k.shape[1], cd))
+        o = _weighted(p, _expand_kv(v, q.shape[1] // k.shape[1], cd))
         out = empty_bhnd(q.shape[0], q.shape[1], q.shape[2], v.shape[3], q)
         out.copy_(o)
         return out, lse
@@ -126,13 +134,13 @@ class ReferenceBackend(Backend):
             pd, dp = p * keep, dp * keep
         else:
             pd = p
-        dv = torch.matmul(pd.transpose(-1, -2), do)
+        dv = _weighted(pd.transpose(-1, -2), do)
         # delta from the given out (as the fused kernels do), not from P: callers such as the ring mode of
         # vitkern.distributed pass an out and lse merged over several calls.
         delta = (do * out.to(cd)).sum(-1, keepdim=True)
-        ds = p * (dp - delta)
-        dq = torch.matmul(ds, kk) * scale
-        dk = torch.matmul(ds.transpose(-1, -2), q.to(cd)) * scale
+        ds = torch.where(p == 0, 0, p * (dp - delta))  # a pair that takes no part gives no gradient, NaN or not
+        dq = _weighted(ds, kk) * scale
+        dk = _weighted(ds.transpose(-1, -2), q.to(cd)) * scale
         b, hq, nq, d = q.shape
         nk, hk = k.shape[2], k.shape[1]
         dq_out = empty_bhnd(b, hq, nq, d, q)
