@@ -4,10 +4,9 @@ from __future__ import annotations
 import torch
 
 import truth
+from error_model import FLOOR, recompute_bounds, tolerance
 
-# Floor of the allowed error, per dtype, relative to the largest value compared. The main term is relative to how far the same
-# math done naively in the input dtype lands from float64 (flash-attn's test rule).
-ATOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATOL = FLOOR  # the floor of error_model.py, per dtype
 
 
 def rand(*shape, dtype=torch.float32, device="cpu", requires_grad=False, gen=None):
@@ -28,21 +27,22 @@ def max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
-def assert_close_to_truth(got, exact, naive_lowp, what: str, factor: float = 2.0, extra: float = 0.0):
-    """|got - exact| <= factor * |naive_lowp - exact| + ATOL[dtype]; exact in float64, naive_lowp the same
-    math in got's dtype (None for float64, where the floor alone rules)."""
+def assert_close_to_truth(got, exact, naive_lowp, what: str, recompute: float = 0.0):
+    """|got - exact| <= error_model.tolerance; exact in float64, naive_lowp the same math in got's dtype (None for
+    float64, where the floor alone rules); ``recompute``: the flash backward's recompute term, if the test has one."""
     assert got.shape == exact.shape, f"{what}: shape {tuple(got.shape)} != expected {tuple(exact.shape)}"
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     base = max_err(naive_lowp, exact) if naive_lowp is not None else 0.0
-    # The floor scales with the values' magnitude (gradients at large logits are large).
-    tol = factor * base + ATOL[got.dtype] * max(1.0, exact.abs().max().item() if exact.numel() else 0.0) + extra
+    tol = tolerance(exact, base, got.dtype, recompute)
     err = max_err(got, exact)
     assert err <= tol, f"{what}: max error {err:.3e} > tolerance {tol:.3e} (naive {got.dtype} error {base:.3e})"
 
 
-def check_against_truth(fn, args_lowp, truth_fn, what, dout_seed=1, grads=True, lse_magnitude=0.0):
+def check_against_truth(fn, args_lowp, truth_fn, what, dout_seed=1, grads=True, recompute_scale=None,
+                        packed=False):
     """Run ``fn(*args)`` (the backend) and ``truth_fn(*args)`` in float64 and in the low dtype; compare the
-    outputs and, if ``grads``, the gradients of every floating input that requires grad."""
+    outputs and, if ``grads``, the gradients of every floating input that requires grad. Tests with large scores
+    give ``recompute_scale`` (the softmax scale) to add error_model's recompute term (args = q, k, v, ...)."""
     dtype = args_lowp[0].dtype
     leaves = [a for a in args_lowp if isinstance(a, torch.Tensor) and a.requires_grad]
     out = fn(*args_lowp)
@@ -67,11 +67,10 @@ def check_against_truth(fn, args_lowp, truth_fn, what, dout_seed=1, grads=True, 
         low_leaves = [a for a in low_args if isinstance(a, torch.Tensor) and a.requires_grad]
         lg = torch.autograd.grad(lowp, low_leaves, dout.to(dtype))
     names = "qkvm"
+    bounds = [0.0] * len(got)
+    if recompute_scale is not None:
+        bounds[:3] = recompute_bounds(truth_fn, args_lowp, dout, recompute_scale, packed=packed)
     for i, (g, e) in enumerate(zip(got, ex)):
-        # A flash backward recomputes P = exp(s - lse) from an fp32 lse: its rounding, ulp(|lse|), scales each
-        # row of P by a common (1 + eps), which moves the gradients by about eps times their size. Zero unless
-        # the test makes |lse| large.
-        lse_term = 2.0 * torch.finfo(torch.float32).eps * lse_magnitude * (e.abs().max().item() if e.numel() else 0.0)
         assert_close_to_truth(g, e, lg[i] if lg is not None else None, f"{what} grad d{names[min(i, 3)]}",
-                              extra=lse_term)
+                              recompute=bounds[i])
     return out

@@ -207,9 +207,8 @@ def test_large_logits_do_not_overflow(prof):
     q = (q * 40).requires_grad_()
     k = (k * 40).requires_grad_()
     v = v.requires_grad_()
-    lse_max = truth.logsumexp(q.detach(), k.detach()).abs().max().item()
-    assert lse_max > 3e3
-    check_against_truth(sdpa(prof), (q, k, v), truth.attention, "large logits", lse_magnitude=lse_max)
+    assert truth.logsumexp(q.detach(), k.detach()).abs().max().item() > 3e3
+    check_against_truth(sdpa(prof), (q, k, v), truth.attention, "large logits", recompute_scale=32 ** -0.5)
 
 
 def test_float_mask_gradient(prof):
