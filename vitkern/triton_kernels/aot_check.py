@@ -12,6 +12,8 @@ not only the static table's tiles. Usage (TRITON_INTERPRET must be unset):
     python -m vitkern.triton_kernels.aot_check            # a representative set x every candidate (minutes)
     python -m vitkern.triton_kernels.aot_check --static   # the representative set, static table only
     python -m vitkern.triton_kernels.aot_check --quick    # one variant, static table only
+    python -m vitkern.triton_kernels.aot_check --record   # every neighbour; prints config.py's record of this
+                                                          # Triton release (spills, replaced table entries)
 """
 from __future__ import annotations
 
@@ -91,13 +93,45 @@ def _variants(quick: bool):
     return out
 
 
-def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n) -> list:
+def _heavy(kernel, mask_kind, varlen, dropout) -> bool:
+    """The ``heavy`` flag the launch code passes for this kernel (attention_fwd / attention_bwd)."""
+    return mask_kind != 0 or dropout or (varlen and kernel != "fwd")
+
+
+def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n, every=False) -> list:
     """(fwd, dK/dV, dQ) configs to compile for one variant: the i-th candidate of each kernel together (None:
-    that kernel has fewer candidates, its table entry stands in and is compiled once)."""
-    heavy_fwd = mask_kind != 0 or dropout
-    lists = [config.candidates(kernel, d, d, dtype, heavy_fwd if kernel == "fwd" else heavy_fwd or varlen)
+    that kernel has fewer candidates, its table entry stands in and is compiled once). ``every``: every
+    neighbour, also those the record lists as spilling."""
+    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout), every=every)
              for kernel in config.KERNELS]
     return list(itertools.zip_longest(*lists))
+
+
+_TUNED = {"_attention_fwd_kernel": "fwd", "_bwd_dkdv_kernel": "bwd_dkdv", "_bwd_dq_kernel": "bwd_dq"}
+
+
+def release_record(results) -> tuple:
+    """(spills, table) for config.TRITON_RECORDS from check()'s results: a launch config spills for a key
+    (kernel, bits, width class, heavy) when it spills in any variant of the key; a table entry that spills is
+    replaced by the first candidate (in config.candidates' order) that compiled clean in every variant."""
+    spills, clean, order = {}, {}, {}
+    for r in results:
+        kernel = _TUNED.get(r["kernel"])
+        if kernel is None or r["stack"] is None:
+            continue
+        key = (kernel, config._bits(r["dtype"]), config._width_class(r["d"], r["d"]),
+               _heavy(kernel, r["mask"], r["varlen"], r["dropout"]))
+        cfg = tuple(r["cfg"])
+        (spills if r["stack"] else clean).setdefault(key, set()).add(cfg)
+        order.setdefault(key, r["candidates"])
+    table = {}
+    for key, bad in spills.items():
+        first = tuple(order[key][0])
+        if first in bad:
+            ok = [c for c in order[key] if tuple(c) not in bad and tuple(c) in clean.get(key, ())]
+            if ok:
+                table[key] = config.LaunchConfig(*ok[0])
+    return spills, table
 
 
 def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None, None)):
@@ -137,9 +171,11 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
     return summaries[:1] + fwd + bwd
 
 
-def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True) -> list[str]:
-    """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``); returns
-    the failures (compile errors, shared memory over the limit, spills)."""
+def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True, every: bool = False,
+          results: list = None) -> list[str]:
+    """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``; with every
+    neighbour when ``every``); returns the failures (compile errors, shared memory over the limit, spills).
+    ``results``, when given, gets one dict per compiled kernel (for release_record)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -149,7 +185,7 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
     target = GPUTarget("cuda", arch, 32)
     failures, seen = [], set()
     jobs = [(variant, cfgs) for variant in _variants(quick)
-            for cfgs in (_candidate_sets(*variant) if candidates and not quick else [(None, None, None)])]
+            for cfgs in (_candidate_sets(*variant, every=every) if candidates and not quick else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
         for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
@@ -180,6 +216,13 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
             if stack:
                 bad.append(f"spills {stack} B per thread")
             failures += [f"{what}: {b}" for b in bad]
+            if results is not None and kernel.__name__ in _TUNED:
+                tuned = _TUNED[kernel.__name__]
+                results.append({"kernel": kernel.__name__, "dtype": dtype, "d": d, "mask": mk, "varlen": varlen,
+                                "dropout": dropout, "stack": stack,
+                                "cfg": (kw["BLOCK_M"], kw["BLOCK_N"], options["num_warps"], options["num_stages"]),
+                                "candidates": [tuple(vars(c).values()) for c in config.candidates(
+                                    tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout), every=True)]})
             if verbose:
                 print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
                       f"{time.time() - t0:.1f} s", flush=True)
@@ -191,11 +234,22 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one variant, static table only")
     ap.add_argument("--static", action="store_true", help="the static table only, not every autotune candidate")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
+    ap.add_argument("--record", action="store_true",
+                    help="compile every neighbour and print this Triton release's entry of config.TRITON_RECORDS")
     args = ap.parse_args(argv)
-    failures = check(args.quick, args.arch, candidates=not args.static)
+    results = []
+    failures = check(args.quick, args.arch, candidates=not args.static, every=args.record, results=results)
     print(f"{len(failures)} problem(s)")
     for f in failures:
         print("  ", f)
+    if args.record:
+        spills, table = release_record(results)
+        print(f"\n# config.TRITON_RECORDS entry for Triton {'.'.join(map(str, config.triton_version()))}, sm_{args.arch}:")
+        print(f"{config.triton_version()}: TritonRecord(")
+        print("    {" + ",\n     ".join(f"{k!r}: {sorted(v)!r}".replace("[", "{").replace("]", "}")
+                                       for k, v in sorted(spills.items())) + "},")
+        print("    {" + ",\n     ".join(f"{k!r}: {v!r}" for k, v in sorted(table.items())) + "}),")
+        return 0 if not [f for f in failures if "spills" not in f] else 1
     return 1 if failures else 0
 
 
