@@ -26,14 +26,16 @@ def test_plan_runs_every_gpu_case_in_order():
     assert cases[0].batch == 256 and cases[2].seqlen == 50176 and cases[1].batch == 32
     some = bench_gpu.build_cases(_args("--fa3-seqs", "1024,4096", "--fa3-dims", "128", "--workloads", "fa3-grid"),
                                  "cuda")
-    assert [(c.seqlen, c.head_dim) for c in some] == [(1024, 128), (4096, 128)]
+    assert [(c.seqlen, c.head_dim) for c in some] == [(4096, 128), (1024, 128)]     # the targets' first
 
 
 def test_flex_selection():
     cases = bench_gpu.build_cases(_args(), "cuda")
     rule = bench_gpu.flex_rule(bench_gpu.DEFAULT_FLEX)
-    assert [c.workload for c in cases if rule(c)] == ["vit-b16", "navit-packed", "pit-224", "fa3-grid", "fa3-grid"]
-    assert all(c.seqlen == 4096 for c in cases if rule(c) and c.workload == "fa3-grid")
+    assert [c.workload for c in cases if rule(c)] == ["vit-b16", "navit-packed"]
+    rule = bench_gpu.flex_rule("pit-224,fa3-grid@4096")
+    assert [(c.workload, c.seqlen, c.head_dim) for c in cases if rule(c)] == [
+        ("pit-224", 50176, 64), ("fa3-grid", 4096, 128), ("fa3-grid", 4096, 64)]
     assert all(bench_gpu.flex_rule("all")(c) for c in cases) and not any(bench_gpu.flex_rule("none")(c) for c in cases)
     with pytest.raises(ValueError, match="--flex"):
         bench_gpu.flex_rule("fa3-grid@many")

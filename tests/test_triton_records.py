@@ -96,3 +96,23 @@ def test_release_record_keeps_a_clean_table_entry():
     spills, replaced = aot_check.release_record([_result("_attention_fwd_kernel", cands[0], 0, cands, mask=0),
                                                  _result("_attention_fwd_kernel", cands[1], 32, cands, mask=0)])
     assert spills == {("fwd", "16", 128, False): {cands[1]}} and replaced == {}
+
+
+@pytest.mark.parametrize("source,numpy_version,bad", [
+    ("lambda self: int(self.handle.data))", "2.4.6", True),            # Triton 3.6's interpreter
+    ("lambda self: int(self.handle.data))", "2.3.5", False),
+    ("lambda self: int(self.handle.data.squeeze()))", "2.4.6", False),  # Triton 3.8's
+])
+def test_interpreter_numpy_problem_is_named(monkeypatch, source, numpy_version, bad):
+    import inspect
+
+    import numpy
+    from vitkern.backends import triton_backend
+    monkeypatch.setattr(triton_backend, "_INTERP_PROBLEM", None)
+    monkeypatch.setattr(inspect, "getsource", lambda obj: source)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = triton_backend._interpreter_problem()
+    assert (problem is not None) == bad
+    if bad:
+        assert "numpy below 2.4" in problem and numpy_version in problem
+    monkeypatch.setattr(triton_backend, "_INTERP_PROBLEM", None)
