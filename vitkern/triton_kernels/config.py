@@ -6,7 +6,10 @@ from Triton's integer specialization, see ``do_not_specialize`` in the kernels).
 (``forward_config`` / ``backward_configs``) is a spill-free first guess for Hopper (H100/H200); on a GPU the
 autotuner (autotune.py) times it against a few neighbours (``candidates``: the table entry first, then block
 sizes halved/doubled, num_warps 4/8, num_stages +-1, the ones that spill on sm_90 left out) once per key and
-keeps the fastest; ``VITKERN_TRITON_AUTOTUNE=0`` keeps the table. The interpreter uses the table's 32x16 tiles
+keeps the fastest; ``VITKERN_TRITON_AUTOTUNE=0`` keeps the table. Register allocation differs between Triton
+releases, so what spills is recorded per release (``TRITON_RECORDS``: the spilling launch configs, and the table
+entries replaced under that release; the installed release's, or the nearest recorded one's, applies). The
+interpreter uses the table's 32x16 tiles
 forward and 16x32 backward, so that tiny test shapes still cross tile boundaries and code that mixes up
 BLOCK_M and BLOCK_N fails there.
 """
@@ -159,6 +162,21 @@ _SPILLS_3_8 = {
 }
 
 
+def _merged(*records: dict) -> dict:
+    out: dict = {}
+    for rec in records:
+        for key, cfgs in rec.items():
+            out[key] = out.get(key, set()) | set(cfgs)
+    return out
+
+
+# Triton 3.6.0 (torch 2.11's: the lent GPU machines'). Measured: the autotuner's candidates (aot_check without
+# --record) compiled with 3.6; the neighbours 3.6 was not asked to compile keep 3.8's verdict.
+_SPILLS_3_6 = _merged(_SPILLS_3_8, {
+    ('fwd', '16', 128, True): {(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3)},
+})
+
+
 @dataclass(frozen=True)
 class TritonRecord:
     """What one Triton release compiles differently: ``spills`` (keyed as _SPILLS_3_8) and ``table``: static
@@ -171,6 +189,10 @@ class TritonRecord:
 # Per Triton (major, minor). The register allocation moves between releases (a tile that fits in one spills in
 # another), so each release the package supports has its own record; aot_check --record prints one.
 TRITON_RECORDS = {
+    (3, 6): TritonRecord(_SPILLS_3_6, {
+        # 64x64 / 8 warps spills 208 B per thread under 3.6 (255 registers), at any num_stages.
+        ('fwd', '16', 128, True): LaunchConfig(32, 64, 8, 2),
+    }),
     (3, 8): TritonRecord(_SPILLS_3_8),
 }
 
