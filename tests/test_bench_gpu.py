@@ -101,3 +101,15 @@ def test_summary_markdown_renders():
     text = bench_gpu.summary_markdown(doc)
     assert "800 TFLOP/s" in text and "vit-b16 fwd+bwd vs best SDPA | 1.1 x | 1.33 | met" in text
     assert "Not run (out of time, --deadline-s 100): fa3-grid x." in text
+
+
+def test_warm_up_never_autotunes(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_gpu.CaseRunner, "_warm_up",
+                        lambda self, peer: seen.append(bench_gpu.os.environ.get("VITKERN_TRITON_AUTOTUNE")))
+    monkeypatch.setenv("VITKERN_TRITON_AUTOTUNE", "1")
+    bench_gpu.GpuCaseRunner.__new__(bench_gpu.GpuCaseRunner)._warm_up(None)
+    assert seen == ["0"] and bench_gpu.os.environ["VITKERN_TRITON_AUTOTUNE"] == "1"
+    monkeypatch.delenv("VITKERN_TRITON_AUTOTUNE")
+    bench_gpu.GpuCaseRunner.__new__(bench_gpu.GpuCaseRunner)._warm_up(None)
+    assert seen == ["0", "0"] and "VITKERN_TRITON_AUTOTUNE" not in bench_gpu.os.environ

@@ -85,10 +85,19 @@ def test_release_record_replaces_a_spilling_table_entry():
                _result("_attention_fwd_kernel", n2, 0, cands),
                _result("_attention_fwd_kernel", n3, 0, cands),
                _result("_bwd_dq_kernel", (128, 32, 8, 2), 0, [(128, 32, 8, 2)], mask=0),
-               _result("_tile_state_kernel", (32, 32, 4, 3), 64, [])]     # not a tuned kernel: ignored
+               _result("_tile_state_kernel", n3, 8, cands),       # the mask summary with the forward's tiles
+               _result("_bwd_preprocess", (128, None, 4, 3), 64, [])]  # not tuned: ignored
     spills, replaced = aot_check.release_record(results)
-    assert spills == {HEAVY_128: {table, n1}}
+    assert spills == {HEAVY_128: {table, n1, n3}}
     assert replaced == {HEAVY_128: LaunchConfig(*n2)}
+
+
+def test_release_record_counts_a_failed_compile_as_spilling():
+    cands = [(64, 64, 8, 2), (32, 64, 8, 2)]
+    spills, replaced = aot_check.release_record([_result("_attention_fwd_kernel", cands[0], -1, cands),
+                                                 _result("_attention_fwd_kernel", cands[1], 0, cands),
+                                                 _result("_attention_fwd_kernel", cands[1], None, cands, d=96)])
+    assert spills == {HEAVY_128: {cands[0]}} and replaced == {HEAVY_128: LaunchConfig(*cands[1])}
 
 
 def test_release_record_keeps_a_clean_table_entry():

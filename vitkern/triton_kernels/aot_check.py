@@ -107,13 +107,29 @@ def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n, every=False
     return list(itertools.zip_longest(*lists))
 
 
-_TUNED = {"_attention_fwd_kernel": "fwd", "_bwd_dkdv_kernel": "bwd_dkdv", "_bwd_dq_kernel": "bwd_dq"}
+# Kernels whose launch config is autotuned (the mask summary's tiles are the forward's).
+_TUNED = {"_attention_fwd_kernel": "fwd", "_bwd_dkdv_kernel": "bwd_dkdv", "_bwd_dq_kernel": "bwd_dq",
+          "_tile_state_kernel": "fwd"}
+
+
+def _note(results, name, variant, cfg, stack) -> None:
+    """Append one compiled kernel's outcome to ``results`` (for release_record), if collecting: ``stack`` is
+    its spilled bytes per thread, -1 when it failed to compile or needs too much shared memory, None when
+    unknown (no cuobjdump)."""
+    if results is None or name not in _TUNED:
+        return
+    dtype, d, mk, causal, varlen, dropout, n = variant
+    tuned = _TUNED[name]
+    results.append({"kernel": name, "dtype": dtype, "d": d, "mask": mk, "varlen": varlen, "dropout": dropout,
+                    "stack": stack, "cfg": cfg, "candidates": [tuple(vars(c).values()) for c in config.candidates(
+                        tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout), every=True)]})
 
 
 def release_record(results) -> tuple:
     """(spills, table) for config.TRITON_RECORDS from check()'s results: a launch config spills for a key
     (kernel, bits, width class, heavy) when it spills in any variant of the key; a table entry that spills is
-    replaced by the first candidate (in config.candidates' order) that compiled clean in every variant."""
+    replaced by the first candidate (in config.candidates' order) that compiled clean in every variant. A
+    config that failed to compile (stack -1) counts as spilling."""
     spills, clean, order = {}, {}, {}
     for r in results:
         kernel = _TUNED.get(r["kernel"])
@@ -183,19 +199,24 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
     if config.interpreting():
         raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
-    failures, seen = [], set()
+    failures, seen = [], {}     # compile key -> stack bytes (None: failed or unknown)
     jobs = [(variant, cfgs) for variant in _variants(quick)
             for cfgs in (_candidate_sets(*variant, every=every) if candidates and not quick else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
+        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout))
         for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
             kw = dict(kwargs)
             options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
             sig, const, attrs = specialize(kernel, args, kw)
             key = (kernel.__name__, str(sig), str(sorted(const.items(), key=str)), str(sorted(attrs)), str(options))
+            # The mask summary kernel runs with the forward's tiles: its spills count against the forward's config.
+            cfg = tuple(vars(fwd_cfg).values()) if kernel.__name__ == "_tile_state_kernel" else \
+                (kw.get("BLOCK_M"), kw.get("BLOCK_N"), options["num_warps"], options["num_stages"])
             if key in seen:
+                _note(results, kernel.__name__, variant, cfg, seen[key])
                 continue
-            seen.add(key)
+            seen[key] = None
             what = (f"{kernel.__name__} {str(dtype)[6:]} d={d} mask={mk} causal={causal} varlen={varlen} "
                     f"dropout={dropout} n={n} blocks={kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} "
                     f"warps={options['num_warps']} stages={options['num_stages']}")
@@ -207,6 +228,8 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
                 failures.append(f"{what}: {type(e).__name__}: {msg[-1] if msg else ''}")
                 if verbose:
                     print("FAIL ", failures[-1], flush=True)
+                seen[key] = -1
+                _note(results, kernel.__name__, variant, cfg, -1)
                 continue
             shared = compiled.metadata.shared
             regs, stack = _resource_usage(compiled.asm.get("cubin"))
@@ -216,13 +239,8 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
             if stack:
                 bad.append(f"spills {stack} B per thread")
             failures += [f"{what}: {b}" for b in bad]
-            if results is not None and kernel.__name__ in _TUNED:
-                tuned = _TUNED[kernel.__name__]
-                results.append({"kernel": kernel.__name__, "dtype": dtype, "d": d, "mask": mk, "varlen": varlen,
-                                "dropout": dropout, "stack": stack,
-                                "cfg": (kw["BLOCK_M"], kw["BLOCK_N"], options["num_warps"], options["num_stages"]),
-                                "candidates": [tuple(vars(c).values()) for c in config.candidates(
-                                    tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout), every=True)]})
+            seen[key] = -1 if shared > MAX_SHARED.get(arch, MAX_SHARED[80]) else stack
+            _note(results, kernel.__name__, variant, cfg, seen[key])
             if verbose:
                 print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
                       f"{time.time() - t0:.1f} s", flush=True)

@@ -9,9 +9,8 @@ sizes halved/doubled, num_warps 4/8, num_stages +-1, the ones that spill on sm_9
 keeps the fastest; ``VITKERN_TRITON_AUTOTUNE=0`` keeps the table. Register allocation differs between Triton
 releases, so what spills is recorded per release (``TRITON_RECORDS``: the spilling launch configs, and the table
 entries replaced under that release; the installed release's, or the nearest recorded one's, applies). The
-interpreter uses the table's 32x16 tiles
-forward and 16x32 backward, so that tiny test shapes still cross tile boundaries and code that mixes up
-BLOCK_M and BLOCK_N fails there.
+interpreter uses the table's 32x16 tiles forward and 16x32 backward, so that tiny test shapes still cross tile
+boundaries and code that mixes up BLOCK_M and BLOCK_N fails there.
 """
 from __future__ import annotations
 
@@ -171,9 +170,11 @@ def _merged(*records: dict) -> dict:
 
 
 # Triton 3.6.0 (torch 2.11's: the lent GPU machines'). Measured: the autotuner's candidates (aot_check without
-# --record) compiled with 3.6; the neighbours 3.6 was not asked to compile keep 3.8's verdict.
+# --record) compiled with 3.6; the neighbours 3.6 was not asked to compile keep 3.8's verdict. (32, 128, 8, 2)
+# is the forward's mask summary kernel's (8 B with a float mask).
 _SPILLS_3_6 = _merged(_SPILLS_3_8, {
-    ('fwd', '16', 128, True): {(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3)},
+    ('fwd', '16', 128, True): {(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (32, 128, 8, 2)},
+    ('bwd_dq', '32', 128, True): {(16, 32, 4, 1)},
 })
 
 
@@ -190,13 +191,15 @@ class TritonRecord:
 # another), so each release the package supports has its own record; aot_check --record prints one.
 TRITON_RECORDS = {
     (3, 6): TritonRecord(_SPILLS_3_6, {
-        # 64x64 / 8 warps spills 208 B per thread under 3.6 (255 registers), at any num_stages.
+        # 64x64 / 8 warps spills 208-240 B per thread under 3.6 (255 registers; head dims 96-128 with a
+        # mask or dropout), at any num_stages.
         ('fwd', '16', 128, True): LaunchConfig(32, 64, 8, 2),
     }),
     (3, 8): TritonRecord(_SPILLS_3_8),
 }
 
 
+@functools.lru_cache(maxsize=None)
 def triton_version() -> tuple:
     """(major, minor) of the installed Triton, (0, 0) without one."""
     try:
