@@ -105,6 +105,7 @@ class CaseRunner:
         return sum(self._precheck(p, m) is None for p in self.peers for m in self.modes)
 
     def run(self) -> list[dict]:
+        self.budget.start_case(self.planned_cells())
         for peer in self.peers:
             self._warm_up(peer)
         inp = make_inputs(self.case, self.device, self.dtype)
@@ -115,6 +116,7 @@ class CaseRunner:
             cells += mode_cells
         del inp
         self._cleanup()
+        self.budget.end_case()
         return cells
 
     def _warm_up(self, peer: Peer) -> None:
@@ -254,7 +256,8 @@ class CaseRunner:
         if peer.compiles:  # the compiling call is never a sample, whatever its length
             _, compile_call_s, _ = measure.timed_first_call(fn, self.device, probe_memory=False)
         result, first_s, peak = measure.timed_first_call(fn, self.device)
-        self.budget.learn(peer.name, model_s, first_s)
+        compiled_s = max(0.0, compile_call_s - first_s) if peer.torch_compile and compile_call_s else None
+        self.budget.learn(peer.name, model_s, first_s, compiled_s)
         result = tuple(r.detach() for r in result)
         cell["peak_mem_bytes"] = peak
         cell["first_call_ms"] = first_s * 1e3

@@ -253,7 +253,7 @@ def test_a_slow_peer_reads_too_slow_and_is_not_called_again(monkeypatch):
     from benchmarks.budget import TimeBudget
     slow = _SlowPeer(delay=1.5, size=33)
     # 6 cells in 3 s: a fair share of 0.5 s; stretch 1 makes that the longest one call may take.
-    cells = _budget_run(monkeypatch, slow, lambda: TimeBudget(total_s=3.0, cells=6, stretch=1.0))
+    cells = _budget_run(monkeypatch, slow, lambda: TimeBudget(total_s=3.0, cases=1, stretch=1.0))
     fwd, bwd = cells[("slow", "fwd")], cells[("slow", "fwdbwd")]
     assert fwd["status"] == "too slow" and fwd["time_ms"] is None and fwd["first_call_ms"] >= 1500
     assert re.fullmatch(r"one call took 1\.[5-9] s \(budget 0\.[45] s\)", fwd["reason"]), fwd["reason"]
@@ -276,19 +276,28 @@ def test_without_a_budget_the_slow_peer_is_timed(monkeypatch):
 
 
 def test_time_budget_shares_what_is_left_and_predicts_from_first_calls():
-    from benchmarks.budget import TimeBudget
-    b = TimeBudget(total_s=100.0, cells=10, stretch=4.0)
-    assert 9.9 < b.share_s() <= 10.0 and 39.6 < b.call_limit_s() <= 40.0 and 49.5 < b.share_s(5) <= 50.0
-    b.done(5)
-    assert 19.8 < b.share_s() <= 20.0  # what the first five did not use goes to the rest
+    from benchmarks.budget import MIN_CALL_S, TimeBudget
+    b = TimeBudget(total_s=100.0, cases=2, stretch=4.0)
+    b.start_case(cells=10)  # half of the run for the first of two cases, a tenth of that per cell
+    assert 4.9 < b.share_s() <= 5.0 and 19.8 < b.call_limit_s() <= 20.0 and 24.7 < b.share_s(5) <= 25.0
+    b.done(8)
+    assert 24.7 < b.share_s() <= 25.0 and 49.5 < b.call_limit_s() <= 50.0  # never past the case's time left
+    b.end_case()
+    b.start_case(cells=4)  # the first case's unused time goes to the second
+    assert 24.7 < b.share_s() <= 25.0
+    b.case_end = b.end = 0.0  # spent: a cheap call still runs
+    assert b.call_limit_s() == MIN_CALL_S and b.share_s() == 0.0
     assert b.predict_s("a", 2.0) == 2.0  # nothing measured yet: the model
     b.learn("a", model_s=1.0, measured_s=3.0)
     b.learn("c", model_s=1e-6, measured_s=1e-3)  # a short call measures overhead, not speed: not learned
+    b.learn("flex", model_s=1.0, measured_s=1.0, compile_s=7.0)
     assert b.predict_s("a", 2.0) == 6.0 and b.predict_s("new", 1.0) == 1.0 and b.predict_s("c", 1.0) == 1.0
+    assert b.predict_s("flex", 2.0) == 9.0  # a peer that compiles per shape pays its compile again
     assert b.too_slow(3.0, 4.0, predicted=False) is None
     assert b.too_slow(12.34, 4.0, predicted=False) == "one call took 12.3 s (budget 4.0 s)"
     assert b.too_slow(12.34, 4.0, predicted=True) == "one call predicted 12.3 s (budget 4.0 s), not run"
     unlimited = TimeBudget()
+    unlimited.start_case(cells=3)
     assert not unlimited.limited and unlimited.call_limit_s() == float("inf")
 
 
