@@ -121,9 +121,10 @@ def check(cells: list[Cell], tol: float = 1e-3) -> dict:
 
 
 def time_cells(cells: list[Cell], budget_s: float, min_reps: int, max_reps: int) -> list[dict]:
-    """Round-robin medians of every cell (each first called once, untimed as a sample)."""
+    """Round-robin medians of every cell (each called twice before: the second call's time sets the repeats)."""
     jobs = []
     for c in cells:
+        c.fn()
         _, first_s, _ = measure.timed_first_call(c.fn, torch.device("cpu"), probe_memory=False)
         jobs.append(measure.TimedJob(c.fn, first_s))
     timings = measure.time_interleaved(jobs, torch.device("cpu"), budget_s, min_reps, max_reps,
@@ -152,6 +153,8 @@ _CHILD = textwrap.dedent("""
     t2 = time.perf_counter()
     import torch.nn.functional as F
     which, backend = sys.argv[1], (sys.argv[2] if sys.argv[2] != "auto" else None)
+    if int(sys.argv[3]):
+        torch.set_num_threads(int(sys.argv[3]))
     attn = F.scaled_dot_product_attention if which == "torch" else (
         lambda *x: vitkern.scaled_dot_product_attention(*x, backend=backend))
     q, k, v = (torch.randn(1, 1, 8, 16, requires_grad=True) for _ in range(3))
@@ -168,11 +171,12 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def fresh_process(which: str, backend: Optional[str]) -> dict:
-    """One fresh interpreter: import times, and first/second call times of ``which`` ("vitkern" or "torch")."""
+def fresh_process(which: str, backend: Optional[str], threads: int = 0) -> dict:
+    """One fresh interpreter: import times, and first/second call times of ``which`` ("vitkern" or "torch"), on
+    ``threads`` threads (0: torch's default)."""
     root = str(Path(vitkern.__file__).resolve().parent.parent)  # the vitkern this process imported
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    out = subprocess.run([sys.executable, "-c", _CHILD, which, backend or "auto"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", _CHILD, which, backend or "auto", str(threads)], capture_output=True, text=True,
                          env=env, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"fresh process ({which}) failed: {out.stderr[-2000:]}")
@@ -233,6 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer calls and fresh processes")
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated from {','.join(SIZES)}")
     ap.add_argument("--backend", default=None, help="vitkern backend (default: automatic choice)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads for the timed cells (default: torch's). On a shared machine a tiny "
+                         "call that opens a parallel region can wait milliseconds for a descheduled thread")
     ap.add_argument("--processes", type=int, default=None, help="fresh processes of each kind (default 5; quick 1)")
     ap.add_argument("--label", default="", help="a note for the report's header, e.g. 'shared 2-core machine'")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
@@ -247,6 +254,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     allocator = measure.steady_allocator()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tiny_budget, big_budget = (0.2, 0.5) if args.quick else (1.5, 3.0)
     big_min = 3 if args.quick else 5
     rows = []
@@ -262,13 +271,14 @@ def main(argv=None) -> int:
                   f"x{r['ratio_vs_torch']:.2f}  ({r['calls']} calls)", file=sys.stderr, flush=True)
         rows += size_rows
     n_proc = args.processes or (1 if args.quick else 5)
-    runs = {which: [fresh_process(which, args.backend) for _ in range(n_proc)] for which in ("vitkern", "torch")}
+    runs = {which: [fresh_process(which, args.backend, args.threads or 0) for _ in range(n_proc)]
+            for which in ("vitkern", "torch")}
     machine = measure.machine_info(torch.device("cpu"))
     now = datetime.now(timezone.utc)
     doc = {"schema": 1, "machine": machine,
            "config": {"command": "python benchmarks/bench_overhead.py " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv),
-                      "quick": args.quick, "backend": args.backend, "label": args.label, "allocator": allocator,
+                      "quick": args.quick, "backend": args.backend, "threads": torch.get_num_threads(), "label": args.label, "allocator": allocator,
                       "available_backends": vitkern.available_backends()},
            "cells": rows, "fresh_process": {**fresh_process_summary(runs), "runs": runs}}
     stem = f"overhead-{measure.device_slug(machine)}-{now:%Y%m%d}" + ("-quick" if args.quick else "")
