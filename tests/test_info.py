@@ -99,3 +99,14 @@ def test_kernel_path_labels(monkeypatch):
     monkeypatch.setattr(info, "cpu_features", lambda: report)
     assert info.kernel_path("cpu", torch.bfloat16) == "avx512-bf16"
     assert info.kernel_path("cpu", torch.float32) == "avx512"
+
+
+def test_text_report_shows_the_kernels_own_report(monkeypatch):
+    # The shape torch.ops.vitkern_cpu.cpu_features() returns (csrc/cpu_features.cpp), on an AVX512-BF16 CPU.
+    report = {"compiled": ["fp32_blas", "avx512_bf16"], "cpu": {"avx2": True, "avx512_bf16": True, "amx_bf16": False},
+              "chosen": {"float32": "fp32_blas", "bfloat16": "avx512_bf16", "float16": "fp32_blas"}}
+    monkeypatch.setattr(info, "cpu_features", lambda: report)
+    text = info.format_text(info.collect())
+    assert "CPU kernel paths compiled in: fp32_blas, avx512_bf16" in text
+    assert "CPU kernel paths chosen: float32 -> fp32_blas, bfloat16 -> avx512_bf16, float16 -> fp32_blas" in text
+    assert "as the kernel sees the CPU: avx2+ avx512_bf16+ amx_bf16-" in text
