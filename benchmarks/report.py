@@ -195,7 +195,8 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------------- plot
 
 
-_SHORT_STATUS = {"OOM": "OOM", "WRONG": "wrong", "unsupported": "n/a", "skipped": "skip", "error": "error"}
+_SHORT_STATUS = {"OOM": "OOM", "WRONG": "wrong", "unsupported": "n/a", "skipped": "skip", "error": "error",
+                 "too slow": "slow"}
 
 
 def plot(doc: dict, path: Path) -> None:
