@@ -166,30 +166,6 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int, reps: int =
             "samples": len(times)}
 
 
-@contextlib.contextmanager
-def _autotune_off():
-    """vitkern's autotuner off inside (it reads its switch on every launch)."""
-    old = os.environ.get("VITKERN_TRITON_AUTOTUNE")
-    os.environ["VITKERN_TRITON_AUTOTUNE"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["VITKERN_TRITON_AUTOTUNE"]
-        else:
-            os.environ["VITKERN_TRITON_AUTOTUNE"] = old
-
-
-class GpuCaseRunner(CaseRunner):
-    """runner.CaseRunner whose per-peer warm-up (a 16-token call) never autotunes: the autotuner keeps one
-    choice per key, never per length, so a choice made there would be the tiny problem's and would stand for
-    the real one. The case's first real call (never a sample) tunes instead."""
-
-    def _warm_up(self, peer):
-        with _autotune_off():
-            super()._warm_up(peer)
-
-
 # ------------------------------------------------------------------------------------------ derived numbers
 def _key(c: dict) -> tuple:
     return c["workload"], c["case"], c["peer"]
@@ -425,7 +401,7 @@ def main(argv=None) -> int:
             print(f"not run (deadline): {case.workload} {case.label}", file=sys.stderr, flush=True)
             continue
         runner_opts = opts if args.flex_rule(case) or args.cpu_smoke else dataclasses.replace(opts, compile=False)
-        r = GpuCaseRunner(case, device, dtype, args.modes, runner_opts, on_cell=_print_cell)
+        r = CaseRunner(case, device, dtype, args.modes, runner_opts, on_cell=_print_cell)
         if args.cpu_smoke is False and not any(p.name == "vitkern-triton" for p in r.peers):
             print("warning: vitkern's triton backend is not available here", file=sys.stderr, flush=True)
         doc["peers"].update({p.name: p.description for p in r.peers})

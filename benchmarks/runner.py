@@ -9,7 +9,9 @@ the allocator refused); "unsupported" (the peer refused the input, with its reas
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -85,6 +87,20 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GB"
 
 
+@contextlib.contextmanager
+def autotune_off():
+    """vitkern's Triton autotuner off inside (it reads its switch on every launch)."""
+    old = os.environ.get("VITKERN_TRITON_AUTOTUNE")
+    os.environ["VITKERN_TRITON_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["VITKERN_TRITON_AUTOTUNE"]
+        else:
+            os.environ["VITKERN_TRITON_AUTOTUNE"] = old
+
+
 class CaseRunner:
     """The cells of one case and mode list; ``on_cell`` gets each finished cell dict (for progress output)."""
 
@@ -132,12 +148,15 @@ class CaseRunner:
             Case("warm-up", "warm-up", 1, 2, 16, d)
         inp = make_inputs(tiny, self.device, self.dtype)
         try:
-            with torch.no_grad():
-                peer.run(peer.prepare(inp), inp, inp.q, inp.k, inp.v)
-            leaves = tuple(x.detach().requires_grad_() for x in (inp.q, inp.k, inp.v))
-            out = peer.run(peer.prepare(inp), inp, *leaves)
-            torch.autograd.grad(out, leaves, torch.ones_like(out))
-            measure.synchronize(self.device)
+            # vitkern's autotuner keeps one choice per key, never per length: a choice made on this tiny call
+            # would stand for the real case. The case's own first call (never a sample) tunes instead.
+            with autotune_off():
+                with torch.no_grad():
+                    peer.run(peer.prepare(inp), inp, inp.q, inp.k, inp.v)
+                leaves = tuple(x.detach().requires_grad_() for x in (inp.q, inp.k, inp.v))
+                out = peer.run(peer.prepare(inp), inp, *leaves)
+                torch.autograd.grad(out, leaves, torch.ones_like(out))
+                measure.synchronize(self.device)
         except Exception:  # noqa: BLE001  (the real cell reports whatever this peer refuses)
             pass
 

@@ -2,6 +2,7 @@
 numbers, the issue-13 targets it reports and its markdown, from made-up cells."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -104,12 +105,33 @@ def test_summary_markdown_renders():
 
 
 def test_warm_up_never_autotunes(monkeypatch):
+    """The warm-up's tiny calls run with the autotuner off (a choice is kept per key, never per length) and the
+    switch is restored after, set or not."""
+    import torch
+    from benchmarks import runner
     seen = []
-    monkeypatch.setattr(bench_gpu.CaseRunner, "_warm_up",
-                        lambda self, peer: seen.append(bench_gpu.os.environ.get("VITKERN_TRITON_AUTOTUNE")))
-    monkeypatch.setenv("VITKERN_TRITON_AUTOTUNE", "1")
-    bench_gpu.GpuCaseRunner.__new__(bench_gpu.GpuCaseRunner)._warm_up(None)
-    assert seen == ["0"] and bench_gpu.os.environ["VITKERN_TRITON_AUTOTUNE"] == "1"
-    monkeypatch.delenv("VITKERN_TRITON_AUTOTUNE")
-    bench_gpu.GpuCaseRunner.__new__(bench_gpu.GpuCaseRunner)._warm_up(None)
-    assert seen == ["0", "0"] and "VITKERN_TRITON_AUTOTUNE" not in bench_gpu.os.environ
+
+    class Peer:
+        name, torch_compile = "fake", False
+
+        def skip_reason(self, *a):
+            return None
+
+        def prepare(self, inp):
+            return None
+
+        def run(self, state, inp, q, k, v):
+            seen.append(os.environ.get("VITKERN_TRITON_AUTOTUNE"))
+            return (q * k).sum() * v.sum()
+
+    r = runner.CaseRunner.__new__(runner.CaseRunner)
+    r.case, r.device, r.dtype = runner.Case("w", "w", 1, 1, 8, 16), torch.device("cpu"), torch.float32
+    for before in ("1", None):
+        runner._WARMED.clear()
+        if before is None:
+            monkeypatch.delenv("VITKERN_TRITON_AUTOTUNE", raising=False)
+        else:
+            monkeypatch.setenv("VITKERN_TRITON_AUTOTUNE", before)
+        r._warm_up(Peer())
+        assert os.environ.get("VITKERN_TRITON_AUTOTUNE") == before
+    assert seen == ["0", "0", "0", "0"]
