@@ -17,8 +17,9 @@ LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strid
       scale(float(p.scale)), path(path_) {
   const int64_t bnp = round_up(t.bn, kKeyPad);
   if (Dp != D) q_pad.resize(t.bm * Dp);
-  k_pack.resize(Dp * round_up(t.bn, 16));
-  v_pack.resize(bnp * Dvp);
+  k_tile = Dp * round_up(t.bn, 16);
+  v_tile = bnp * Dvp;
+  bn = t.bn;
   p_lowp.resize(t.bm * bnp);
 }
 
@@ -37,10 +38,23 @@ void LowpProducts::start(const QueryTile& w) {
   lda = Dp;
 }
 
+void LowpProducts::pack_keys(const QueryTile& w, int64_t hk) {
+  if (w.b == packed_b && hk == packed_hk && w.k_lo == packed_lo && w.k_hi == packed_hi) return;
+  const int64_t tiles = (w.k_hi - w.k_lo + bn - 1) / bn;
+  if (int64_t(k_pack.size()) < tiles * k_tile) k_pack.resize(tiles * k_tile);
+  if (int64_t(v_pack.size()) < tiles * v_tile) v_pack.resize(tiles * v_tile);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t j0 = w.k_lo + t * bn, nb = std::min(bn, w.k_hi - j0);
+    pack_vnni_transposed(k.row(w.b, hk, j0), k.sn, D, nb, k_pack.data() + t * k_tile);
+    pack_vnni(v.row(w.b, hk, j0), v.sn, nb, Dv, kKeyPad, v_pack.data() + t * v_tile);
+  }
+  packed_b = w.b, packed_hk = hk, packed_lo = w.k_lo, packed_hi = w.k_hi;
+}
+
 void LowpProducts::scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld) {
   const int64_t mq = w.q1 - w.q0, nbp = round_up(nb, 16);
-  pack_vnni_transposed(k.row(w.b, hk, j0), k.sn, D, nb, k_pack.data());
-  lowp_gemm(path, mq, nbp, Dp, qa, lda, k_pack.data(), s, ld, false);
+  pack_keys(w, hk);
+  lowp_gemm(path, mq, nbp, Dp, qa, lda, k_pack.data() + (j0 - w.k_lo) / bn * k_tile, s, ld, false);
   for (int64_t r = 0; r < mq; ++r) {
     float* row = s + r * ld;
 #pragma omp simd
@@ -52,8 +66,7 @@ void LowpProducts::accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_
                               float* o, bool add) {
   const int64_t mq = w.q1 - w.q0, nbk = round_up(nb, kKeyPad);
   for (int64_t r = 0; r < mq; ++r) round_row_bf16(s + r * ld, nb, nbk, p_lowp.data() + r * nbk);
-  pack_vnni(v.row(w.b, hk, j0), v.sn, nb, Dv, kKeyPad, v_pack.data());
-  lowp_gemm(path, mq, Dvp, nbk, p_lowp.data(), nbk, v_pack.data(), o, Dvp, add);
+  lowp_gemm(path, mq, Dvp, nbk, p_lowp.data(), nbk, v_pack.data() + (j0 - w.k_lo) / bn * v_tile, o, Dvp, add);
 }
 
 }  // namespace vitkern_cpu

@@ -43,6 +43,9 @@ struct LowpProducts {
   std::vector<bf16> q_pad, k_pack, v_pack, p_lowp;
   const bf16* qa = nullptr;  // the query tile as the A operand (in place, or q_pad for odd D)
   int64_t lda = 0;
+  // k_pack / v_pack hold every key tile of keys [k_lo, k_hi) of (b, hk), packed when a query tile of another
+  // key range starts: a long sequence's query tiles (256 of 4096) reuse them instead of repacking each.
+  int64_t packed_b = -1, packed_hk = -1, packed_lo = -1, packed_hi = -1, k_tile = 0, v_tile = 0, bn = 0;
 
   LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_, const Problem& p, Tiles t,
                TilePath path_);
@@ -52,6 +55,9 @@ struct LowpProducts {
   void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const float* s, int64_t ld, float* o,
                   bool add);
   void finish() { lowp_release(path); }
+
+ private:
+  void pack_keys(const QueryTile& w, int64_t hk);
 };
 
 // The backward's five products for one key tile [j0, j0 + nb) of kv head w.hk against query tile [i0, i0 + mq)
