@@ -2,6 +2,7 @@
 #include "cpu_tile_products.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace vitkern_cpu {
@@ -15,8 +16,10 @@ LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strid
                            const Problem& p, Tiles t, TilePath path_)
     : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), Dp(round_up(p.D, 2)), Dvp(round_up(p.Dv, 16)),
       scale(float(p.scale)), path(path_) {
+  int exponent = 0;
+  prescale = std::frexp(scale, &exponent) == 0.5f;
   const int64_t bnp = round_up(t.bn, kKeyPad);
-  if (Dp != D) q_pad.resize(t.bm * Dp);
+  if (Dp != D || prescale) q_pad.resize(t.bm * Dp);
   k_tile = Dp * round_up(t.bn, 16);
   v_tile = bnp * Dvp;
   bn = t.bn;
@@ -25,14 +28,19 @@ LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strid
 
 void LowpProducts::start(const QueryTile& w) {
   const bf16* src = q.row(w.b, w.h, w.q0);
-  if (Dp == D) {  // even head dim: Q rows are read in place
+  if (Dp == D && !prescale) {  // even head dim: Q rows are read in place
     qa = src;
     lda = q.sn;
     return;
   }
-  for (int64_t r = 0; r < w.q1 - w.q0; ++r) {  // odd head dim: a zero column completes the last pair
-    std::memcpy(q_pad.data() + r * Dp, src + r * q.sn, D * sizeof(bf16));
-    q_pad[r * Dp + D] = bf16(0.0f);
+  // A copy: scaled when the scale is exact in bf16 (D = 16, 64, 256: no scaling pass over the scores), and a
+  // zero column completing the last k-pair when D is odd.
+  const float f = prescale ? scale : 1.0f;
+  for (int64_t r = 0; r < w.q1 - w.q0; ++r) {
+    const bf16* in = src + r * q.sn;
+    bf16* out = q_pad.data() + r * Dp;
+    for (int64_t c = 0; c < D; ++c) out[c] = bf16(float(in[c]) * f);
+    if (Dp != D) out[D] = bf16(0.0f);
   }
   qa = q_pad.data();
   lda = Dp;
@@ -55,6 +63,7 @@ void LowpProducts::scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb
   const int64_t mq = w.q1 - w.q0, nbp = round_up(nb, 16);
   pack_keys(w, hk);
   lowp_gemm(path, mq, nbp, Dp, qa, lda, k_pack.data() + (j0 - w.k_lo) / bn * k_tile, s, ld, false);
+  if (prescale) return;
   for (int64_t r = 0; r < mq; ++r) {
     float* row = s + r * ld;
 #pragma omp simd

@@ -39,6 +39,7 @@ struct LowpProducts {
   Strided<const bf16> q, k, v;
   int64_t D, Dv, Dp, Dvp;  // Dp: D rounded up to even (the k-pair), Dvp: Dv rounded up to 16 (output columns)
   float scale;
+  bool prescale;  // scale is a power of two: Q·scale is exact in bf16, so the query copy carries it
   TilePath path;
   std::vector<bf16> q_pad, k_pack, v_pack, p_lowp;
   const bf16* qa = nullptr;  // the query tile as the A operand (in place, or q_pad for odd D)
