@@ -27,6 +27,7 @@ namespace {
 template <typename T>
 struct ForwardArgs {
   Strided<T> out;
+  Strided<bf16> out_bf16;  // set instead of out on the bf16 paths: rows stored rounded, no float32 staging copy
   T* lse;  // [B, Hq, Nq] contiguous, in the compute dtype (float64 inputs keep a float64 lse)
   const Problem* p;
   MaskView mask;
@@ -86,10 +87,17 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
   const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
   T* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
   for (int64_t r = 0; r < mq; ++r) {
-    T* o = a.out.row(w.b, w.h, w.q0 + r);
     const T l = l_buf[r];
     const T inv = l == T(0) ? T(0) : keep_scale / l;  // a NaN l (a NaN score) gives a NaN row
-    const T* acc = o_buf + r * ldo;
+    T* acc = o_buf + r * ldo;
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.out_bf16.data) {
+        scale_row(acc, dv, inv);
+        round_row_bf16(acc, dv, dv, a.out_bf16.row(w.b, w.h, w.q0 + r));
+        continue;
+      }
+    }
+    T* o = a.out.row(w.b, w.h, w.q0 + r);
 #pragma omp simd
     for (int64_t c = 0; c < dv; ++c) o[c] = acc[c] * inv;
   }
@@ -150,13 +158,16 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
   at::Tensor out = empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.dtype);
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, at::TensorOptions().dtype(p.compute));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  at::Tensor out_acc = p.dtype == p.compute ? out : empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.compute);
+  const TilePath path = chosen_path(p.dtype);
+  const bool direct_bf16 = path != TilePath::kFp32Blas;  // only bf16 inputs take a reduced-precision path
+  at::Tensor out_acc =
+      p.dtype == p.compute || direct_bf16 ? out : empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.compute);
   const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
   const auto items = forward_work(p, blocks, tiles);
-  const TilePath path = chosen_path(p.dtype);
 
   AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_fwd", [&] {
-    ForwardArgs<scalar_t> a{strided<scalar_t>(out_acc), lse.data_ptr<scalar_t>(), &p, mv,
+    ForwardArgs<scalar_t> a{direct_bf16 ? Strided<scalar_t>{} : strided<scalar_t>(out_acc),
+                            direct_bf16 ? strided<bf16>(out) : Strided<bf16>{}, lse.data_ptr<scalar_t>(), &p, mv,
                             mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles};
     run_forward_on_path<scalar_t>(a, items, path, q, k, v, p, tiles);
   });
