@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -19,14 +20,16 @@
 #include "cpu_attn_work.h"
 #include "cpu_blas.h"
 #include "cpu_dropout.h"
+#include "cpu_features.h"
 #include "cpu_softmax_math.h"
+#include "cpu_tile_products.h"
 
 namespace vitkern_cpu {
 namespace {
 
+// T: the accumulator dtype; the operands live in the tile-products object (cpu_tile_products.h).
 template <typename T>
 struct BackwardArgs {
-  Strided<const T> q, k, v, dout;
   const T* lse;  // [B, Hq, Nq], in the compute dtype
   const T* delta;    // [B, Hq, Nq]: rowsum(dout * out)
   Strided<T> dk, dv;
@@ -58,19 +61,18 @@ void store_mask_grad_row(const MaskView& m, char* dst, const T* ds, int64_t n) {
   }
 }
 
-template <typename T>
-void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_buf, T* pd_buf) {
+template <typename T, typename Products>
+void backward_keys(const BackwardArgs<T>& a, Products& prod, const KeyRange& w, T* p_buf, T* dp_buf, T* pd_buf) {
   const Problem& p = *a.p;
   const int64_t bm = a.tiles.bm, bn = a.tiles.bn, ld = a.tiles.ld(), d = p.D, dv = p.Dv, groups = p.Hq / p.Hk;
   const T ninf = -std::numeric_limits<T>::infinity();
-  const T scale = T(p.scale), keep_scale = T(a.dropout.keep_scale);
+  const T keep_scale = T(a.dropout.keep_scale);
 
   for (int64_t j0 = w.k0; j0 < w.k1; j0 += bn) {
     const int64_t nb = std::min(bn, w.k1 - j0);
-    const T* kp = a.k.row(w.b, w.hk, j0);
-    const T* vp = a.v.row(w.b, w.hk, j0);
-    // dK and dV rows of this key tile are accumulated in place (the BLAS writes them at their row stride): the
-    // first visited query tile overwrites (beta = 0), the rest add.
+    prod.start_keys(w, j0, nb);
+    // dK and dV rows of this key tile are accumulated across its query tiles: the first visited query tile
+    // overwrites (add = false), the rest add.
     T* dk_rows = a.dk.row(w.b, w.hk, j0);
     T* dv_rows = a.dv.row(w.b, w.hk, j0);
     bool live = false;
@@ -91,10 +93,8 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
         const uint8_t code = codes ? codes[((i0 - w.q_lo) / bm) * a.summary->n_kt + kt] : uint8_t(kTileClean);
         if (code == kTileSkip) continue;
         const bool causal_cut = p.causal && j0 + nb - 1 > i0 + w.causal_shift;
-        const T* qp = a.q.row(w.b, h, i0);
-        const T* dop = a.dout.row(w.b, h, i0);
-
-        gemm_nt<T>(mq, nb, d, scale, qp, a.q.sn, kp, a.k.sn, T(0), p_buf, ld);
+        prod.start_queries(w, h, i0, mq);
+        prod.scores(w, h, i0, mq, j0, nb, p_buf, ld);
         bool any_row = false;
         for (int64_t r = 0; r < mq; ++r) {
           T* s = p_buf + r * ld;
@@ -114,7 +114,7 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
         }
         if (!any_row) continue;
 
-        gemm_nt<T>(mq, nb, dv, T(1), dop, a.dout.sn, vp, a.v.sn, T(0), dp_buf, ld);
+        prod.dprobs(w, h, i0, mq, j0, nb, dp_buf, ld);
         const T* pd = p_buf;
         if (a.dropout.active) {
           for (int64_t r = 0; r < mq; ++r) {
@@ -129,8 +129,7 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
           }
           pd = pd_buf;
         }
-        const T beta = T(live ? 1 : 0);
-        gemm_tn<T>(nb, dv, mq, T(1), pd, ld, dop, a.dout.sn, beta, dv_rows, a.dv.sn);
+        prod.add_dv(w, h, i0, mq, j0, nb, pd, ld, live);
 
         for (int64_t r = 0; r < mq; ++r) {  // dS = P * (dP - delta), written over dP
           T* ds = dp_buf + r * ld;
@@ -143,12 +142,13 @@ void backward_keys(const BackwardArgs<T>& a, const KeyRange& w, T* p_buf, T* dp_
             store_mask_grad_row(a.mask, dst, ds, nb);
           }
         }
-        gemm_tn<T>(nb, d, mq, scale, dp_buf, ld, qp, a.q.sn, beta, dk_rows, a.dk.sn);
+        prod.add_dk(w, h, i0, mq, j0, nb, dp_buf, ld, live);
         live = true;
         T* dqp = dq_part + w.b * a.dq_in_part.sb + h * a.dq_in_part.sh + i0 * a.dq_in_part.sn;
-        gemm_nn<T>(mq, d, nb, scale, dp_buf, ld, kp, a.k.sn, T(1), dqp, a.dq_in_part.sn);
+        prod.add_dq(w, mq, j0, nb, dp_buf, ld, dqp, a.dq_in_part.sn);
       }
     }
+    prod.finish_keys(w, j0, nb, live);
     if (!live) {  // no query reached these keys (masked out, causal, empty rows): zero gradients
       for (int64_t c = 0; c < nb; ++c) {
         fill_row(dk_rows + c * a.dk.sn, d, T(0));
@@ -182,15 +182,42 @@ at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
   return out;
 }
 
-template <typename T>
-void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items) {
+template <typename T, typename MakeProducts>
+void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items, const MakeProducts& make_products) {
   std::atomic<int64_t> next{0};
   run_on_threads([&](int64_t) {
     const BlasSingleThreadScope one_blas_thread;
+    auto prod = make_products();
     const int64_t tile = a.tiles.bm * a.tiles.ld();
     std::vector<T> p_buf(tile), dp_buf(tile), pd_buf(a.dropout.active ? tile : 0);
     for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
-      backward_keys<T>(a, items[idx], p_buf.data(), dp_buf.data(), pd_buf.data());
+      backward_keys<T>(a, prod, items[idx], p_buf.data(), dp_buf.data(), pd_buf.data());
+    prod.finish();
+  });
+}
+
+// The tile products of `path`: bf16 operands read in place on the reduced-precision paths, float copies
+// (float32 for bf16/fp16 inputs) through the BLAS otherwise. dk/dv: the accumulator-dtype outputs.
+template <typename T>
+void run_backward_on_path(const BackwardArgs<T>& a, const std::vector<KeyRange>& items, TilePath path,
+                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                          const at::Tensor& dk, const at::Tensor& dv, const Problem& p, Tiles tiles) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (path != TilePath::kFp32Blas) {
+      const at::Tensor qb = gemm_operand(q, at::kBFloat16), kb = gemm_operand(k, at::kBFloat16),
+                       vb = gemm_operand(v, at::kBFloat16), dob = gemm_operand(dout, at::kBFloat16);
+      return run_backward<float>(a, items, [&] {
+        return LowpBackwardProducts(strided<const bf16>(qb), strided<const bf16>(kb), strided<const bf16>(vb),
+                                    strided<const bf16>(dob), strided<float>(dk), strided<float>(dv), p, tiles,
+                                    path);
+      });
+    }
+  }
+  const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute), vc = gemm_operand(v, p.compute),
+                   doc = gemm_operand(dout, p.compute);
+  run_backward<T>(a, items, [&] {
+    return BlasBackwardProducts<T>(strided<const T>(qc), strided<const T>(kc), strided<const T>(vc),
+                                   strided<const T>(doc), strided<T>(dk), strided<T>(dv), p, tiles);
   });
 }
 
@@ -248,21 +275,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
   dq_parts.zero_();
 
   if (!items.empty()) {
-    const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute),
-                     vc = gemm_operand(v, p.compute), doc = gemm_operand(dout, p.compute);
-    const at::Tensor delta = row_dots(doc, gemm_operand(out, p.compute));
+    const TilePath path = chosen_path(p.dtype);
+    const at::Tensor delta = row_dots(gemm_operand(dout, p.compute), gemm_operand(out, p.compute));
     const at::Tensor lse_c = lse.to(p.compute).contiguous();  // float64 math keeps a float64 lse
     const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
     AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_bwd", [&] {
       const at::Tensor part0 = dq_parts[0].transpose(1, 2);  // [B, Hq, Nq, D] view of one part
-      BackwardArgs<scalar_t> a{strided<const scalar_t>(qc), strided<const scalar_t>(kc),
-                               strided<const scalar_t>(vc), strided<const scalar_t>(doc),
-                               lse_c.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),
+      BackwardArgs<scalar_t> a{lse_c.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),
                                strided<scalar_t>(dk_acc), strided<scalar_t>(dv_acc),
                                dq_parts.data_ptr<scalar_t>(), strided<scalar_t>(part0), dq_parts.stride(0), &p, mv,
                                mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles,
                                mask_grad ? static_cast<char*>(dmask.data_ptr()) : nullptr};
-      run_backward<scalar_t>(a, items);
+      run_backward_on_path<scalar_t>(a, items, path, q, k, v, dout, dk_acc, dv_acc, p, tiles);
     });
   }
   // Fixed summation order over the partial buffers: deterministic.

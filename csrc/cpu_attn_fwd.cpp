@@ -2,27 +2,32 @@
 // (fp64 for float64) accumulators, never an Nq x Nk buffer. Tiles a mask summary marks empty are skipped, clean
 // tiles get no mask work, causal tiles past the diagonal are never visited. Saves the log-sum-exp for the
 // backward. Memory beyond the inputs: one bm x bn score tile and one bm x Dv accumulator per thread, plus the
-// float32 copies of bf16/fp16 operands (O(N·D)).
+// float32 copies of bf16/fp16 operands (O(N·D)) on the fp32 path; the bf16 path reads bf16 operands in place and
+// packs one key tile at a time (cpu_tile_products.h).
 #include "cpu_attn_fwd.h"
 
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_attn_plan.h"
 #include "cpu_attn_work.h"
 #include "cpu_blas.h"
 #include "cpu_dropout.h"
+#include "cpu_features.h"
 #include "cpu_softmax_math.h"
+#include "cpu_tile_products.h"
 
 namespace vitkern_cpu {
 namespace {
 
+// T: the accumulator dtype (float, double); the operands live in the tile-products object (cpu_tile_products.h).
 template <typename T>
 struct ForwardArgs {
-  Strided<const T> q, k, v;
   Strided<T> out;
+  Strided<bf16> out_bf16;  // set instead of out on the bf16 paths: rows stored rounded, no float32 staging copy
   T* lse;  // [B, Hq, Nq] contiguous, in the compute dtype (float64 inputs keep a float64 lse)
   const Problem* p;
   MaskView mask;
@@ -31,13 +36,14 @@ struct ForwardArgs {
   Tiles tiles;
 };
 
-template <typename T>
-void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf, T* l_buf) {
+template <typename T, typename Products>
+void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf,
+                  T* l_buf) {
   const Problem& p = *a.p;
   const int64_t bn = a.tiles.bn, ld = a.tiles.ld();
-  const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), dv = p.Dv;
+  const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), dv = p.Dv, ldo = prod.o_ld();
   const T ninf = -std::numeric_limits<T>::infinity();
-  const T* qp = a.q.row(w.b, w.h, w.q0);
+  prod.start(w);
   const uint8_t* codes = a.summary ? a.summary->tiles_of(w.b, w.h) + w.qt * a.summary->n_kt : nullptr;
   const int64_t bh = w.b * p.Hq + w.h;
 
@@ -51,9 +57,7 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
     if (code == kTileSkip) continue;
     // Some pair of this tile lies above the diagonal when its last key is past the first query's reach.
     const bool causal_cut = p.causal && j0 + nb - 1 > w.q0 + w.causal_shift;
-    const T* kp = a.k.row(w.b, hk, j0);
-    const T* vp = a.v.row(w.b, hk, j0);
-    gemm_nt<T>(mq, nb, p.D, T(p.scale), qp, a.q.sn, kp, a.k.sn, T(0), s_buf, ld);
+    prod.scores(w, hk, j0, nb, s_buf, ld);
     for (int64_t r = 0; r < mq; ++r) {
       T* s = s_buf + r * ld;
       const int64_t i = w.q0 + r;
@@ -72,21 +76,28 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
       const T sum = exp_shift_sum(s, nb, m_new);
       l_buf[r] = l_buf[r] * alpha + sum;
       m_buf[r] = m_new;
-      if (o_live && alpha != T(1)) scale_row(o_buf + r * dv, dv, alpha);
+      if (o_live && alpha != T(1)) scale_row(o_buf + r * ldo, dv, alpha);
       if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
     }
-    gemm_nn<T>(mq, dv, nb, T(1), s_buf, ld, vp, a.v.sn, T(o_live ? 1 : 0), o_buf, dv);
+    prod.accumulate(w, hk, j0, nb, s_buf, ld, o_buf, o_live);
     o_live = true;
   }
-  if (!o_live) fill_row(o_buf, mq * dv, T(0));  // no key tile at all: rows are empty
+  if (!o_live) fill_row(o_buf, mq * ldo, T(0));  // no key tile at all: rows are empty
 
   const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
   T* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
   for (int64_t r = 0; r < mq; ++r) {
-    T* o = a.out.row(w.b, w.h, w.q0 + r);
     const T l = l_buf[r];
     const T inv = l == T(0) ? T(0) : keep_scale / l;  // a NaN l (a NaN score) gives a NaN row
-    const T* acc = o_buf + r * dv;
+    T* acc = o_buf + r * ldo;
+    if constexpr (std::is_same_v<T, float>) {
+      if (a.out_bf16.data) {
+        scale_row(acc, dv, inv);
+        round_row_bf16(acc, dv, dv, a.out_bf16.row(w.b, w.h, w.q0 + r));
+        continue;
+      }
+    }
+    T* o = a.out.row(w.b, w.h, w.q0 + r);
 #pragma omp simd
     for (int64_t c = 0; c < dv; ++c) o[c] = acc[c] * inv;
   }
@@ -95,15 +106,39 @@ void forward_tile(const ForwardArgs<T>& a, const QueryTile& w, T* s_buf, T* o_bu
     lse[r] = l_buf[r] == T(0) ? ninf : m_buf[r] + std::log(l_buf[r]);
 }
 
-template <typename T>
-void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items) {
+// make_products() builds one tile-products object per thread (they hold per-thread packing buffers).
+template <typename T, typename MakeProducts>
+void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, const MakeProducts& make_products) {
   std::atomic<int64_t> next{0};
   run_on_threads([&](int64_t) {
     const BlasSingleThreadScope one_blas_thread;
-    std::vector<T> s_buf(a.tiles.bm * a.tiles.ld()), o_buf(a.tiles.bm * a.p->Dv), m_buf(a.tiles.bm),
+    auto prod = make_products();
+    std::vector<T> s_buf(a.tiles.bm * a.tiles.ld()), o_buf(a.tiles.bm * prod.o_ld()), m_buf(a.tiles.bm),
         l_buf(a.tiles.bm);
     for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
-      forward_tile<T>(a, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data());
+      forward_tile<T>(a, prod, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data());
+    prod.finish();
+  });
+}
+
+// The tile products of `path` over the inputs: bf16 operands read in place on the reduced-precision paths, float
+// copies (float32 for bf16/fp16 inputs) through the BLAS otherwise.
+template <typename T>
+void run_forward_on_path(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, TilePath path,
+                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const Problem& p, Tiles tiles) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (path != TilePath::kFp32Blas) {
+      const at::Tensor qb = gemm_operand(q, at::kBFloat16), kb = gemm_operand(k, at::kBFloat16),
+                       vb = gemm_operand(v, at::kBFloat16);
+      return run_forward<float>(a, items, [&] {
+        return LowpProducts(strided<const bf16>(qb), strided<const bf16>(kb), strided<const bf16>(vb), p, tiles,
+                            path);
+      });
+    }
+  }
+  const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute), vc = gemm_operand(v, p.compute);
+  run_forward<T>(a, items, [&] {
+    return BlasProducts<T>(strided<const T>(qc), strided<const T>(kc), strided<const T>(vc), p, tiles);
   });
 }
 
@@ -123,16 +158,18 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
   at::Tensor out = empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.dtype);
   at::Tensor lse = at::empty({p.B, p.Hq, p.Nq}, at::TensorOptions().dtype(p.compute));
   if (out.numel() == 0 && lse.numel() == 0) return {out, lse};
-  at::Tensor out_acc = p.dtype == p.compute ? out : empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.compute);
-  const at::Tensor qc = gemm_operand(q, p.compute), kc = gemm_operand(k, p.compute), vc = gemm_operand(v, p.compute);
+  const TilePath path = chosen_path(p.dtype);
+  const bool direct_bf16 = path != TilePath::kFp32Blas;  // only bf16 inputs take a reduced-precision path
+  at::Tensor out_acc =
+      p.dtype == p.compute || direct_bf16 ? out : empty_bhnd(p.B, p.Hq, p.Nq, p.Dv, p.compute);
   const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
   const auto items = forward_work(p, blocks, tiles);
 
   AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_fwd", [&] {
-    ForwardArgs<scalar_t> a{strided<const scalar_t>(qc), strided<const scalar_t>(kc), strided<const scalar_t>(vc),
-                            strided<scalar_t>(out_acc), lse.data_ptr<scalar_t>(), &p, mv,
+    ForwardArgs<scalar_t> a{direct_bf16 ? Strided<scalar_t>{} : strided<scalar_t>(out_acc),
+                            direct_bf16 ? strided<bf16>(out) : Strided<bf16>{}, lse.data_ptr<scalar_t>(), &p, mv,
                             mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles};
-    run_forward<scalar_t>(a, items);
+    run_forward_on_path<scalar_t>(a, items, path, q, k, v, p, tiles);
   });
   if (!out_acc.is_same(out)) out.copy_(out_acc);
   return {out, lse};

@@ -1,0 +1,37 @@
+// Run-time CPU feature detection (cpuid, XCR0, Linux AMX tile permission) and the choice of tile-product path per
+// dtype. One binary serves every x86-64: ISA-specific kernels are compiled with function-level target attributes
+// and only called when the CPU (and the OS) has the features. VITKERN_CPU_PATH forces a path, for tests.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace vitkern_cpu {
+
+struct CpuFeatures {
+  bool avx2 = false, fma = false, avx512f = false, avx512bw = false, avx512vl = false, avx512_bf16 = false,
+       avx512_fp16 = false, amx_tile = false, amx_bf16 = false, amx_fp16 = false;
+  bool avx512_os_enabled = false;  // XCR0 has the opmask and zmm state
+  bool amx_os_enabled = false;     // XCR0 has the tile state and the kernel granted this process its use
+};
+
+// Detected once per process (the AMX permission request is made then).
+const CpuFeatures& cpu_features();
+
+// How a dtype's tile products run.
+//   kFp32Blas   operands converted to float32, products through the BLAS (MKL sgemm): the fallback, every CPU;
+//   kAvx512Bf16 bf16 operands, vdpbf16ps register-blocked micro-kernels with fp32 accumulation;
+//   kAmxBf16    bf16 operands, oneDNN's brgemm ukernel inside libtorch, which runs on AMX tiles here.
+enum class TilePath { kFp32Blas, kAvx512Bf16, kAmxBf16 };
+
+const char* path_name(TilePath p);
+// Whether this CPU and this build can run the path for the dtype; if not, *why says why.
+bool path_runs(TilePath p, at::ScalarType dt, std::string* why);
+// The path the kernels take for inputs of dtype dt: VITKERN_CPU_PATH (fp32 | avx512_bf16 | amx) when set — an
+// error if it cannot run here for that dtype — else the fastest that runs. float64 always computes in float64.
+TilePath chosen_path(at::ScalarType dt);
+
+// {"compiled": [...], "cpu": {...}, "chosen": {"float32": ..., "bfloat16": ..., "float16": ...}} as JSON.
+std::string cpu_features_json();
+
+}  // namespace vitkern_cpu

@@ -1,0 +1,187 @@
+// bf16 tile products (see cpu_lowp_gemm.h): oneDNN's brgemm ukernel from libtorch (AMX on CPUs that have it) and
+// own AVX512-BF16 micro-kernels. The micro-kernels and the vector conversions carry function-level target
+// attributes, so a build without -march=native still has them and runs them only where cpuid says they work.
+#include "cpu_lowp_gemm.h"
+
+#include <ATen/native/CPUBlas.h>
+
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
+#include <immintrin.h>
+#define VITKERN_LOWP_KERNELS 1
+#define VITKERN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#endif
+
+namespace vitkern_cpu {
+
+bool lowp_kernels_compiled() {
+#if defined(VITKERN_LOWP_KERNELS)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool brgemm_available() {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  static const bool ok = [] {
+    try {
+      return at::native::cpublas::could_pack(at::kBFloat16);
+    } catch (const c10::Error&) {
+      return false;
+    }
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void pack_vnni_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst) {
+  // A pair of consecutive k of one row of src is one 32-bit word: the packing is a transpose of 32-bit words,
+  // [N][K/2] -> [K/2][Np].
+  const int64_t np = round_up(N, 16), pairs = (K + 1) / 2;
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t n = 0; n < N; ++n) {
+    const bf16* row = src + n * ld_src;
+    for (int64_t p = 0; p < K / 2; ++p) {
+      uint32_t w;
+      std::memcpy(&w, row + 2 * p, 4);
+      d[p * np + n] = w;
+    }
+    if (K % 2) {  // odd K: the last pair's second half is zero
+      uint16_t lo;
+      std::memcpy(&lo, row + K - 1, 2);
+      d[(pairs - 1) * np + n] = lo;
+    }
+  }
+  for (int64_t p = 0; p < pairs; ++p) std::memset(d + p * np + N, 0, (np - N) * 4);
+}
+
+void pack_vnni(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst) {
+  const int64_t np = round_up(N, 16), kp = round_up(K, kp_multiple);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  for (int64_t k = 0; k < kp; ++k) {
+    uint16_t* out = d + (k / 2) * np * 2 + (k % 2);
+    if (k >= K) {
+      for (int64_t n = 0; n < np; ++n) out[2 * n] = 0;
+      continue;
+    }
+    const uint16_t* in = s + k * ld_src;
+    for (int64_t n = 0; n < N; ++n) out[2 * n] = in[n];
+    for (int64_t n = N; n < np; ++n) out[2 * n] = 0;
+  }
+}
+
+#if defined(VITKERN_LOWP_KERNELS)
+namespace {
+
+// C[MR rows, NV * 16 cols] (+)= A · B over Kp/2 k-pairs: MR x NV zmm accumulators, one vdpbf16ps per
+// (row, vector, pair); A's pair is broadcast as one 32-bit word, B's 16 column pairs are one 64-byte load.
+template <int MR, int NV>
+VITKERN_BF16_TARGET void micro(int64_t pairs, const bf16* a, int64_t lda, const bf16* b, int64_t np, float* c,
+                               int64_t ldc, bool add) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = add ? _mm512_loadu_ps(c + r * ldc + 16 * v) : _mm512_setzero_ps();
+  const uint32_t* aw = reinterpret_cast<const uint32_t*>(a);
+  const int64_t lda_w = lda / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(b + (p * np + 16 * v) * 2));
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(aw[r * lda_w + p]));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+}
+
+template <int MR>
+VITKERN_BF16_TARGET void row_block(int64_t pairs, const bf16* a, int64_t lda, const bf16* b, int64_t np, float* c,
+                                   int64_t ldc, bool add) {
+  int64_t n0 = 0;
+  for (; n0 + 64 <= np; n0 += 64) micro<MR, 4>(pairs, a, lda, b + n0 * 2, np, c + n0, ldc, add);
+  switch ((np - n0) / 16) {
+    case 3: micro<MR, 3>(pairs, a, lda, b + n0 * 2, np, c + n0, ldc, add); break;
+    case 2: micro<MR, 2>(pairs, a, lda, b + n0 * 2, np, c + n0, ldc, add); break;
+    case 1: micro<MR, 1>(pairs, a, lda, b + n0 * 2, np, c + n0, ldc, add); break;
+    default: break;
+  }
+}
+
+VITKERN_BF16_TARGET void gemm_avx512_bf16(int64_t M, int64_t np, int64_t kp, const bf16* a, int64_t lda,
+                                          const bf16* b, float* c, int64_t ldc, bool add) {
+  // Rows in blocks of 6 (24 accumulators + 4 B vectors + 1 broadcast of the 32 zmm registers); the B panel
+  // (Kp x Np bf16, 8-64 KB for attention tiles) stays in L1/L2 across row blocks.
+  const int64_t pairs = kp / 2;
+  int64_t m0 = 0;
+  for (; m0 + 6 <= M; m0 += 6) row_block<6>(pairs, a + m0 * lda, lda, b, np, c + m0 * ldc, ldc, add);
+  const bf16* ar = a + m0 * lda;
+  float* cr = c + m0 * ldc;
+  switch (M - m0) {
+    case 5: row_block<5>(pairs, ar, lda, b, np, cr, ldc, add); break;
+    case 4: row_block<4>(pairs, ar, lda, b, np, cr, ldc, add); break;
+    case 3: row_block<3>(pairs, ar, lda, b, np, cr, ldc, add); break;
+    case 2: row_block<2>(pairs, ar, lda, b, np, cr, ldc, add); break;
+    case 1: row_block<1>(pairs, ar, lda, b, np, cr, ldc, add); break;
+    default: break;
+  }
+}
+
+VITKERN_BF16_TARGET void round_row_avx512(const float* src, int64_t n, int64_t n_padded, bf16* dst) {
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), (__m512i)v);
+  }
+  for (; i < n_padded; i += 16) {
+    const int64_t live = std::max<int64_t>(0, std::min<int64_t>(16, n - i));
+    const int64_t width = std::min<int64_t>(16, n_padded - i);
+    const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << live) - 1), src + i);
+    const __m256bh h = _mm512_cvtneps_pbh(x);
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(dst + i), static_cast<__mmask16>((1u << width) - 1),
+                             (__m256i)h);
+  }
+}
+
+}  // namespace
+#endif
+
+void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst) {
+#if defined(VITKERN_LOWP_KERNELS)
+  if (cpu_features().avx512_bf16) return round_row_avx512(src, n, n_padded, dst);
+#endif
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16(src[i]);  // c10 rounds to nearest even, keeps NaN
+  for (int64_t i = n; i < n_padded; ++i) dst[i] = bf16(0.0f);
+}
+
+void lowp_gemm(TilePath path, int64_t M, int64_t Np, int64_t Kp, const bf16* a, int64_t lda, const bf16* b,
+               float* c, int64_t ldc, bool add) {
+  if (M == 0 || Np == 0) return;
+  if (Kp == 0) {
+    if (!add)
+      for (int64_t r = 0; r < M; ++r) std::memset(c + r * ldc, 0, Np * sizeof(float));
+    return;
+  }
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if (path == TilePath::kAmxBf16)
+    return at::native::cpublas::brgemm(M, Np, Kp, lda, Np, ldc, add, a, b, c, /*is_vnni=*/true);
+#endif
+#if defined(VITKERN_LOWP_KERNELS)
+  if (path == TilePath::kAvx512Bf16) return gemm_avx512_bf16(M, Np, Kp, a, lda, b, c, ldc, add);
+#endif
+  TORCH_CHECK(false, "vitkern_cpu: tile path ", path_name(path), " is not compiled into this build");
+}
+
+void lowp_release(TilePath path) {
+#if defined(CPUBLAS_BRGEMM_BF16BF16F32)
+  if (path == TilePath::kAmxBf16) at::native::cpublas::brgemm_release(true);
+#endif
+}
+
+}  // namespace vitkern_cpu

@@ -1,0 +1,41 @@
+// Tile products on bfloat16 operands with float32 accumulation, for the reduced-precision paths of the fused
+// CPU attention (cpu_features.h chooses the path). B operands are packed once per tile into the VNNI layout
+// both the AMX tiles and vdpbf16ps read: pairs of consecutive k interleaved, [ceil(K/2)][Np][2] with Np the
+// column count padded to 16 and the padding zeroed, so products never read past a tile and padded columns are 0.
+#pragma once
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+
+#include "cpu_features.h"
+
+namespace vitkern_cpu {
+
+using bf16 = c10::BFloat16;
+
+// Whether this build carries the AVX512-BF16 micro-kernels (compiled with target attributes, any -march).
+bool lowp_kernels_compiled();
+// Whether libtorch's oneDNN brgemm ukernel accepts bfloat16 products on this CPU.
+bool brgemm_available();
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Packs B[k, n] = src[n * ld_src + k] (B is the transpose of row-major src [N, K], e.g. K tile rows for Q·Kᵀ)
+// into VNNI dst [ceil(K/2)][Np][2], Np = round_up(N, 16).
+void pack_vnni_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst);
+// Packs row-major B[k, n] = src[k * ld_src + n] (e.g. V rows for P·V) into VNNI dst [ceil(Kp/2)][Np][2] with
+// Kp = round_up(K, kp_multiple) rows, the extra rows zero.
+void pack_vnni(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst);
+
+// C[M, Np] (+)= A[M, Kp] · B where A is row-major bf16 (lda >= Kp, Kp even: callers pad A with zero columns)
+// and B is packed as above for Kp rows and Np = round_up(N, 16) columns. C is float32 with row stride ldc >= Np.
+void lowp_gemm(TilePath path, int64_t M, int64_t Np, int64_t Kp, const bf16* a, int64_t lda, const bf16* b,
+               float* c, int64_t ldc, bool add);
+
+// Ends the thread's use of the AMX tile state (oneDNN keeps the tile configuration loaded between calls).
+void lowp_release(TilePath path);
+
+// Rounds n floats to bf16 (nearest even; NaN stays NaN) and zeroes dst[n, n_padded).
+void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst);
+
+}  // namespace vitkern_cpu

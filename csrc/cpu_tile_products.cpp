@@ -1,0 +1,219 @@
+// LowpProducts (cpu_tile_products.h): per-tile VNNI packing and the bf16 products of the forward.
+#include "cpu_tile_products.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace vitkern_cpu {
+
+namespace {
+// P·V's reduction runs over keys; padding them to a multiple of 32 gives whole AMX tiles (32 bf16 per row).
+constexpr int64_t kKeyPad = 32;
+}  // namespace
+
+LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
+                           const Problem& p, Tiles t, TilePath path_)
+    : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), Dp(round_up(p.D, 2)), Dvp(round_up(p.Dv, 16)),
+      scale(float(p.scale)), path(path_) {
+  int exponent = 0;
+  prescale = std::frexp(scale, &exponent) == 0.5f;
+  const int64_t bnp = round_up(t.bn, kKeyPad);
+  if (Dp != D || prescale) q_pad.resize(t.bm * Dp);
+  k_tile = Dp * round_up(t.bn, 16);
+  v_tile = bnp * Dvp;
+  bn = t.bn;
+  p_lowp.resize(t.bm * bnp);
+}
+
+void LowpProducts::start(const QueryTile& w) {
+  const bf16* src = q.row(w.b, w.h, w.q0);
+  if (Dp == D && !prescale) {  // even head dim: Q rows are read in place
+    qa = src;
+    lda = q.sn;
+    return;
+  }
+  // A copy: scaled when the scale is exact in bf16 (D = 16, 64, 256: no scaling pass over the scores), and a
+  // zero column completing the last k-pair when D is odd.
+  const float f = prescale ? scale : 1.0f;
+  for (int64_t r = 0; r < w.q1 - w.q0; ++r) {
+    const bf16* in = src + r * q.sn;
+    bf16* out = q_pad.data() + r * Dp;
+    for (int64_t c = 0; c < D; ++c) out[c] = bf16(float(in[c]) * f);
+    if (Dp != D) out[D] = bf16(0.0f);
+  }
+  qa = q_pad.data();
+  lda = Dp;
+}
+
+void LowpProducts::pack_keys(const QueryTile& w, int64_t hk) {
+  if (w.b == packed_b && hk == packed_hk && w.k_lo == packed_lo && w.k_hi == packed_hi) return;
+  const int64_t tiles = (w.k_hi - w.k_lo + bn - 1) / bn;
+  if (int64_t(k_pack.size()) < tiles * k_tile) k_pack.resize(tiles * k_tile);
+  if (int64_t(v_pack.size()) < tiles * v_tile) v_pack.resize(tiles * v_tile);
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t j0 = w.k_lo + t * bn, nb = std::min(bn, w.k_hi - j0);
+    pack_vnni_transposed(k.row(w.b, hk, j0), k.sn, D, nb, k_pack.data() + t * k_tile);
+    pack_vnni(v.row(w.b, hk, j0), v.sn, nb, Dv, kKeyPad, v_pack.data() + t * v_tile);
+  }
+  packed_b = w.b, packed_hk = hk, packed_lo = w.k_lo, packed_hi = w.k_hi;
+}
+
+void LowpProducts::scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld) {
+  const int64_t mq = w.q1 - w.q0, nbp = round_up(nb, 16);
+  pack_keys(w, hk);
+  lowp_gemm(path, mq, nbp, Dp, qa, lda, k_pack.data() + (j0 - w.k_lo) / bn * k_tile, s, ld, false);
+  if (prescale) return;
+  for (int64_t r = 0; r < mq; ++r) {
+    float* row = s + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < nb; ++c) row[c] *= scale;
+  }
+}
+
+void LowpProducts::accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const float* s, int64_t ld,
+                              float* o, bool add) {
+  const int64_t mq = w.q1 - w.q0, nbk = round_up(nb, kKeyPad);
+  for (int64_t r = 0; r < mq; ++r) round_row_bf16(s + r * ld, nb, nbk, p_lowp.data() + r * nbk);
+  lowp_gemm(path, mq, Dvp, nbk, p_lowp.data(), nbk, v_pack.data() + (j0 - w.k_lo) / bn * v_tile, o, Dvp, add);
+}
+
+}  // namespace vitkern_cpu
+
+namespace vitkern_cpu {
+
+namespace {
+
+// A operand rows with a zero column when the reduction length is odd (the k-pair must be complete); even
+// lengths are read in place.
+const bf16* even_rows(const bf16* src, int64_t ld_src, int64_t rows, int64_t n, std::vector<bf16>& pad,
+                      int64_t* lda) {
+  if (n % 2 == 0) {
+    *lda = ld_src;
+    return src;
+  }
+  const int64_t np = n + 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(pad.data() + r * np, src + r * ld_src, n * sizeof(bf16));
+    pad[r * np + n] = bf16(0.0f);
+  }
+  *lda = np;
+  return pad.data();
+}
+
+// dst[c, r] = src[r, c] for a [rows, cols] bf16 tile (row stride ld_src) into [cols, ld_dst], rows..ld_dst zero.
+void transpose_bf16(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
+  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  constexpr int64_t kBlock = 16;  // 16 x 16 blocks: both sides stay in a few cache lines
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
+    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
+      for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c)
+        for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r) d[c * ld_dst + r] = s[r * ld_src + c];
+  for (int64_t c = 0; c < cols; ++c) std::memset(d + c * ld_dst + rows, 0, (ld_dst - rows) * sizeof(uint16_t));
+}
+
+}  // namespace
+
+LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
+                                           Strided<const bf16> dout_, Strided<float> dk_, Strided<float> dv_,
+                                           const Problem& p, Tiles t, TilePath path_)
+    : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), Dp(round_up(p.D, 2)),
+      Dvp(round_up(p.Dv, 2)), Dk16(round_up(p.D, 16)), Dv16(round_up(p.Dv, 16)), scale(float(p.scale)),
+      path(path_) {
+  const int64_t bn16 = round_up(t.bn, 16), bnk = round_up(t.bn, kKeyPad), bmk = round_up(t.bm, kKeyPad);
+  kt_pack.resize(Dp * bn16);
+  vt_pack.resize(Dvp * bn16);
+  k_pack.resize(bnk * Dk16);
+  q_pack.resize(bmk * Dk16);
+  do_pack.resize(bmk * Dv16);
+  if (Dp != D) q_pad.resize(t.bm * Dp);
+  if (Dvp != Dv) do_pad.resize(t.bm * Dvp);
+  lowp_a.resize(t.bm * bnk);
+  lowp_t.resize(t.bn * bmk);
+  dk_acc.resize(t.bn * Dk16);
+  dv_acc.resize(t.bn * Dv16);
+  dq_tile.resize(t.bm * Dk16);
+}
+
+void LowpBackwardProducts::start_keys(const KeyRange& w, int64_t j0, int64_t nb) {
+  const bf16* kr = k.row(w.b, w.hk, j0);
+  pack_vnni_transposed(kr, k.sn, D, nb, kt_pack.data());
+  pack_vnni_transposed(v.row(w.b, w.hk, j0), v.sn, Dv, nb, vt_pack.data());
+  pack_vnni(kr, k.sn, nb, D, kKeyPad, k_pack.data());
+  std::fill(dk_acc.begin(), dk_acc.begin() + nb * Dk16, 0.0f);
+  std::fill(dv_acc.begin(), dv_acc.begin() + nb * Dv16, 0.0f);
+}
+
+void LowpBackwardProducts::start_queries(const KeyRange& w, int64_t h, int64_t i0, int64_t mq) {
+  const bf16* qr = q.row(w.b, h, i0);
+  const bf16* dor = dout.row(w.b, h, i0);
+  qa = even_rows(qr, q.sn, mq, D, q_pad, &lda_q);
+  doa = even_rows(dor, dout.sn, mq, Dv, do_pad, &lda_do);
+  pack_vnni(qr, q.sn, mq, D, kKeyPad, q_pack.data());
+  pack_vnni(dor, dout.sn, mq, Dv, kKeyPad, do_pack.data());
+  mqk = round_up(mq, kKeyPad);
+}
+
+void LowpBackwardProducts::scores(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb, float* s,
+                                  int64_t ld) {
+  lowp_gemm(path, mq, round_up(nb, 16), Dp, qa, lda_q, kt_pack.data(), s, ld, false);
+  for (int64_t r = 0; r < mq; ++r) {
+    float* row = s + r * ld;
+#pragma omp simd
+    for (int64_t c = 0; c < nb; ++c) row[c] *= scale;
+  }
+}
+
+void LowpBackwardProducts::dprobs(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb, float* dp,
+                                  int64_t ld) {
+  lowp_gemm(path, mq, round_up(nb, 16), Dvp, doa, lda_do, vt_pack.data(), dp, ld, false);
+}
+
+// acc[nb, np] += round(x[mq, nb])ᵀ · B, with B a query-side operand packed for mqk rows (dO for dV, Q for dK).
+void LowpBackwardProducts::add_transposed(const float* x, int64_t ld, int64_t mq, int64_t nb, const bf16* b,
+                                          int64_t np, float* acc) {
+  const int64_t nbk = round_up(nb, kKeyPad);
+  for (int64_t r = 0; r < mq; ++r) round_row_bf16(x + r * ld, nb, nbk, lowp_a.data() + r * nbk);
+  transpose_bf16(lowp_a.data(), nbk, mq, nb, lowp_t.data(), mqk);
+  lowp_gemm(path, nb, np, mqk, lowp_t.data(), mqk, b, acc, np, true);
+}
+
+void LowpBackwardProducts::add_dv(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb,
+                                  const float* pr, int64_t ld, bool) {
+  add_transposed(pr, ld, mq, nb, do_pack.data(), Dv16, dv_acc.data());
+}
+
+void LowpBackwardProducts::add_dk(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb,
+                                  const float* ds, int64_t ld, bool) {
+  add_transposed(ds, ld, mq, nb, q_pack.data(), Dk16, dk_acc.data());
+}
+
+void LowpBackwardProducts::add_dq(const KeyRange&, int64_t mq, int64_t, int64_t nb, const float* ds, int64_t ld,
+                                  float* dq, int64_t ldq) {
+  const int64_t nbk = round_up(nb, kKeyPad);
+  for (int64_t r = 0; r < mq; ++r) round_row_bf16(ds + r * ld, nb, nbk, lowp_a.data() + r * nbk);
+  lowp_gemm(path, mq, Dk16, nbk, lowp_a.data(), nbk, k_pack.data(), dq_tile.data(), Dk16, false);
+  for (int64_t r = 0; r < mq; ++r) {
+    float* dst = dq + r * ldq;
+    const float* src = dq_tile.data() + r * Dk16;
+#pragma omp simd
+    for (int64_t c = 0; c < D; ++c) dst[c] += scale * src[c];
+  }
+}
+
+void LowpBackwardProducts::finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live) {
+  if (!live) return;  // the kernel zero-fills keys no query reached
+  for (int64_t c = 0; c < nb; ++c) {
+    float* dkr = dk.row(w.b, w.hk, j0 + c);
+    float* dvr = dv.row(w.b, w.hk, j0 + c);
+    const float* ka = dk_acc.data() + c * Dk16;
+    const float* va = dv_acc.data() + c * Dv16;
+#pragma omp simd
+    for (int64_t i = 0; i < D; ++i) dkr[i] = scale * ka[i];
+#pragma omp simd
+    for (int64_t i = 0; i < Dv; ++i) dvr[i] = va[i];
+  }
+}
+
+}  // namespace vitkern_cpu

@@ -1,0 +1,136 @@
+// The tile products of the fused CPU kernels, one type per path (cpu_features.h), so the kernels' softmax and
+// mask bookkeeping is written once. Each type owns the operands and any per-thread packing buffers:
+//   BlasProducts<T>  float32/float64 operands (bf16/fp16 inputs converted to float32) through the BLAS;
+//   LowpProducts     bf16 operands on the dot-product units (AMX via oneDNN's brgemm, or vdpbf16ps kernels):
+//                    B operands packed per tile into VNNI, P rounded to bf16 before P·V, fp32 accumulators.
+// Products write fp32 (fp64) score tiles at row stride ld and an output accumulator at row stride o_ld().
+#pragma once
+#include <vector>
+
+#include "cpu_attn_plan.h"
+#include "cpu_attn_work.h"
+#include "cpu_blas.h"
+#include "cpu_lowp_gemm.h"
+
+namespace vitkern_cpu {
+
+template <typename T>
+struct BlasProducts {
+  Strided<const T> q, k, v;
+  int64_t D, Dv;
+  T scale;
+
+  BlasProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, const Problem& p, Tiles)
+      : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)) {}
+  int64_t o_ld() const { return Dv; }
+  void start(const QueryTile&) {}
+  // S[mq, nb] = scale · Q[q0:q1] · K[j0:j0+nb]ᵀ of query head w.h, kv head hk.
+  void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, T* s, int64_t ld) {
+    gemm_nt<T>(w.q1 - w.q0, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k.row(w.b, hk, j0), k.sn, T(0), s, ld);
+  }
+  // O[mq, Dv] (+)= P[mq, nb] · V[j0:j0+nb].
+  void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const T* s, int64_t ld, T* o, bool add) {
+    gemm_nn<T>(w.q1 - w.q0, Dv, nb, T(1), s, ld, v.row(w.b, hk, j0), v.sn, T(add ? 1 : 0), o, Dv);
+  }
+  void finish() {}
+};
+
+struct LowpProducts {
+  Strided<const bf16> q, k, v;
+  int64_t D, Dv, Dp, Dvp;  // Dp: D rounded up to even (the k-pair), Dvp: Dv rounded up to 16 (output columns)
+  float scale;
+  bool prescale;  // scale is a power of two: Q·scale is exact in bf16, so the query copy carries it
+  TilePath path;
+  std::vector<bf16> q_pad, k_pack, v_pack, p_lowp;
+  const bf16* qa = nullptr;  // the query tile as the A operand (in place, or q_pad for odd D)
+  int64_t lda = 0;
+  // k_pack / v_pack hold every key tile of keys [k_lo, k_hi) of (b, hk), packed when a query tile of another
+  // key range starts: a long sequence's query tiles (256 of 4096) reuse them instead of repacking each.
+  int64_t packed_b = -1, packed_hk = -1, packed_lo = -1, packed_hi = -1, k_tile = 0, v_tile = 0, bn = 0;
+
+  LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_, const Problem& p, Tiles t,
+               TilePath path_);
+  int64_t o_ld() const { return Dvp; }
+  void start(const QueryTile& w);
+  void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld);
+  void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const float* s, int64_t ld, float* o,
+                  bool add);
+  void finish() { lowp_release(path); }
+
+ private:
+  void pack_keys(const QueryTile& w, int64_t hk);
+};
+
+// The backward's five products for one key tile [j0, j0 + nb) of kv head w.hk against query tile [i0, i0 + mq)
+// of query head h: S = scale·Q·Kᵀ, dP = dO·Vᵀ, dV += Pᵀ·dO, dK += scale·dSᵀ·Q, dQ += scale·dS·K. dK and dV
+// accumulate across the key tile's query tiles (add: not the first); finish_keys() stores them.
+template <typename T>
+struct BlasBackwardProducts {
+  Strided<const T> q, k, v, dout;
+  Strided<T> dk, dv;
+  int64_t D, Dv;
+  T scale;
+
+  BlasBackwardProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, Strided<const T> dout_,
+                       Strided<T> dk_, Strided<T> dv_, const Problem& p, Tiles)
+      : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), scale(T(p.scale)) {}
+  void start_keys(const KeyRange&, int64_t, int64_t) {}
+  void start_queries(const KeyRange&, int64_t, int64_t, int64_t) {}
+  void scores(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, T* s, int64_t ld) {
+    gemm_nt<T>(mq, nb, D, scale, q.row(w.b, h, i0), q.sn, k.row(w.b, w.hk, j0), k.sn, T(0), s, ld);
+  }
+  void dprobs(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, T* dp, int64_t ld) {
+    gemm_nt<T>(mq, nb, Dv, T(1), dout.row(w.b, h, i0), dout.sn, v.row(w.b, w.hk, j0), v.sn, T(0), dp, ld);
+  }
+  void add_dv(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const T* pr,
+              int64_t ld, bool add) {
+    gemm_tn<T>(nb, Dv, mq, T(1), pr, ld, dout.row(w.b, h, i0), dout.sn, T(add ? 1 : 0), dv.row(w.b, w.hk, j0),
+               dv.sn);
+  }
+  void add_dk(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const T* ds,
+              int64_t ld, bool add) {
+    gemm_tn<T>(nb, D, mq, scale, ds, ld, q.row(w.b, h, i0), q.sn, T(add ? 1 : 0), dk.row(w.b, w.hk, j0), dk.sn);
+  }
+  void add_dq(const KeyRange& w, int64_t mq, int64_t j0, int64_t nb, const T* ds, int64_t ld, T* dq, int64_t ldq) {
+    gemm_nn<T>(mq, D, nb, scale, ds, ld, k.row(w.b, w.hk, j0), k.sn, T(1), dq, ldq);
+  }
+  void finish_keys(const KeyRange&, int64_t, int64_t, bool) {}
+  void finish() {}
+};
+
+// bf16 backward: K and V of the key tile are packed once (Kᵀ and Vᵀ for S and dP, K for dQ), Q and dO once per
+// query tile; P and dS are rounded to bf16 (and transposed for dV, dK). dK and dV accumulate in fp32 tiles of
+// 16-padded width owned by the thread and are stored when the key tile is done; dQ goes through a tile too, so
+// padded columns never touch a neighbouring head's rows.
+struct LowpBackwardProducts {
+  Strided<const bf16> q, k, v, dout;
+  Strided<float> dk, dv;
+  int64_t D, Dv, Dp, Dvp, Dk16, Dv16;  // Dp/Dvp: even; Dk16/Dv16: padded to 16 (product columns)
+  float scale;
+  TilePath path;
+  std::vector<bf16> kt_pack, vt_pack, k_pack, q_pack, do_pack, q_pad, do_pad, lowp_a, lowp_t;
+  std::vector<float> dk_acc, dv_acc, dq_tile;
+  const bf16 *qa = nullptr, *doa = nullptr;
+  int64_t lda_q = 0, lda_do = 0, mqk = 0;  // mqk: the query count rounded up to the k-pair padding
+
+  LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
+                       Strided<const bf16> dout_, Strided<float> dk_, Strided<float> dv_, const Problem& p, Tiles t,
+                       TilePath path_);
+  void start_keys(const KeyRange& w, int64_t j0, int64_t nb);
+  void start_queries(const KeyRange& w, int64_t h, int64_t i0, int64_t mq);
+  void scores(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, float* s, int64_t ld);
+  void dprobs(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, float* dp, int64_t ld);
+  void add_dv(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const float* pr,
+              int64_t ld, bool add);
+  void add_dk(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const float* ds,
+              int64_t ld, bool add);
+  void add_dq(const KeyRange& w, int64_t mq, int64_t j0, int64_t nb, const float* ds, int64_t ld, float* dq,
+              int64_t ldq);
+  void finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live);
+  void finish() { lowp_release(path); }
+
+ private:
+  void add_transposed(const float* x, int64_t ld, int64_t mq, int64_t nb, const bf16* b, int64_t np, float* acc);
+};
+
+}  // namespace vitkern_cpu

@@ -1,0 +1,146 @@
+"""The CPU kernel's tile-product paths (csrc/cpu_features.h): each bf16 path against float64 math at the shared
+suite's sizes, with masks, causal, varlen and gradients; a forced path that cannot run here is an error; every
+compiled-in path either runs here or is skipped with the reason. VITKERN_CPU_PATH selects the path per call."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import truth
+import vitkern
+from contract import check_against_truth, max_err, qkv, rand
+
+pytestmark = pytest.mark.skipif(not vitkern.backends.get("cpu").available(), reason="the C++ extension is not built")
+
+PATHS = {"fp32": "fp32_blas", "avx512_bf16": "avx512_bf16", "amx": "amx_bf16"}
+
+
+def features():
+    return json.loads(torch.ops.vitkern_cpu.cpu_features())
+
+
+def runs_here(env_name):
+    """(True, '') when VITKERN_CPU_PATH=env_name can run bf16 here, else (False, the kernel's reason)."""
+    import os
+    old = os.environ.get("VITKERN_CPU_PATH")
+    os.environ["VITKERN_CPU_PATH"] = env_name
+    try:
+        chosen = features()["chosen"]["bfloat16"]
+    finally:
+        if old is None:
+            del os.environ["VITKERN_CPU_PATH"]
+        else:
+            os.environ["VITKERN_CPU_PATH"] = old
+    return (True, "") if chosen == PATHS[env_name] else (False, chosen)
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    ok, why = runs_here(request.param)
+    if not ok:
+        pytest.skip(f"{request.param} cannot run on this machine: {why}")
+    monkeypatch.setenv("VITKERN_CPU_PATH", request.param)
+    return request.param
+
+
+def sdpa(q, k, v, mask=None, is_causal=False, upcast=True):
+    return vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend="cpu")
+
+
+def ref(q, k, v, mask=None, is_causal=False, upcast=True):
+    return truth.attention(q, k, v, mask=mask, is_causal=is_causal, upcast=upcast)
+
+
+def test_features_report_shape():
+    f = features()
+    assert set(f) == {"compiled", "cpu", "chosen"}
+    assert "fp32_blas" in f["compiled"]
+    assert set(f["chosen"]) == {"float32", "bfloat16", "float16"}
+    assert f["chosen"]["float32"] == "fp32_blas"  # float32 never runs in reduced precision
+    for flag in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_os_enabled"):
+        assert isinstance(f["cpu"][flag], bool)
+
+
+@pytest.mark.parametrize("env_name", list(PATHS))
+def test_every_compiled_path_runs_or_says_why(env_name):
+    name = PATHS[env_name]
+    if name not in features()["compiled"]:
+        pytest.skip(f"{name} is not compiled into this build")
+    ok, why = runs_here(env_name)
+    if not ok:
+        assert why.startswith("error: ") and "cannot run here" in why, why
+        pytest.skip(f"{name} is compiled in but cannot run here: {why}")
+    q, k, v = qkv(1, 2, 33, 33, 16, dtype=torch.bfloat16)
+    import os
+    os.environ["VITKERN_CPU_PATH"] = env_name
+    try:
+        out = sdpa(q, k, v)
+    finally:
+        del os.environ["VITKERN_CPU_PATH"]
+    assert max_err(out, ref(q, k, v)) < 2e-2
+
+
+def test_forced_path_that_cannot_run_is_an_error(monkeypatch):
+    monkeypatch.setenv("VITKERN_CPU_PATH", "no_such_path")
+    q, k, v = qkv(1, 1, 4, 4, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="VITKERN_CPU_PATH: expected fp32, avx512_bf16 or amx, got 'no_such_path'"):
+        sdpa(q, k, v)
+
+
+@pytest.mark.parametrize("n", [1, 7, 197, 785])
+@pytest.mark.parametrize("d", [8, 64, 80, 96])
+def test_dense_against_float64(path, n, d):
+    q, k, v = qkv(1, 2, n, n, d, dtype=torch.bfloat16, grad=True, seed=n + d)
+    check_against_truth(sdpa, (q, k, v), ref, f"{path} n={n} d={d}")
+
+
+@pytest.mark.parametrize("d,dv", [(7, 13), (256, 256), (33, 64)])
+def test_odd_and_large_head_dims(path, d, dv):
+    q, k, v = qkv(1, 2, 50, 61, d, dv=dv, dtype=torch.bfloat16, grad=True, seed=d)
+    check_against_truth(sdpa, (q, k, v), ref, f"{path} d={d} dv={dv}")
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "causal"])
+def test_masked_and_causal(path, kind):
+    q, k, v = qkv(2, 2, 197, 197, 64, dtype=torch.bfloat16, grad=True, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    if kind == "causal":
+        fn = lambda q, k, v, upcast=True: sdpa(q, k, v, is_causal=True)
+        tr = lambda q, k, v, upcast=True: ref(q, k, v, is_causal=True, upcast=upcast)
+    else:
+        mask = torch.rand(197, 197, generator=gen) > 0.4
+        if kind == "float":
+            mask = torch.where(mask, rand(197, 197, gen=gen), torch.tensor(-float("inf"))).bfloat16()
+        fn = lambda q, k, v, upcast=True: sdpa(q, k, v, mask=mask)
+        tr = lambda q, k, v, upcast=True: ref(q, k, v, mask=mask, upcast=upcast)
+    check_against_truth(fn, (q, k, v), tr, f"{path} {kind}")
+
+
+@pytest.mark.parametrize("lengths", [[1, 7, 197], [785, 64, 5]])
+def test_varlen(path, lengths):
+    cu = vitkern.lengths_to_cu_seqlens(lengths)
+    gen = torch.Generator().manual_seed(len(lengths))
+    q, k, v = (rand(sum(lengths), 2, 64, gen=gen, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    fn = lambda q, k, v, upcast=True: vitkern.varlen_attention(q, k, v, cu, backend="cpu")
+    tr = lambda q, k, v, upcast=True: truth.varlen(q, k, v, cu, cu, upcast=upcast)
+    check_against_truth(fn, (q, k, v), tr, f"{path} varlen {lengths}")
+
+
+def test_error_no_worse_than_twice_torch_bf16(path):
+    """Issue 14's bar: the bf16 path's error against float64 at most 2x that of torch's bf16 SDPA (same inputs)."""
+    q, k, v = qkv(4, 4, 197, 197, 64, dtype=torch.bfloat16, seed=11)
+    exact = ref(q, k, v)
+    ours, torchs = max_err(sdpa(q, k, v), exact), max_err(F.scaled_dot_product_attention(q, k, v), exact)
+    assert ours <= 2 * torchs, f"{path}: error {ours:.3e} > 2 x torch bf16 SDPA's {torchs:.3e}"
+
+
+def test_float32_inputs_keep_the_fp32_path(monkeypatch):
+    """A forced bf16 path concerns bf16 inputs only: float32 stays exact to float32 rounding."""
+    ok, _ = runs_here("avx512_bf16")
+    if ok:
+        monkeypatch.setenv("VITKERN_CPU_PATH", "avx512_bf16")
+    q, k, v = qkv(1, 2, 100, 100, 64, seed=2)
+    assert max_err(sdpa(q, k, v), ref(q, k, v)) < 1e-5
