@@ -42,12 +42,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         if sig is not None:
             _remember(sig, plan)
     q_view, k_view, v_view, mask_view, out_shape, scale, name, zero_dims = plan
-    q4, k4, v4 = _view(query, q_view), _view(key, k_view), _view(value, v_view)
+    # (the views inline: at a tiny size each Python call is a few percent of the call)
+    q4 = query if q_view is None else _view(query, q_view)
+    k4 = key if k_view is None else _view(key, k_view)
+    v4 = value if v_view is None else _view(value, v_view)
     if zero_dims:
         q4, k4, v4 = _nonzero_head_dims(q4, k4, v4)
-    out, _ = attention(q4, k4, v4, _view(attn_mask, mask_view), None, None, _seed(dropout_p), -1, -1, scale,
-                       is_causal, float(dropout_p), name)
-    if value.shape[-1] == 0:
+    out, _ = attention(q4, k4, v4, attn_mask if mask_view is None else _view(attn_mask, mask_view), None, None,
+                       _dropout.new_seed() if dropout_p > 0 else None, -1, -1, scale, is_causal, float(dropout_p),
+                       name)
+    if zero_dims and value.shape[-1] == 0:
         out = out[..., :0]  # [B, Hq, Nq, 0] keeps its layout
     return out if out_shape is None else out.reshape(out_shape)
 

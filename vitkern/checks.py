@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import torch
 from torch import Tensor
 from .errors import VitkernTypeError, VitkernValueError
+from .tensor_memo import TensorMemo, memo_allowed
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -79,22 +79,20 @@ def cu_seqlens(name: str, cu, total: int, device: torch.device) -> None:
     cu_seqlens_values(name, cu, total)
 
 
-# Tensors whose values passed cu_seqlens_values, by id: (weak reference, version counter, total). A tensor
-# unchanged since (same version) is not checked again: on CPU that saves a few tensor ops per call, on a GPU
-# the asynchronous assert's launches.
-_VALUES_OK: dict = {}
+_VALUES_OK = TensorMemo()     # cu_seqlens tensors whose values passed, with their total
 
 
 def cu_seqlens_values(name: str, cu: Tensor, total) -> None:
-    """The values of cu_seqlens (0 start, non-decreasing, ends at total); see cu_seqlens."""
+    """The values of cu_seqlens (0 start, non-decreasing, ends at total); see cu_seqlens. A tensor that passed
+    before and has not changed since is not checked again (on CPU a few tensor ops per call, on a GPU the
+    asynchronous assert's launches)."""
     if torch.compiler.is_compiling():
         return
-    hit = _VALUES_OK.get(id(cu))
-    if hit is not None and hit[0]() is cu and hit[1] == cu._version and hit[2] == total:
+    if _VALUES_OK.get(cu, total):
         return
     _check_cu_values(name, cu, total)
-    key = id(cu)
-    _VALUES_OK[key] = (weakref.ref(cu, lambda _, key=key: _VALUES_OK.pop(key, None)), cu._version, total)
+    if memo_allowed(cu):
+        _VALUES_OK.put(cu, total, True)
 
 
 def _check_cu_values(name: str, cu: Tensor, total) -> None:
