@@ -14,7 +14,7 @@ from torch import Tensor
 from . import backends, checks
 from . import dropout as _dropout
 from .errors import VitkernTypeError, VitkernValueError
-from .ops import attention, autocast_args
+from .ops import attention, autocast_args, eager_attention
 
 
 def _seed(dropout_p: float) -> Optional[Tensor]:
@@ -35,12 +35,15 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """
     sig = _sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
     plan = _PLANS.get(sig) if sig is not None else None
+    call = eager_attention      # a cached plan means an eager call (see _PLANS)
     if plan is None:
         if isinstance(query, Tensor) and torch.is_autocast_enabled(query.device.type):
             query, key, value, attn_mask = autocast_args(query.device.type, (query, key, value, attn_mask))
         plan = _sdpa_plan(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
-        if sig is not None:
+        if sig is not None and not query.is_meta:
             _remember(sig, plan)
+        else:
+            call = attention
     q_view, k_view, v_view, mask_view, out_shape, scale, name, zero_dims = plan
     # (the views inline: at a tiny size each Python call is a few percent of the call)
     q4 = query if q_view is None else _view(query, q_view)
@@ -48,7 +51,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     v4 = value if v_view is None else _view(value, v_view)
     if zero_dims:
         q4, k4, v4 = _nonzero_head_dims(q4, k4, v4)
-    out, _ = attention(q4, k4, v4, attn_mask if mask_view is None else _view(attn_mask, mask_view), None, None,
+    out, _ = call(q4, k4, v4, attn_mask if mask_view is None else _view(attn_mask, mask_view), None, None,
                        _dropout.new_seed() if dropout_p > 0 else None, -1, -1, scale, is_causal, float(dropout_p),
                        name)
     if zero_dims and value.shape[-1] == 0:
@@ -58,7 +61,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
 # The eager path's cache: what validation, layout and backend selection decide depends only on a call's
 # signature (shapes, dtypes, devices, flags), so a repeated signature skips them. Only plain, untraced calls
-# with plain-typed flags are cached (a traced call must see the checks; True and 1 hash alike).
+# with plain-typed flags are cached (a traced call must see the checks; True and 1 hash alike): no tracing,
+# no dispatch mode, no autocast, no meta tensors. A plan's presence therefore means "eager".
 _PLANS: dict = {}
 _MAX_PLANS = 1024
 
@@ -75,7 +79,7 @@ def _sdpa_signature(query, key, value, attn_mask, dropout_p, is_causal, scale, e
             and (is_causal is False or is_causal is True) and (enable_gqa is False or enable_gqa is True)
             and type(dropout_p) is float and (scale is None or type(scale) is float)
             and (backend is None or type(backend) is str) and not torch.compiler.is_compiling()
-            and not torch._C._is_any_autocast_enabled()):
+            and not torch._C._is_any_autocast_enabled() and not torch._C._len_torch_dispatch_stack()):
         return None
     if attn_mask is None:
         mask_sig = None
@@ -178,13 +182,16 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     sig = _varlen_signature(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
                             is_causal, return_lse, backend)
     plan = _PLANS.get(sig) if sig is not None else None
+    call = eager_attention
     if plan is None:
         if isinstance(q, Tensor) and torch.is_autocast_enabled(q.device.type):
             q, k, v = autocast_args(q.device.type, (q, k, v))
         plan = _varlen_plan(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,
                             is_causal, return_lse, backend)
-        if sig is not None:
+        if sig is not None and not q.is_meta:
             _remember(sig, plan)
+        else:
+            call = attention
     else:  # the values of cu_seqlens are checked per call (cheap when the tensor was checked before)
         checks.cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0])
         if cu_seqlens_k is not None:
@@ -199,7 +206,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     q4, k4, v4 = q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)
     if zero_dims:
         q4, k4, v4 = _nonzero_head_dims(q4, k4, v4)
-    out, lse = attention(q4, k4, v4, None, cu_seqlens_q, cu_seqlens_k, _seed(dropout_p),
+    out, lse = call(q4, k4, v4, None, cu_seqlens_q, cu_seqlens_k, _seed(dropout_p),
                          -1 if max_seqlen_q is None else max_seqlen_q, -1 if max_seqlen_k is None else max_seqlen_k,
                          scale, is_causal, float(dropout_p), name)
     out = out[0].transpose(0, 1) if not zero_dims else out[0, ..., :v.shape[-1]].transpose(0, 1)
@@ -214,7 +221,8 @@ def _varlen_signature(q, k, v, cu_q, cu_k, max_q, max_k, scale, dropout_p, is_ca
             and (max_k is None or type(max_k) is int) and (is_causal is False or is_causal is True)
             and (return_lse is False or return_lse is True) and type(dropout_p) is float
             and (scale is None or type(scale) is float) and (backend is None or type(backend) is str)
-            and not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled()):
+            and not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled()
+            and not torch._C._len_torch_dispatch_stack()):
         return None
     cu_k_sig = None if cu_k is None else (cu_k.shape, cu_k.dtype, cu_k.device)
     return ("varlen", q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,

@@ -79,7 +79,7 @@ def cu_seqlens(name: str, cu, total: int, device: torch.device) -> None:
     cu_seqlens_values(name, cu, total)
 
 
-_VALUES_OK = TensorMemo()     # cu_seqlens tensors whose values passed, with their total
+_VALUES_OK = TensorMemo()     # per cu_seqlens tensor: {total: passed, "longest": longest sequence}
 
 
 def cu_seqlens_values(name: str, cu: Tensor, total) -> None:
@@ -117,8 +117,12 @@ def max_seqlen(name: str, value, cu: Tensor) -> int:
         return -1
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise VitkernValueError(f"{name}: expected None or an int >= 0, got {value!r}")
-    if cu.device.type == "cpu" and cu.numel() > 1 and not torch.compiler.is_compiling():
-        real = int((cu[1:] - cu[:-1]).max())
+    if cu.is_cpu and cu.numel() > 1 and not torch.compiler.is_compiling():
+        real = _VALUES_OK.get(cu, "longest")     # (a host sync on a GPU: checked on CPU only)
+        if real is None:
+            real = int((cu[1:] - cu[:-1]).max())
+            if memo_allowed(cu):
+                _VALUES_OK.put(cu, "longest", real)
         if value < real:
             raise VitkernValueError(f"{name}: expected at least the longest sequence, {real}, got {value}")
     return value

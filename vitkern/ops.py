@@ -195,11 +195,19 @@ def _traced(q: Tensor) -> bool:
 def attention(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, is_causal,
               dropout_p, backend):
     """(out, lse) of attention_fwd for the public functions (canonical layout, backend resolved)."""
-    args = (q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, is_causal,
-            dropout_p, backend)
     if _traced(q):
-        return attention_fwd(*args)
+        return attention_fwd(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale,
+                             is_causal, dropout_p, backend)
+    return eager_attention(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale,
+                           is_causal, dropout_p, backend)
+
+
+def eager_attention(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale,
+                    is_causal, dropout_p, backend):
+    """``attention`` for a call known not to be traced (the public functions' cached plans)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (mask is not None and mask.requires_grad)):
-        return _Attention.apply(*args)
-    return _fwd_impl(*args)
+        return _Attention.apply(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale,
+                                is_causal, dropout_p, backend)
+    return _fwd_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, is_causal,
+                     dropout_p, backend)
