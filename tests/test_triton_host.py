@@ -27,6 +27,7 @@ def stub(monkeypatch):
     monkeypatch.setattr(mask_summary, "launch", launch_one)
     monkeypatch.setattr(mask_summary, "_launch", launch_one)
     monkeypatch.setenv(autotune.ENV, "0")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # the GPU's tile table, also in the interpreter run
     autotune.clear()
     yield launched
     autotune.clear()
