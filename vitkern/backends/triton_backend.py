@@ -20,8 +20,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
-    from ..triton_kernels.config import interpreting
-    return interpreting()
+    # (backends/__init__.py's reading of TRITON_INTERPRET: importing triton_kernels.config would import Triton)
+    from . import triton_interpreting
+    return triton_interpreting()
 
 
 def _interpreter_problem() -> Optional[str]:
@@ -35,6 +36,7 @@ def _interpreter_problem() -> Optional[str]:
             import inspect
 
             import numpy
+            import triton
             from triton.runtime import interpreter
             src = inspect.getsource(interpreter)
             numpy_major_minor = tuple(int(x) for x in numpy.__version__.split(".")[:2])
