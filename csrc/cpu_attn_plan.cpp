@@ -5,6 +5,7 @@
 #include <c10/util/Half.h>
 #include <c10/util/BFloat16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstdio>
@@ -41,7 +42,9 @@ int64_t balanced(int64_t n, int64_t cap) {
 Tiles forward_tiles(const Problem& p, bool masked) {
   if (masked) return tiles_from_env({32, 64});
   // Varlen blocks are split into equal query tiles of at most 256 (forward_work); the key tile only caps.
-  if (p.varlen) return tiles_from_env({256, 512});
+  // Capped by the packed lengths: a small pack must not pay for zeroing a 256 x 512 score tile per call.
+  if (p.varlen) return tiles_from_env({std::min<int64_t>(256, std::max<int64_t>(p.Nq, 1)),
+                                       std::min<int64_t>(512, round_up16(std::max<int64_t>(p.Nk, 1)))});
   // Unmasked: big tiles. A short sequence is one tile per head (every key in one BLAS call, no rescaling, K
   // packed once); a long one 256 x 1024, which keeps the BLAS calls near peak while the score tile (1 MB) still
   // sits in L2. Smaller query tiles only when there are too few (batch, head, tile) items to keep every
@@ -55,7 +58,8 @@ Tiles forward_tiles(const Problem& p, bool masked) {
 
 Tiles backward_tiles(const Problem& p, bool masked) {
   if (masked) return tiles_from_env({64, 64});
-  if (p.varlen) return tiles_from_env({128, 128});
+  if (p.varlen) return tiles_from_env({std::min<int64_t>(128, std::max<int64_t>(p.Nq, 1)),
+                                       std::min<int64_t>(128, round_up16(std::max<int64_t>(p.Nk, 1)))});
   return tiles_from_env({balanced(p.Nq, 128), round_up16(balanced(p.Nk, 128))});
 }
 

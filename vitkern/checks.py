@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 from .errors import VitkernTypeError, VitkernValueError
+from .tensor_memo import TensorMemo, memo_allowed
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -75,8 +76,26 @@ def cu_seqlens(name: str, cu, total: int, device: torch.device) -> None:
         raise VitkernValueError(f"{name}: expected at least one entry (0), got an empty tensor")
     if cu.device != device:
         raise VitkernValueError(f"{name}: expected device {device} (the query's), got {cu.device}")
+    cu_seqlens_values(name, cu, total)
+
+
+_VALUES_OK = TensorMemo()     # per cu_seqlens tensor: {total: passed, "longest": longest sequence}
+
+
+def cu_seqlens_values(name: str, cu: Tensor, total) -> None:
+    """The values of cu_seqlens (0 start, non-decreasing, ends at total); see cu_seqlens. A tensor that passed
+    before and has not changed since is not checked again (on CPU a few tensor ops per call, on a GPU the
+    asynchronous assert's launches)."""
     if torch.compiler.is_compiling():
         return
+    if _VALUES_OK.get(cu, total):
+        return
+    _check_cu_values(name, cu, total)
+    if memo_allowed(cu):
+        _VALUES_OK.put(cu, total, True)
+
+
+def _check_cu_values(name: str, cu: Tensor, total) -> None:
     if cu.device.type == "cpu":
         first, last = int(cu[0]), int(cu[-1])
         if first != 0:
@@ -98,8 +117,12 @@ def max_seqlen(name: str, value, cu: Tensor) -> int:
         return -1
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise VitkernValueError(f"{name}: expected None or an int >= 0, got {value!r}")
-    if cu.device.type == "cpu" and cu.numel() > 1 and not torch.compiler.is_compiling():
-        real = int((cu[1:] - cu[:-1]).max())
+    if cu.is_cpu and cu.numel() > 1 and not torch.compiler.is_compiling():
+        real = _VALUES_OK.get(cu, "longest")     # (a host sync on a GPU: checked on CPU only)
+        if real is None:
+            real = int((cu[1:] - cu[:-1]).max())
+            if memo_allowed(cu):
+                _VALUES_OK.put(cu, "longest", real)
         if value < real:
             raise VitkernValueError(f"{name}: expected at least the longest sequence, {real}, got {value}")
     return value

@@ -68,10 +68,7 @@ register(ReferenceBackend())
 def _register_optional() -> None:
     # Imported here, not at the top, so a missing extension or Triton never breaks `import vitkern`.
     from . import cpu as _cpu  # noqa: F401  (registers itself)
-    try:
-        from . import triton_backend as _triton  # noqa: F401
-    except ImportError:
-        pass
+    from . import triton_backend as _triton  # noqa: F401  (imports Triton only when it runs)
 
 
 _register_optional()

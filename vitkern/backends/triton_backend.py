@@ -1,16 +1,16 @@
 """The ``triton`` backend: fused forward/backward Triton kernels (vitkern/triton_kernels/) for CUDA tensors.
 
 On CPU tensors it runs only under ``TRITON_INTERPRET=1`` (Triton's numpy interpreter, for tests at tiny sizes).
-The kernel modules are imported on first use, so the interpreter setting is read when the kernels are defined,
-not when vitkern is imported.
+Triton and the kernel modules are imported on first use, not by ``import vitkern`` (importing Triton costs
+~0.2 s): the interpreter setting is read when the kernels are defined, and an install without Triton just
+does not list the backend.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
-
-import triton  # noqa: F401  (an install without Triton raises ImportError here and the backend is not registered)
 
 from . import register
 from .base import Backend, empty_bhnd
@@ -20,8 +20,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
-    from ..triton_kernels.config import interpreting
-    return interpreting()
+    # (backends/__init__.py's reading of TRITON_INTERPRET: importing triton_kernels.config would import Triton)
+    from . import triton_interpreting
+    return triton_interpreting()
 
 
 def _interpreter_problem() -> Optional[str]:
@@ -35,6 +36,7 @@ def _interpreter_problem() -> Optional[str]:
             import inspect
 
             import numpy
+            import triton
             from triton.runtime import interpreter
             src = inspect.getsource(interpreter)
             numpy_major_minor = tuple(int(x) for x in numpy.__version__.split(".")[:2])
@@ -54,9 +56,11 @@ class TritonBackend(Backend):
     name = "triton"
 
     def available(self) -> bool:
-        return torch.cuda.is_available() or _interpreting()
+        return importlib.util.find_spec("triton") is not None and (torch.cuda.is_available() or _interpreting())
 
     def unavailable_reason(self) -> str:
+        if importlib.util.find_spec("triton") is None:
+            return "Triton is not installed"
         return ("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to run CPU tensors in Triton's "
                 "interpreter)")
 

@@ -329,7 +329,7 @@ def _tiling(cfg, resident_keys, mask, cu_q, cu_k, Nq, Nk, max_q, max_k, dummy):
         even_m = even_n = False
     else:
         seq = start = dummy
-        num_blocks = triton.cdiv(total, block)
+        num_blocks = config.cdiv(total, block)
         even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
     summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
     if summary is not None:
@@ -376,7 +376,7 @@ class _BackwardCall:
 
     def preprocess(self, block_m: int):
         dout, bs = self.inputs[3], config.batch_strides
-        return (_bwd_preprocess, (triton.cdiv(self.Nq, block_m) * self.B * self.Hq,),
+        return (_bwd_preprocess, (config.cdiv(self.Nq, block_m) * self.B * self.Hq,),
                 (self.out, dout, self.lse, self.delta, self.lse2, *bs(self.out), *bs(dout), self.Hq, self.Nq,
                  self.dims[1]),
                 dict(BLOCK_M=block_m, BLOCK_DV=self.block_dv))

@@ -198,7 +198,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
         even_m = even_n = False
     else:
         block_seq = block_start = cu_q = cu_k = dummy
-        num_m_blocks = triton.cdiv(Nq, cfg.block_m)
+        num_m_blocks = config.cdiv(Nq, cfg.block_m)
         even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
     summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
     mk = mask_for_kernel(mask) if mask is not None else dummy

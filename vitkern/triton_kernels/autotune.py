@@ -178,6 +178,7 @@ def clear() -> None:
     with _lock:
         _chosen.clear()
         _files.clear()
+        _decided.clear()
 
 
 # ------------------------------------------------------------------------------------------ tuning
@@ -224,13 +225,36 @@ def launch_tuned(kernel: str, q: torch.Tensor, dv: int, mask, causal: bool, varl
     """Launch build(cfg) of one kernel (config.KERNELS) with the chosen cfg: tuned on the first call of its key
     when autotuning is on, the static table's entry when it is off. ``reset`` runs before that launch when
     candidates ran (to clear what they left behind). ``heavy`` as in config.static_config. Returns cfg."""
-    d, dtype = q.shape[-1], q.dtype
-    if enabled(q.device):
-        k = key(kernel, q, dv, mask, causal, varlen, dropout, mask_grad)
-        cfg, tuned = choose(k, lambda: config.candidates(kernel, d, dv, dtype, heavy), build, q.device)
-        if tuned and reset is not None:
-            reset()
-    else:
-        cfg = config.static_config(kernel, d, dv, dtype, heavy)
+    sig = _signature(kernel, q, dv, mask, causal, varlen, dropout, heavy, mask_grad)
+    cfg = _decided.get(sig)
+    if cfg is None:
+        cfg = _decide(sig, kernel, q, dv, mask, causal, varlen, dropout, heavy, build, reset, mask_grad)
     launch(build(cfg))
+    return cfg
+
+
+# What launch_tuned decided, by call signature (a tuple: no string key, no lock, no file lookup per call). The
+# settings it depends on are part of the signature, so changing one mid-process decides again.
+_decided: dict = {}
+_SETTINGS = (ENV, CACHE_ENV, "VITKERN_TRITON_FP32_PRECISION", "TRITON_INTERPRET")
+
+
+def _signature(kernel, q, dv, mask, causal, varlen, dropout, heavy, mask_grad) -> tuple:
+    env = os.environ
+    return (kernel, q.device, q.shape[-1], dv, q.dtype, None if mask is None else mask.dtype == torch.bool,
+            bool(causal), bool(varlen), bool(dropout), bool(heavy), bool(mask_grad),
+            *(env.get(name) for name in _SETTINGS))
+
+
+def _decide(sig, kernel, q, dv, mask, causal, varlen, dropout, heavy, build, reset, mask_grad) -> LaunchConfig:
+    d, dtype = q.shape[-1], q.dtype
+    if not enabled(q.device):
+        cfg = _decided[sig] = config.static_config(kernel, d, dv, dtype, heavy)
+        return cfg
+    k = key(kernel, q, dv, mask, causal, varlen, dropout, mask_grad)
+    cfg, tuned = choose(k, lambda: config.candidates(kernel, d, dv, dtype, heavy), build, q.device)
+    if tuned and reset is not None:
+        reset()
+    if _chosen.get(k) == cfg:   # final (not the table's stand-in while tracing or capturing)
+        _decided[sig] = cfg
     return cfg

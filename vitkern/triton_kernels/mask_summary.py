@@ -24,6 +24,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..tensor_memo import TensorMemo, memo_allowed
+
 TILE_EMPTY, TILE_FULL, TILE_PARTIAL = 0, 1, 2
 
 
@@ -92,8 +94,25 @@ def _launch(kernel, grid, args, kwargs):
 launch = _launch
 
 
+# Summaries by the mask's root tensor (the user's mask: the backend gets a new expanded view per call) and the
+# view's geometry: the forward, both backward kernels and every layer of a model usually share one mask.
+_SUMMARIES = TensorMemo()
+
+
 def tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
-    """mask bool/float [B, Hq, Nq, Nk] (any strides) -> TileSummary of block_m x block_n tiles (see module doc)."""
+    """mask bool/float [B, Hq, Nq, Nk] (any strides) -> TileSummary of block_m x block_n tiles (see module doc).
+    Remembered while the mask is unchanged (vitkern/tensor_memo.py)."""
+    root = mask if mask._base is None else mask._base
+    key = (mask.dtype, tuple(mask.shape), mask.stride(), mask.storage_offset(), block_m, block_n)
+    hit = _SUMMARIES.get(root, key)
+    if hit is None:
+        hit = _tile_summary(mask, block_m, block_n)
+        if launch is _launch and memo_allowed(root):   # (not while aot_check compiles instead of running)
+            _SUMMARIES.put(root, key, hit)
+    return hit
+
+
+def _tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
     B, H, Nq, Nk = mask.shape
     base = _distinct_slice(mask)
     if base.dtype == torch.bool:
