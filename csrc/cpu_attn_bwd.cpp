@@ -185,7 +185,7 @@ at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
 template <typename T, typename MakeProducts>
 void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items, const MakeProducts& make_products) {
   std::atomic<int64_t> next{0};
-  run_on_threads([&](int64_t) {
+  run_on_threads(*a.p, int64_t(items.size()), [&](int64_t) {
     const BlasSingleThreadScope one_blas_thread;
     auto prod = make_products();
     const int64_t tile = a.tiles.bm * a.tiles.ld();

@@ -110,7 +110,7 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
 template <typename T, typename MakeProducts>
 void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, const MakeProducts& make_products) {
   std::atomic<int64_t> next{0};
-  run_on_threads([&](int64_t) {
+  run_on_threads(*a.p, int64_t(items.size()), [&](int64_t) {
     const BlasSingleThreadScope one_blas_thread;
     auto prod = make_products();
     std::vector<T> s_buf(a.tiles.bm * a.tiles.ld()), o_buf(a.tiles.bm * prod.o_ld()), m_buf(a.tiles.bm),

@@ -354,8 +354,15 @@ Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return p;
 }
 
-void run_on_threads(const std::function<void(int64_t)>& body) {
-  const int64_t n = at::get_num_threads();
+void run_on_threads(const Problem& p, int64_t items, const std::function<void(int64_t)>& body) {
+  // A parallel region wakes the other threads even for a few microseconds of work, and on a loaded machine waits
+  // for a descheduled one (milliseconds): tiny calls and single items run on the calling thread.
+  const double work = double(p.B) * p.Hq * p.Nq * p.Nk * (p.D + p.Dv);
+  const int64_t n = work < (1 << 21) ? 1 : std::min<int64_t>(at::get_num_threads(), items);
+  if (n <= 1) {
+    body(0);
+    return;
+  }
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) body(t);
   });

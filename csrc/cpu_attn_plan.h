@@ -118,8 +118,9 @@ struct VisitPlan {
 VisitPlan plan_visits(Problem& p, const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,
                       const std::optional<at::Tensor>& cu_k);
 
-// Runs body(thread_index) on every worker thread; work inside is taken from a shared atomic counter so uneven
-// items (varlen, causal, skipped tiles) balance. Results never depend on which thread took which item.
-void run_on_threads(const std::function<void(int64_t)>& body);
+// Runs body(thread_index) on up to min(threads, items) worker threads (a tiny problem on the calling thread alone);
+// work inside is taken from a shared atomic counter so uneven items (varlen, causal, skipped tiles) balance.
+// Results never depend on which thread took which item.
+void run_on_threads(const Problem& p, int64_t items, const std::function<void(int64_t)>& body);
 
 }  // namespace vitkern_cpu
