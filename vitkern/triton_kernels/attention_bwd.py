@@ -4,16 +4,17 @@ With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout appli
 = rowsum(P * dP), dS = P * (dP - delta):
     dV = P_dropped^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   dMask = dS (float mask, when asked).
 - ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles. It first writes the row
-  statistics both kernels read (delta, and lse2 = lse * log2(e) with +inf for rows that had no key, so P
-  comes out 0 there), so no separate pre-pass is launched; it also writes dMask;
+  statistics both kernels read (delta, and lse2 = lse with +inf for rows that had no key, so P comes out 0
+  there), so no separate pre-pass is launched; it also writes dMask;
 - ``_bwd_dkdv_kernel`` (launched second): one program per (key tile, key/value head) walks the query tiles of
   every query head of its group (GQA sums in registers), so dK/dV are written once: deterministic. It computes
   the transposed tile (S^T = K Q^T, dP^T = V dO^T), whose M dimension is the key tile (>= 64 rows on a GPU):
   every product is a wgmma on sm_90, P^T and dS^T stay in registers as the A operand of dV += P^T dO and
   dK += dS^T Q (no shared-memory round trip of P / dS).
-Scores become base-2 exponents in one FMA: x = dot * (scale * log2 e) - lse2, so at 1e4 logits nothing is
-rounded at the scores' magnitude but lse2 itself (one rounding per row, the same for every key of the row);
-the interpreter, whose fma rounds twice, computes it in float64. Masking happens on x: masked pairs, causal
+P = exp2(fma(dot, scale, -lse) * log2 e): at 1e4 logits nothing is rounded at the scores' magnitude but the
+saved lse (one rounding per row, the same for every key of the row; folding log2 e into the FMA would round
+lse * log2 e once more, measured 1.2x -> 1.5x the naive fp32 error of dK); the interpreter, whose fma rounds
+twice, computes it in float64. Masking happens on the exponent: masked pairs, causal
 pairs, keys past the sequence and float-mask entries of -inf become -inf before the exp (so a row with no pair
 taking part gets P = 0 even when its q is NaN; a NaN lse gives NaN on every pair that takes part).
 Each kernel has its own tiles (config.backward_configs; on a GPU autotuned once per key, autotune.py), hence
@@ -45,14 +46,16 @@ def _fma(a, b, c):
 
 
 @triton.jit
-def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_state, scale2,
+def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_state, scale,
            MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr,
            CHECK_K: tl.constexpr, KEY_BOUNDS: tl.constexpr):
     """P of a tile in either orientation: s the raw q.k products, lse2 / qi (query positions) / kj (key
     positions) broadcast to s's shape ([BM, 1] and [1, BN] for a query-major tile, the other way round for a
     key-major one), mask_ptrs the mask entries of the tile (read only on TILE_PARTIAL tiles and in bounds).
     KEY_BOUNDS: zero P of keys past k_len (the dQ kernel needs it; the dK/dV kernel never stores those rows)."""
-    x = _fma(s, scale2, -lse2)
+    # Natural units first (one rounding, of a number near 0), then log2(e): lse's own rounding is then the
+    # only one at the logits' magnitude, and it is the same for every key of the row.
+    y = _fma(s, scale, -lse2)
     if MASK_KIND != 0:
         partial = True
         if HAS_SUMMARY:
@@ -65,16 +68,16 @@ def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_state, scale2,
                 read = read & (kj < k_len)
             if MASK_KIND == 1:
                 keep = tl.load(mask_ptrs, mask=read, other=1)
-                x = tl.where(keep != 0, x, float("-inf"))
+                y = tl.where(keep != 0, y, float("-inf"))
             else:
                 bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
                 # -inf means "does not take part": -inf even when the score is NaN.
-                x = tl.where(bias == float("-inf"), float("-inf"), _fma(bias, LOG2E, x))
+                y = tl.where(bias == float("-inf"), float("-inf"), y + bias)
     if CAUSAL:
-        x = tl.where(kj <= qi, x, float("-inf"))
+        y = tl.where(kj <= qi, y, float("-inf"))
     if KEY_BOUNDS and CHECK_K:
-        x = tl.where(kj < k_len, x, float("-inf"))
-    return tl.math.exp2(x)
+        y = tl.where(kj < k_len, y, float("-inf"))
+    return tl.math.exp2(y * LOG2E)
 
 
 @triton.jit
@@ -107,7 +110,7 @@ def _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr):
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base, t_lo, t_hi,
                 offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
-                stride_dd, stride_mm, stride_tm, scale2, seed, bh, drop_threshold, drop_scale,
+                stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
                 HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                 CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
@@ -129,7 +132,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base,
             lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
             pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
-                        mask_base + rows[None, :] * stride_mm, tile_state, scale2, MASK_KIND, HAS_SUMMARY,
+                        mask_base + rows[None, :] * stride_mm, tile_state, scale, MASK_KIND, HAS_SUMMARY,
                         CAUSAL, CHECK_M, CHECK_N, False)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if HAS_DROPOUT:
@@ -156,7 +159,7 @@ def _bwd_dkdv_kernel(
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_cb, stride_ch, stride_cn,
     num_heads, num_kv_heads, groups, num_n_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
-    scale, scale2, seed, drop_threshold, drop_scale,
+    scale, seed, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -220,14 +223,24 @@ def _bwd_dkdv_kernel(
             t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_lo), t_hi)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
                                  t_lo, t_full, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
-                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale2, seed,
+                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed,
                                  bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND,
                                  HAS_SUMMARY, HAS_DROPOUT, True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+        # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
+        t_mid = t_hi
+        if not EVEN_M:
+            t_mid = tl.maximum(tl.minimum(t_hi, q_len // BLOCK_M), t_full)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
-                             t_full, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
-                             stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale2, seed, bh,
+                             t_full, t_mid, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
+                             stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
                              drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY,
-                             HAS_DROPOUT, False, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                             HAS_DROPOUT, False, False, not EVEN_N, EVEN_D, PRECISION)
+        if not EVEN_M:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
+                                 t_mid, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
+                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed,
+                                 bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND,
+                                 HAS_SUMMARY, HAS_DROPOUT, False, True, not EVEN_N, EVEN_D, PRECISION)
     dk = dk * scale
     store_rows(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, k_len, offs_d, head_dim,
@@ -240,7 +253,7 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_hi, offs_m,
               rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-              stride_mn, stride_gn, stride_tn, scale2, seed, bh, drop_threshold, drop_scale,
+              stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
               HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
               CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -261,7 +274,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, sta
                           offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
             p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len,
-                       mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale2, MASK_KIND,
+                       mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale, MASK_KIND,
                        HAS_SUMMARY, CAUSAL, CHECK_M, CHECK_N, True)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             if HAS_DROPOUT:
@@ -289,7 +302,7 @@ def _bwd_dq_kernel(
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_rb, stride_rh, stride_rm,
     num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
-    scale, scale2, seed, drop_threshold, drop_scale,
+    scale, seed, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -318,7 +331,7 @@ def _bwd_dq_kernel(
         lse = tl.load(Lse + row_ptr)
     else:
         lse = tl.load(Lse + row_ptr, mask=offs_m < q_len, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
     if EVEN_M:
         tl.store(Delta + row_ptr, delta)
         tl.store(Lse2 + row_ptr, lse2)
@@ -354,13 +367,13 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_mid, offs_m,
                    rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-                   stride_mn, stride_gn, stride_tn, scale2, seed, pid_bh, drop_threshold, drop_scale,
+                   stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold, drop_scale,
                    BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
                    False, not EVEN_M, False, EVEN_D, PRECISION)
     if IS_CAUSAL or not EVEN_N:
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_mid, t_hi,
                        offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
-                       stride_vd, stride_mn, stride_gn, stride_tn, scale2, seed, pid_bh, drop_threshold,
+                       stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,
                        drop_scale, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
                        IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
     dq = dq * scale
@@ -404,8 +417,8 @@ class _BackwardCall:
         self.inputs, self.grads, self.dmask = (q, k, v, dout), (dq, dk, dv), dmask
         self.mask, self.hints, self.mask_grad = mask, (max_q, max_k), bool(mask_grad)
         self.varlen = cu_q is not None
-        # heavy: more live registers (mask, dropout, varlen bounds), see config.backward_configs
-        self.heavy = mask is not None or dropout_p > 0 or self.varlen
+        # heavy: more live registers (mask, dropout, varlen bounds, causal loops), see config.backward_configs
+        self.heavy = mask is not None or dropout_p > 0 or self.varlen or bool(is_causal)
         self.out, self.lse = out, lse.contiguous()
         # Written by the dQ kernel, read by the dK/dV kernel launched after it.
         self.delta = torch.empty_like(self.lse)
@@ -414,7 +427,7 @@ class _BackwardCall:
         self.cu_args = (cu_q, cu_k) if self.varlen else (self.lse2, self.lse2)
         self.mk = mask_for_kernel(mask) if mask is not None else self.lse2
         self.m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-        self.scalars = (self.Nq, self.Nk, D, Dv, scale, scale * LOG2E.value, *dropout_args(seed, dropout_p))
+        self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
         block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
         self.common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=mask_kind(mask),
                            IS_CAUSAL=bool(is_causal), IS_VARLEN=self.varlen, HAS_DROPOUT=dropout_p > 0,

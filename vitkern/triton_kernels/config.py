@@ -82,19 +82,26 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
 def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> tuple:
     """(dK/dV kernel tiles, dQ kernel tiles). Each kernel keeps a wide tile resident (keys for dK/dV, queries
     for dQ) and loops over narrow tiles of the other side; see forward_config. ``heavy`` here also covers
-    varlen (its bounds checks cost registers in the dK/dV kernel)."""
+    varlen and causal (their bounds checks and extra loops cost registers in the dK/dV kernel)."""
     if interpreting():
         return LaunchConfig(16, 32, 1, 1), LaunchConfig(32, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
     if dtype == torch.float32:
-        cfg = LaunchConfig(16, 32, 8, 1) if 64 < width <= 128 else LaunchConfig(16, 16, 8, 1)
-        return cfg, cfg
+        if 64 < width <= 128:
+            return LaunchConfig(16, 32, 8, 1), LaunchConfig(16, 16, 8, 1)
+        return LaunchConfig(16, 16, 8, 1), LaunchConfig(16, 16, 8, 1)
+    # dK/dV computes key-major tiles (S^T = K Q^T), so its M dimension is the key tile: >= 64 keys per
+    # warpgroup keeps every product on wgmma (sm_90). One stage: the second one spills at N = 197.
+    if width <= 64:
+        kv = LaunchConfig(32, 128, 8, 1) if heavy else LaunchConfig(64, 128, 8, 1)
+        return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
     if width <= 128:
-        kv = LaunchConfig(32, 64, 8, 1) if heavy else LaunchConfig(32, 128, 8, 2 if width <= 64 else 1)
-        return kv, LaunchConfig(128, 32, 8, 2)
+        kv = LaunchConfig(16, 64, 8, 1) if heavy else LaunchConfig(16, 128, 8, 1)
+        return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)
+    # Head dim 256: a 64-key tile spills (dK, dV and K, V of 64 x 256 each), so 32 keys (mma.sync, not wgmma).
     if heavy:
-        return LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 32, 8, 1)
-    return LaunchConfig(16, 64, 8, 1), LaunchConfig(64, 16, 8, 2)
+        return LaunchConfig(16, 32, 8, 1), LaunchConfig(32, 32, 8, 1)
+    return LaunchConfig(16, 32, 8, 1), LaunchConfig(64, 16, 8, 2)
 
 
 # ------------------------------------------------------------------------------------------ autotuning
