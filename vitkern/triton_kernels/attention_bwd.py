@@ -108,6 +108,47 @@ def _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr):
 
 
 @triton.jit
+def _write_row_stats(o, do, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M: tl.constexpr):
+    """delta = rowsum(o * do) and lse2 = lse (+inf for rows that had no key: P comes out 0 there) of one query
+    tile, stored for the dK/dV kernel and returned."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if EVEN_M:
+        lse = tl.load(Lse + row_ptr)
+    else:
+        lse = tl.load(Lse + row_ptr, mask=offs_m < q_len, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+    if EVEN_M:
+        tl.store(Delta + row_ptr, delta)
+        tl.store(Lse2 + row_ptr, lse2)
+    else:
+        tl.store(Delta + row_ptr, delta, mask=offs_m < q_len)
+        tl.store(Lse2 + row_ptr, lse2, mask=offs_m < q_len)
+    return lse2, delta
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
+                          stride_ob, stride_oh, stride_om, stride_od,
+                          stride_db, stride_dh, stride_dm, stride_dd,
+                          num_heads, num_rows, head_dim_v,
+                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The row statistics as a pre-pass, where fusing them into the dQ kernel spills (fp32, head dim > 128)."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(num_rows, BLOCK_M)
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m.to(tl.int64)
+    o = load_rows(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                  offs_m, num_rows, offs_dv, head_dim_v, False, False)
+    do = load_rows(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                   offs_m, num_rows, offs_dv, head_dim_v, False, False)
+    _write_row_stats(o, do, Lse, Lse2, Delta, pid_bh.to(tl.int64) * num_rows + rows, offs_m, num_rows, False)
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base, t_lo, t_hi,
                 offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                 stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
@@ -306,7 +347,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_STATS: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -322,22 +363,14 @@ def _bwd_dq_kernel(
     do = load_rows(DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm
                    + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
 
-    # Row statistics (what a pre-pass would compute), for this tile's loop and for the dK/dV kernel after it.
-    o = load_rows(Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
-                  + offs_dv[None, :] * stride_od, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    # Row statistics, for this tile's loop and for the dK/dV kernel after it (or read from the pre-pass).
     row_ptr = pid_bh.to(tl.int64) * seq_len_q + rows
-    if EVEN_M:
-        lse = tl.load(Lse + row_ptr)
+    if FUSED_STATS:
+        o = load_rows(Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
+                      + offs_dv[None, :] * stride_od, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+        lse2, delta = _write_row_stats(o, do, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M)
     else:
-        lse = tl.load(Lse + row_ptr, mask=offs_m < q_len, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
-    if EVEN_M:
-        tl.store(Delta + row_ptr, delta)
-        tl.store(Lse2 + row_ptr, lse2)
-    else:
-        tl.store(Delta + row_ptr, delta, mask=offs_m < q_len)
-        tl.store(Lse2 + row_ptr, lse2, mask=offs_m < q_len)
+        lse2, delta = _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, not EVEN_M)
 
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
@@ -429,6 +462,9 @@ class _BackwardCall:
         self.m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
         self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
         block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
+        # Fusing the row statistics into the dQ kernel spills there for fp32 at head dims > 128.
+        self.fused_stats = not (q.dtype == torch.float32 and max(block_d, block_dv) > 128)
+        self.block_dv = block_dv
         self.common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=mask_kind(mask),
                            IS_CAUSAL=bool(is_causal), IS_VARLEN=self.varlen, HAS_DROPOUT=dropout_p > 0,
                            EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype))
@@ -461,7 +497,17 @@ class _BackwardCall:
         g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
         return self._launch(_bwd_dq_kernel, cfg, False, (self.out,), (dq, dm),
                             (*config.batch_strides(dq), *self.m_strides, *g_strides),
-                            (self.Hq, self.Hq // self.Hk), MASK_GRAD=self.mask_grad)
+                            (self.Hq, self.Hq // self.Hk), MASK_GRAD=self.mask_grad, FUSED_STATS=self.fused_stats)
+
+    def row_stats(self, block_m: int) -> list:
+        """The pre-pass launch when the dQ kernel does not compute the row statistics itself, else nothing."""
+        if self.fused_stats:
+            return []
+        dout, bs = self.inputs[3], config.batch_strides
+        return [(_bwd_row_stats_kernel, (triton.cdiv(self.Nq, block_m) * self.B * self.Hq,),
+                 (self.out, dout, self.lse, self.delta, self.lse2, *bs(self.out), *bs(dout), self.Hq, self.Nq,
+                  self.dims[1]),
+                 dict(BLOCK_M=block_m, BLOCK_DV=self.block_dv))]
 
 
 def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
@@ -472,7 +518,7 @@ def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, s
     call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                          dropout_p, mask_grad, dq, dk, dv, dmask)
     static_kv, static_q = call.static_configs()
-    return [call.dq(q_cfg or static_q), call.dkdv(kv_cfg or static_kv)]
+    return call.row_stats(static_q.block_m) + [call.dq(q_cfg or static_q), call.dkdv(kv_cfg or static_kv)]
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
@@ -486,6 +532,7 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
     """
     call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                          dropout_p, mask_grad, dq, dk, dv, dmask)
+    autotune.launch(call.row_stats(call.static_configs()[1].block_m))
     flags = (mask, is_causal, call.varlen, dropout_p > 0, call.heavy)
     # dq / dk / dv and the row statistics are rewritten whole by every candidate; dmask is not (skipped tiles
     # are left as they are), so it is zeroed again before the chosen config runs when tuning ran.

@@ -89,7 +89,9 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
     if dtype == torch.float32:
         if 64 < width <= 128:
             return LaunchConfig(16, 32, 8, 1), LaunchConfig(16, 16, 8, 1)
-        return LaunchConfig(16, 16, 8, 1), LaunchConfig(16, 16, 8, 1)
+        if width <= 64:
+            return LaunchConfig(16, 16, 8, 1), LaunchConfig(16, 16, 8, 1)
+        return LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 8, 1)
     # dK/dV computes key-major tiles (S^T = K Q^T), so its M dimension is the key tile: >= 64 keys per
     # warpgroup keeps every product on wgmma (sm_90). One stage: the second one spills at N = 197.
     if width <= 64:
