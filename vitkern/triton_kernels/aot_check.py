@@ -59,16 +59,27 @@ def specialize(kernel, args, kwargs):
     return sig, const, attrs
 
 
-def _resource_usage(cubin) -> tuple:
-    """(registers, stack bytes) per thread, from the cubin; (None, None) when cuobjdump is not available."""
+def cuobjdump_path():
+    """The cuobjdump bundled in Triton's package, or None when this Triton ships none."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if cubin is None or not os.path.exists(tool):
-        return None, None
+    return tool if os.path.exists(tool) else None
+
+
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """cuobjdump's output for a cubin (e.g. flags "-sass" or "--dump-resource-usage")."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([cuobjdump_path(), *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _resource_usage(cubin) -> tuple:
+    """(registers, stack bytes) per thread, from the cubin; (None, None) when cuobjdump is not available."""
+    if cubin is None or cuobjdump_path() is None:
+        return None, None
+    text = cuobjdump(cubin, "--dump-resource-usage")
     m = re.search(r"REG:(\d+) STACK:(\d+)", text)
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
@@ -137,9 +148,10 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
     return summaries[:1] + fwd + bwd
 
 
-def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True) -> list[str]:
-    """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``); returns
-    the failures (compile errors, shared memory over the limit, spills)."""
+def compile_variants(variants, arch: int = 90, candidates: bool = True):
+    """Compile every launch of ``variants`` (see _variants) for sm_``arch``, each distinct specialization once;
+    yields (description, variant, kernel, kwargs, options, compiled or the exception the compile raised).
+    With ``candidates`` every autotuning candidate set is compiled, else the static table only."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -147,9 +159,9 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
     if config.interpreting():
         raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
-    failures, seen = [], set()
-    jobs = [(variant, cfgs) for variant in _variants(quick)
-            for cfgs in (_candidate_sets(*variant) if candidates and not quick else [(None, None, None)])]
+    seen = set()
+    jobs = [(variant, cfgs) for variant in variants
+            for cfgs in (_candidate_sets(*variant) if candidates else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
         for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
@@ -163,26 +175,38 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
             what = (f"{kernel.__name__} {str(dtype)[6:]} d={d} mask={mk} causal={causal} varlen={varlen} "
                     f"dropout={dropout} n={n} blocks={kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} "
                     f"warps={options['num_warps']} stages={options['num_stages']}")
-            t0 = time.time()
             try:
                 compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=options)
             except Exception as e:  # noqa: BLE001  (report every failing variant, not just the first)
-                msg = str(e).strip().splitlines()
-                failures.append(f"{what}: {type(e).__name__}: {msg[-1] if msg else ''}")
-                if verbose:
-                    print("FAIL ", failures[-1], flush=True)
-                continue
-            shared = compiled.metadata.shared
-            regs, stack = _resource_usage(compiled.asm.get("cubin"))
-            bad = []
-            if shared > MAX_SHARED.get(arch, MAX_SHARED[80]):
-                bad.append(f"needs {shared} B of shared memory")
-            if stack:
-                bad.append(f"spills {stack} B per thread")
-            failures += [f"{what}: {b}" for b in bad]
+                compiled = e
+            yield what, variant, kernel, kw, options, compiled
+
+
+def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True) -> list[str]:
+    """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``); returns
+    the failures (compile errors, shared memory over the limit, spills)."""
+    failures = []
+    t0 = time.time()
+    for what, _v, _k, _kw, _o, compiled in compile_variants(_variants(quick), arch, candidates and not quick):
+        if isinstance(compiled, Exception):
+            msg = str(compiled).strip().splitlines()
+            failures.append(f"{what}: {type(compiled).__name__}: {msg[-1] if msg else ''}")
             if verbose:
-                print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
-                      f"{time.time() - t0:.1f} s", flush=True)
+                print("FAIL ", failures[-1], flush=True)
+            t0 = time.time()
+            continue
+        shared = compiled.metadata.shared
+        regs, stack = _resource_usage(compiled.asm.get("cubin"))
+        bad = []
+        if shared > MAX_SHARED.get(arch, MAX_SHARED[80]):
+            bad.append(f"needs {shared} B of shared memory")
+        if stack:
+            bad.append(f"spills {stack} B per thread")
+        failures += [f"{what}: {b}" for b in bad]
+        if verbose:
+            print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
+                  f"{time.time() - t0:.1f} s", flush=True)
+        t0 = time.time()
     return failures
 
 
