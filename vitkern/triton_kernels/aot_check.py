@@ -106,7 +106,8 @@ def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n) -> list:
     """(fwd, dK/dV, dQ) configs to compile for one variant: the i-th candidate of each kernel together (None:
     that kernel has fewer candidates, its table entry stands in and is compiled once)."""
     heavy_fwd = mask_kind != 0 or dropout
-    lists = [config.candidates(kernel, d, d, dtype, heavy_fwd if kernel == "fwd" else heavy_fwd or varlen)
+    lists = [config.candidates(kernel, d, d, dtype, heavy_fwd if kernel == "fwd"
+                                 else heavy_fwd or varlen or causal)
              for kernel in config.KERNELS]
     return list(itertools.zip_longest(*lists))
 
