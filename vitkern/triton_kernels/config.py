@@ -133,13 +133,15 @@ MAX_BLOCK = 128
 # Launch configs that spill registers on sm_90 in some variant of aot_check, recorded per Triton release by
 # ``python -m vitkern.triton_kernels.aot_check --record`` (which compiles every neighbour of _neighbours), by
 # (kernel, "16" or "32" bit, padded width class 64/128/256, heavy) -> {(block_m, block_n, num_warps,
-# num_stages)}: they are never proposed. Triton 3.8:
+# num_stages)}: they are never proposed. Triton 3.8 (the forward's entries re-found after its Hopper rework):
 _SPILLS_3_8 = {
+    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
     ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)},
-    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
-    ('fwd', '32', 64, True): {(32, 64, 8, 2)},
+    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 2)},
+    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)},
+    ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)},
+    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)},
+    ('fwd', '32', 64, True): {(32, 64, 8, 2), (32, 32, 4, 2)},
     ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
     ('fwd', '32', 128, True): {(32, 32, 4, 2), (64, 16, 4, 2)},
     ('fwd', '32', 256, True): {(16, 16, 4, 2), (16, 32, 8, 2)},
