@@ -1,6 +1,8 @@
 """vitkern's attention benchmark: every workload x mode x peer, side by side, into JSON, markdown and PNG.
 
-    python benchmarks/bench_attn.py                  # full run on the best device (CPU: about 15 minutes)
+    python benchmarks/bench_attn.py                  # every workload and peer on the best device; on CPU within
+                                                     # a time budget (4.5 minutes; slower cells read "too slow")
+    python benchmarks/bench_attn.py --full           # the same, every cell timed however long it takes
     python benchmarks/bench_attn.py --quick          # smoke run: tiny sizes, seconds
     python benchmarks/bench_attn.py --device cuda --workloads fa3-grid --dtype bf16 --modes fwd
 
@@ -11,6 +13,7 @@ the run (it is reported as unsupported or error with the reason).
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 import time
@@ -24,9 +27,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable a
 import torch  # noqa: E402
 
 from benchmarks import measure, report, workloads  # noqa: E402
+from benchmarks.budget import TimeBudget  # noqa: E402
 from benchmarks.runner import CaseRunner, Options  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
+# The CPU run's default time budget: with set-up and start-up it keeps `bash scripts/bench.sh` within 6 minutes.
+CPU_TIME_BUDGET_S = 270.0
 MODES = ("fwd", "fwdbwd")
 
 
@@ -43,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: cuda if available")
     ap.add_argument("--workloads", type=_csv, default=None,
                     help="comma-separated (default: all of the device's; fa3-grid on CUDA only)")
-    ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--dtype", default=None, choices=list(DTYPES) + list(DTYPE_ALIASES),
+                    help="default: fp32 on CPU, bf16 on CUDA (bfloat16 etc. are accepted too)")
     ap.add_argument("--modes", type=_csv, default=list(MODES), help="comma-separated from fwd,fwdbwd")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                     help="output folder (default: benchmarks/results)")
@@ -54,6 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mem-budget-gb", type=float, default=None,
                     help="memory a cell may use (default: 80%% of what is free when the cell starts)")
     ap.add_argument("--cell-budget-s", type=float, default=None, help="time for repeats of one cell")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help=f"the whole run's time, shared out among the cells (default: {CPU_TIME_BUDGET_S:.0f} s on "
+                         f"CPU, none on CUDA or with --quick); a cell whose one call needs more than its share "
+                         f"reads 'too slow'")
+    ap.add_argument("--full", action="store_true", help="no time budget: time every cell however long it takes")
     ap.add_argument("--no-compile", action="store_true", help="skip peers that need torch.compile (FlexAttention)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -61,7 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    args.dtype = DTYPE_ALIASES.get(args.dtype, args.dtype) or ("bf16" if args.device == "cuda" else "fp32")
+    if args.full and args.time_budget_s is not None:
+        ap.error("--full and --time-budget-s: pick one")
+    if args.full or args.quick or args.device == "cuda":
+        args.time_budget_s = args.time_budget_s if args.time_budget_s is not None else math.inf
+    elif args.time_budget_s is None:
+        args.time_budget_s = CPU_TIME_BUDGET_S
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         ap.error(f"--modes: expected a comma-separated subset of {','.join(MODES)}, got {','.join(args.modes)}")
@@ -91,11 +110,17 @@ def make_options(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     if args.no_compile:
         opts.compile = False
     opts.peer_filter = args.peers
-    opts.matmul_rate = measure.matmul_rate(device, dtype)
     return opts
 
 
+def matmul_yardsticks(device: torch.device, dtype: torch.dtype) -> dict:
+    """Square-matmul FLOP/s in fp32 and bf16 (and the run's dtype), measured in this run: every result names both."""
+    names = dict.fromkeys(["fp32", "bf16"] + [k for k, v in DTYPES.items() if v == dtype])
+    return {name: measure.matmul_rate(device, DTYPES[name]) for name in names}
+
+
 def main(argv=None) -> int:
+    t_start = time.perf_counter()
     args = parse_args(argv)
     # The jagged-nested-tensor peer triggers torch's prototype-API notice on every call; it says nothing here.
     warnings.filterwarnings("ignore", message=".*nested tensors is in prototype stage.*")
@@ -103,17 +128,23 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     allocator = measure.steady_allocator() if device.type == "cpu" else None
     opts = make_options(args, device, dtype)
+    rates = matmul_yardsticks(device, dtype)
+    opts.matmul_rate = rates[args.dtype]
     machine = measure.machine_info(device)
     now = datetime.now(timezone.utc)
     paths = report.output_paths(args.out, measure.device_slug(machine), now.strftime("%Y%m%d"), device.type,
                                 args.quick)
     cases = [(name, workloads.build(name, device.type, args.quick)) for name in args.workloads]
     runners = [CaseRunner(c, device, dtype, args.modes, opts) for _, cs in cases for c in cs]
+    budget = TimeBudget(args.time_budget_s - (time.perf_counter() - t_start), cases=len(runners))
+    for r in runners:
+        r.budget = budget
     doc = {
         "schema": 1,
         "machine": machine,
         "config": {"command": "python benchmarks/bench_attn.py " + shlex.join(sys.argv[1:] if argv is None else argv),
-                   "quick": args.quick, "allocator": allocator, "device": device.type, "dtype": args.dtype, "modes": args.modes,
+                   "quick": args.quick, "allocator": allocator, "device": device.type, "dtype": args.dtype,
+                   "time_budget_s": args.time_budget_s, "matmul_rates": rates, "modes": args.modes,
                    "workloads": args.workloads, "peer_filter": args.peers, "options": {
                        k: v for k, v in vars(opts).items() if k != "peer_filter"}},
         "workloads": {name: {"description": workloads.WORKLOADS[name], "cases": [c.describe() for c in cs]}
@@ -122,7 +153,6 @@ def main(argv=None) -> int:
         "cells": [],
     }
     bar = _progress(sum(r.cell_count() for r in runners), args.no_progress)
-    t0 = time.perf_counter()
 
     def on_cell(cell: dict) -> None:
         bar.update(1)
@@ -134,7 +164,7 @@ def main(argv=None) -> int:
         doc["cells"] += r.run()
         report.write_json(report.clean_floats(doc), paths["json"])  # partial results survive a killed run
     bar.close()
-    doc["config"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    doc["config"]["wall_s"] = round(time.perf_counter() - t_start, 1)
     report.write_all(doc, paths)
     print(f"wrote {', '.join(str(p) for p in paths.values())} in {doc['config']['wall_s']} s", file=sys.stderr)
     return 0

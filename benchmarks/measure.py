@@ -21,6 +21,8 @@ from typing import Callable, Optional
 
 import torch
 
+from vitkern import info as vitkern_info
+
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
@@ -236,8 +238,9 @@ def median_time(fn: Callable[[], object], device: torch.device, budget_s: float,
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """FLOP/s of a square matmul on this device: the yardstick for predicting how long a cell will take."""
-    n = 4096 if device.type == "cuda" else 1024
+    """FLOP/s of a square matmul on this device: the yardstick results are read against, and the basis for
+    predicting how long a cell will take."""
+    n = 4096 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     a @ a
     best = float("inf")
@@ -248,17 +251,6 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(module: str) -> Optional[str]:
@@ -281,7 +273,9 @@ def machine_info(device: torch.device) -> dict:
     """What ran the benchmark, without the host name."""
     info = {
         "device_kind": device.type,
-        "cpu_model": _cpu_model(),
+        "cpu_model": vitkern_info.cpu_model(),
+        "cpu_flags": vitkern_info.cpu_flags(),
+        "cpu_kernel": vitkern_info.cpu_features() or vitkern_info.NOT_REPORTED,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "memory_gib": None,

@@ -103,8 +103,7 @@ def markdown(doc: dict) -> str:
              f"(commit {m['git_commit']}) · {cfg['dtype']} · {m['torch_threads']} threads · "
              f"{m['cpu_count']} CPU cores · {m['memory_gib']} GiB RAM"
              + (" · **quick smoke run**" if cfg["quick"] else ""),
-             "", f"Command: `{cfg['command']}`. A square {cfg['dtype']} matmul ran at "
-                 f"{_num(cfg['options']['matmul_rate'] / 1e12 * scale)} {unit} on this device at the start."
+             "", f"Command: `{cfg['command']}`. {_yardsticks(cfg, unit, scale)} {_budget(cfg)}"
                  + (f" Allocator: {cfg['allocator']} (freed memory is reused, so no peer's time includes page "
                     f"faults that depend on the allocator's history)." if cfg.get("allocator") else ""), "",
              f"Times are medians of repeated calls after a warm-up, the cells of a table timed round-robin (one call "
@@ -114,14 +113,18 @@ def markdown(doc: dict) -> str:
              f"Peak memory is {_memory_kind(m)} "
              f"above the cell's baseline during its first call. × naive and × best peer compare total times; "
              f"every cell's output (and gradients) were checked against the first peer of its table before timing.",
-             "", "## Summary", "",
-             f"| workload | case | mode | best peer | ms | best vitkern | ms | {unit} | × best peer | vitkern not ok |",
-             "|---|---|---|---|---:|---|---:|---:|---:|---|"]
+             "", _isa_line(m), "", "## Summary", "",
+             f"| workload | case | mode | best peer | ms | best vitkern (kernel path) | ms | {unit} | % matmul | "
+             f"× best peer | vitkern not ok |",
+             "|---|---|---|---|---:|---|---:|---:|---:|---:|---|"]
+    rate = cfg.get("matmul_rates", {}).get(cfg["dtype"]) or cfg["options"].get("matmul_rate")
     for r in summary_rows(doc):
         p, v = r["best_peer"], r["best_vitkern"]
+        pct = _num(100 * v["useful_tflops"] * 1e12 / rate) if v and rate else "–"
         lines.append(f"| {r['workload']} | {r['case']} | {MODE_NAMES[r['mode']]} | {p['peer'] if p else '–'} | "
-                     f"{_num(p['total_ms']) if p else '–'} | {v['peer'] if v else '–'} | "
+                     f"{_num(p['total_ms']) if p else '–'} | {_peer_name(v, bold=False) if v else '–'} | "
                      f"{_num(v['total_ms']) if v else '–'} | {_num(v['useful_tflops'] * scale) if v else '–'} | "
+                     f"{pct} | "
                      f"{_num(v['speedup_vs_best_peer']) if v and v['speedup_vs_best_peer'] else '–'} | "
                      f"{', '.join(r['vitkern_issues']) or '–'} |")
     current = None
@@ -139,7 +142,7 @@ def markdown(doc: dict) -> str:
                   f"| peer | status | median ms | prep ms | total ms | {unit} | peak mem | × naive | × best peer |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for c in cells:
-            name = f"**{c['peer']}**" if c["family"] == "vitkern" else c["peer"]
+            name = _peer_name(c)
             comp = f" (compile {c['compile_s']:.1f} s)" if c.get("compile_s") else ""
             lines.append(f"| {name} | {_status(c)}{comp} | {_num(c['time_ms'])} | {_num(c['prep_ms'])} | "
                          f"{_num(c['total_ms'])} | {_num(c['useful_tflops'] * scale if c['useful_tflops'] else None)} | "
@@ -147,6 +150,40 @@ def markdown(doc: dict) -> str:
                          f"{_num(c['speedup_vs_best_peer'])} |")
     lines += ["", "## Peers", ""] + [f"- **{k}**: {v}" for k, v in sorted(doc["peers"].items())] + [""]
     return "\n".join(lines)
+
+
+def _peer_name(c: dict, bold: bool = True) -> str:
+    """A vitkern cell's name with the kernel path it ran (e.g. "vitkern-cpu · fp32 (BLAS)")."""
+    if c["family"] != "vitkern":
+        return c["peer"]
+    name = f"**{c['peer']}**" if bold else c["peer"]
+    return name + (f" · {c['kernel_path']}" if c.get("kernel_path") else "")
+
+
+def _yardsticks(cfg: dict, unit: str, scale: float) -> str:
+    rates = cfg.get("matmul_rates") or {cfg["dtype"]: cfg["options"]["matmul_rate"]}
+    return ("Square matmul in this run (the yardsticks): "
+            + ", ".join(f"{name} {_num(r / 1e12 * scale)} {unit}" for name, r in rates.items()) + ".")
+
+
+def _budget(cfg: dict) -> str:
+    wall = f" The run took {cfg['wall_s']} s." if cfg.get("wall_s") is not None else ""
+    budget = cfg.get("time_budget_s")
+    if budget is None or budget == "inf" or (isinstance(budget, float) and math.isinf(budget)):
+        return "No time budget: every cell timed however long it takes." + wall
+    return (f"Time budget {budget:.0f} s, shared out among the cells as the run went (see benchmarks/README.md); "
+            f"a cell whose one call needed more than its share reads **too slow**." + wall)
+
+
+def _isa_line(m: dict) -> str:
+    flags = m.get("cpu_flags") or {}
+    kern = m.get("cpu_kernel")
+    chosen = kern.get("chosen") if isinstance(kern, dict) else None
+    paths = ", ".join(f"{k} → {p}" for k, p in chosen.items()) if chosen else f"{kern or 'not reported'}"
+    if not flags and not kern:
+        return ""
+    return (f"CPU ISA: {' '.join(f for f, on in flags.items() if on) or 'unknown'}. vitkern `cpu` kernel paths "
+            f"chosen: {paths}.")
 
 
 def _fmt(v) -> str:
@@ -158,7 +195,8 @@ def _fmt(v) -> str:
 # ---------------------------------------------------------------------------------------------- plot
 
 
-_SHORT_STATUS = {"OOM": "OOM", "WRONG": "wrong", "unsupported": "n/a", "skipped": "skip", "error": "error"}
+_SHORT_STATUS = {"OOM": "OOM", "WRONG": "wrong", "unsupported": "n/a", "skipped": "skip", "error": "error",
+                 "too slow": "slow"}
 
 
 def plot(doc: dict, path: Path) -> None:

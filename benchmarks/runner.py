@@ -4,17 +4,22 @@ against the truth (the case's first peer); then the checked cells of a mode are 
 A cell ends in one status: "ok"; "WRONG" (its output or gradients differ from the truth beyond the dtype's loose
 tolerance: its time is still shown but it never counts as best); "OOM" (predicted over the budget, never tried, or
 the allocator refused); "unsupported" (the peer refused the input, with its reason); "skipped" (by an option);
-"error" (an unexpected exception: a harness or peer bug, reported rather than crashing the run).
+"error" (an unexpected exception: a harness or peer bug, reported rather than crashing the run); "too slow"
+(one call predicted or measured over the cell's share of the run's time budget, see budget.py).
 """
 from __future__ import annotations
 
 import gc
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
+from vitkern.info import kernel_path
+
 from . import measure
+from .budget import TimeBudget
 from .peers import Inputs, Peer, make_inputs, peers_for, predicted_bytes, predicted_seconds
 from .workloads import Case
 
@@ -23,6 +28,9 @@ _WARMED: set = set()
 # Loose on purpose: it catches a wrong kernel (a missed tile, a bad mask, a broken gradient), not rounding.
 # Errors are measured relative to max(1, max |truth|) of each compared tensor.
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+# Repeats of a cell never get less than this, even when the run's budget is spent: a warm-up and a few calls of
+# a short cell cost little, and one cold call is a poor sample.
+MIN_REPEATS_S = 0.25
 
 
 @dataclass
@@ -81,9 +89,10 @@ class CaseRunner:
     """The cells of one case and mode list; ``on_cell`` gets each finished cell dict (for progress output)."""
 
     def __init__(self, case: Case, device: torch.device, dtype: torch.dtype, modes: list[str], opts: Options,
-                 on_cell: Callable[[dict], None] = lambda cell: None):
+                 on_cell: Callable[[dict], None] = lambda cell: None, budget: Optional[TimeBudget] = None):
         self.case, self.device, self.dtype, self.modes, self.opts = case, device, dtype, modes, opts
         self.on_cell = on_cell
+        self.budget = budget or TimeBudget()
         self.peers = [p for p in peers_for(case, device)
                       if not opts.peer_filter or any(f in p.name for f in opts.peer_filter)]
         self.elem = torch.empty(0, dtype=dtype).element_size()
@@ -91,7 +100,12 @@ class CaseRunner:
     def cell_count(self) -> int:
         return len(self.peers) * len(self.modes)
 
+    def planned_cells(self) -> int:
+        """Cells expected to run (not ended beforehand as unsupported, skipped or predicted OOM)."""
+        return sum(self._precheck(p, m) is None for p in self.peers for m in self.modes)
+
     def run(self) -> list[dict]:
+        self.budget.start_case(self.planned_cells())
         for peer in self.peers:
             self._warm_up(peer)
         inp = make_inputs(self.case, self.device, self.dtype)
@@ -102,6 +116,7 @@ class CaseRunner:
             cells += mode_cells
         del inp
         self._cleanup()
+        self.budget.end_case()
         return cells
 
     def _warm_up(self, peer: Peer) -> None:
@@ -133,9 +148,11 @@ class CaseRunner:
         truth = None
         truth_peer = self.peers[0].name if self.peers else None
         cells, pending = [], []
+        runnable = sum(self._precheck(p, mode) is None for p in self.peers)
+        t_mode, share_s = time.perf_counter(), self.budget.share_s(runnable)
         for peer in self.peers:
             cell, result, job = self._run_cell(peer, inp, mode, dout, truth)
-            if peer.name == truth_peer and cell["status"] == "ok":
+            if peer.name == truth_peer and result is not None and cell["status"] in ("ok", "too slow"):
                 truth = result
                 cell["check"] = "truth"
             del result
@@ -144,9 +161,16 @@ class CaseRunner:
             cells.append(cell)
             if job is not None:
                 pending.append((cell, job))
-        # Every checked cell of this table is timed together, round-robin (see measure.time_interleaved).
-        timings = measure.time_interleaved([job for _, job in pending], self.device, self.opts.cell_budget_s,
-                                           self.opts.min_reps, self.opts.max_reps, self.opts.long_call_s)
+        # Every checked cell of this table is timed together, round-robin (see measure.time_interleaved), in what
+        # is left of the table's share of the run's budget.
+        left_s = share_s - (time.perf_counter() - t_mode)
+        reps_s = min(self.opts.cell_budget_s, max(MIN_REPEATS_S, left_s / max(1, len(pending))))
+        long_call_s = self.opts.long_call_s
+        if self.budget.limited and self.device.type == "cpu":  # a call long for its share is its own warm-up
+            long_call_s = min(long_call_s, reps_s / (self.opts.min_reps + 1))
+        timings = measure.time_interleaved([job for _, job in pending], self.device, reps_s, self.opts.min_reps,
+                                           self.opts.max_reps, long_call_s)
+        self.budget.done(runnable)
         for (cell, job), timing in zip(pending, timings):
             self._finish(cell, job, timing)
         for cell in cells:
@@ -160,30 +184,43 @@ class CaseRunner:
                 "first_call_ms": None, "compile_s": None, "repeats": 0, "useful_flops": c.useful_flops(mode),
                 "useful_tflops": None, "peak_mem_bytes": None, "predicted_mem_bytes": None, "max_rel_err": None,
                 "tolerance": TOLERANCE.get(self.dtype), "check": None, "speedup_vs_naive": None,
-                "speedup_vs_best_peer": None, "best_peer": None}
+                "speedup_vs_best_peer": None, "best_peer": None, "predicted_call_s": None, "call_limit_s": None,
+                "kernel_path": kernel_path(peer.backend, self.dtype) if peer.family == "vitkern" else None}
 
-    def _run_cell(self, peer: Peer, inp: Inputs, mode: str, dout, truth):
-        """Checks one cell and calls it once: (cell, its result, the job that times it), or (ended cell, None,
-        None) when it cannot run."""
-        cell = self._cell(peer, mode)
+    def _precheck(self, peer: Peer, mode: str) -> Optional[tuple[str, str]]:
+        """(status, reason) when a cell ends before it is tried, else None."""
         why = peer.skip_reason(self.case, self.device, self.dtype, mode)
         if why:
-            return self._end(cell, "unsupported", why), None, None
+            return "unsupported", why
         if peer.torch_compile and not self.opts.compile:
-            return self._end(cell, "skipped", "torch.compile peers are off (--no-compile / --quick)"), None, None
+            return "skipped", "torch.compile peers are off (--no-compile / --quick)"
         need = predicted_bytes(peer, self.case, mode, self.elem)
-        cell["predicted_mem_bytes"] = need
         budget = self.opts.mem_budget_bytes or measure.memory_budget_bytes(self.device)
         if need > budget:
-            return self._end(cell, "OOM", f"needs {_gib(need)}, budget {_gib(budget)} (predicted, not run)"), \
-                None, None
+            return "OOM", f"needs {_gib(need)}, budget {_gib(budget)} (predicted, not run)"
         if self.opts.max_cell_s is not None:
             secs = 2 * predicted_seconds(peer, self.case, mode, self.opts.matmul_rate)
             if secs > self.opts.max_cell_s:
-                return self._end(cell, "skipped", f"predicted {secs:.1f} s > --max-cell-s {self.opts.max_cell_s}"), \
-                    None, None
+                return "skipped", f"predicted {secs:.1f} s > --max-cell-s {self.opts.max_cell_s}"
+        return None
+
+    def _run_cell(self, peer: Peer, inp: Inputs, mode: str, dout, truth):
+        """Checks one cell and calls it once: (cell, its result, the job that times it), or (ended cell, None,
+        None) when it cannot run; a cell too slow for the budget returns its result but no job."""
+        cell = self._cell(peer, mode)
+        cell["predicted_mem_bytes"] = predicted_bytes(peer, self.case, mode, self.elem)
+        ended = self._precheck(peer, mode)
+        if ended:
+            return self._end(cell, *ended), None, None
+        model_s = predicted_seconds(peer, self.case, mode, self.opts.matmul_rate)
+        limit_s = self.budget.call_limit_s()
+        cell["predicted_call_s"] = self.budget.predict_s(peer.name, model_s)
+        cell["call_limit_s"] = limit_s if self.budget.limited else None
+        why = self.budget.too_slow(cell["predicted_call_s"], limit_s, predicted=True)
+        if why:
+            return self._end(cell, "too slow", why), None, None
         try:
-            return self._measure(cell, peer, inp, mode, dout, truth)
+            return self._measure(cell, peer, inp, mode, dout, truth, model_s, limit_s)
         except Exception as e:  # noqa: BLE001  (a cell must never end the run)
             return self._fail(cell, e), None, None
 
@@ -198,11 +235,13 @@ class CaseRunner:
             cell[key] = None
         return self._end(cell, "unsupported" if isinstance(e, refusals) else "error", _first_line(e))
 
-    def _measure(self, cell: dict, peer: Peer, inp: Inputs, mode: str, dout, truth):
+    def _measure(self, cell: dict, peer: Peer, inp: Inputs, mode: str, dout, truth, model_s: float,
+                 limit_s: float):
         state = peer.prepare(inp)
         prep_s = 0.0
         if _overrides(peer) and state is not None:
-            prep_s = measure.median_time(lambda: peer.prepare(inp), self.device, self.opts.prep_budget_s)
+            prep_budget_s = min(self.opts.prep_budget_s, 0.1 * limit_s)
+            prep_s = measure.median_time(lambda: peer.prepare(inp), self.device, prep_budget_s)
         if mode == "fwd":
             def fn():
                 with torch.no_grad():
@@ -217,6 +256,8 @@ class CaseRunner:
         if peer.compiles:  # the compiling call is never a sample, whatever its length
             _, compile_call_s, _ = measure.timed_first_call(fn, self.device, probe_memory=False)
         result, first_s, peak = measure.timed_first_call(fn, self.device)
+        compiled_s = max(0.0, compile_call_s - first_s) if peer.torch_compile and compile_call_s else None
+        self.budget.learn(peer.name, model_s, first_s, compiled_s)
         result = tuple(r.detach() for r in result)
         cell["peak_mem_bytes"] = peak
         cell["first_call_ms"] = first_s * 1e3
@@ -237,6 +278,10 @@ class CaseRunner:
         if status == "WRONG":
             reason = (f"differs from {self.peers[0].name}: max rel. error {cell['max_rel_err']:.3g} > "
                       f"{cell['tolerance']}")
+        else:  # a compiling call counts too: it is what the run waited for
+            reason = self.budget.too_slow(max(first_s, compile_call_s or 0.0), limit_s, predicted=False)
+            if reason:
+                return self._end(cell, "too slow", reason), keep, None
         return self._end(cell, status, reason), keep, measure.TimedJob(fn, first_s)
 
     def _finish(self, cell: dict, job: measure.TimedJob, timing: Optional[measure.Timing]) -> None:

@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${VITKERN_VENV:-.venv}/bin/activate"
+python -m vitkern.info  # what this run tests: versions, backends, build flags, kernel paths
 python -m pytest -q -p no:cacheprovider tests "$@"
 TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/test_contract_sdpa.py tests/test_contract_varlen.py \
   tests/test_property.py tests/test_triton_kernels.py tests/test_triton_autotune.py tests/test_segment_ids.py "$@"

@@ -12,6 +12,11 @@ import torch
 import vitkern
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# VITKERN_TEST_QUICK=1 (scripts/gpu_check.sh): CUDA profiles run fewer sizes and head dims, so that a lent GPU
+# spends its minutes on kernels rather than on Triton compiles. Every dtype stays; the kept head dims still
+# cover padding (8 -> 16), a non-power of two (96) and the widest tile (256), and the sizes one row, one
+# partial tile and several tiles (785 stays in the cross-attention tests through ``big``).
+QUICK = os.environ.get("VITKERN_TEST_QUICK", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,8 @@ class Profile:
 
 ALL_SIZES = (1, 7, 197, 785)
 ALL_HEAD_DIMS = (8, 32, 64, 80, 96, 128, 256)
+CUDA_SIZES = (1, 7, 197) if QUICK else ALL_SIZES
+CUDA_HEAD_DIMS = (8, 96, 256) if QUICK else ALL_HEAD_DIMS
 LOW = (torch.float16, torch.bfloat16)
 
 
@@ -47,9 +54,9 @@ def _profiles() -> list[Profile]:
     if "cpu" in names:
         out.append(Profile("cpu", "cpu", (torch.float32,) + LOW, ALL_SIZES, ALL_HEAD_DIMS, 785, True))
     if torch.cuda.is_available():
-        out.append(Profile("reference", "cuda", (torch.float32,) + LOW, ALL_SIZES, ALL_HEAD_DIMS, 785, True))
+        out.append(Profile("reference", "cuda", (torch.float32,) + LOW, CUDA_SIZES, CUDA_HEAD_DIMS, 785, True))
         if "triton" in names:
-            out.append(Profile("triton", "cuda", (torch.float32,) + LOW, ALL_SIZES, ALL_HEAD_DIMS, 785, False))
+            out.append(Profile("triton", "cuda", (torch.float32,) + LOW, CUDA_SIZES, CUDA_HEAD_DIMS, 785, False))
     return out
 
 

@@ -3,8 +3,10 @@ correctness check, packing) do what they claim. The run itself takes about 20 s 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import peers, runner, workloads  # noqa: E402
+from vitkern import info  # noqa: E402
 
-STATUSES = {"ok", "WRONG", "OOM", "unsupported", "skipped", "error"}
+STATUSES = {"ok", "WRONG", "OOM", "unsupported", "skipped", "error", "too slow"}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +41,9 @@ def test_quick_run_writes_json_with_every_cell(quick_run):
     m = doc["machine"]
     assert m["device_kind"] == "cpu" and m["cpu_count"] >= 1 and m["torch"] == torch.__version__
     assert doc["config"]["quick"] is True and doc["config"]["dtype"] == "fp32"
+    assert set(doc["config"]["matmul_rates"]) == {"fp32", "bf16"}  # both yardsticks, every CPU result
+    assert all(r > 1e8 for r in doc["config"]["matmul_rates"].values())
+    assert doc["config"]["time_budget_s"] == "inf"  # quick runs have no budget; the default CPU run has one
     assert set(doc["workloads"]) == set(workloads.DEFAULT_WORKLOADS["cpu"])
     cells = doc["cells"]
     assert {c["status"] for c in cells} <= STATUSES
@@ -51,6 +57,9 @@ def test_quick_run_writes_json_with_every_cell(quick_run):
             assert c["peak_mem_bytes"] is not None and c["peak_mem_bytes"] >= 0
         else:
             assert c["reason"], c
+        # The kernel path each vitkern cell ran (cpu: the kernel's own report, else "fp32 (BLAS)").
+        want = {"vitkern-cpu": info.kernel_path("cpu", torch.float32), "vitkern-reference": "torch ops (reference)"}
+        assert c["kernel_path"] == want.get(c["peer"]), c
     # Every workload/mode got the vitkern reference backend and at least one timed torch peer.
     for wl in ("vit-b16", "cct-7", "pit-28", "navit-packed"):
         for mode in ("fwd", "fwdbwd"):
@@ -74,6 +83,8 @@ def test_quick_run_writes_markdown_and_png(quick_run):
     for wl in workloads.DEFAULT_WORKLOADS["cpu"]:
         assert f"## {wl}" in md
     assert "**OOM**" in md and "vitkern-reference" in md
+    assert "Square matmul in this run (the yardsticks): fp32 " in md and ", bf16 " in md
+    assert "vitkern-reference** · torch ops (reference)" in md
     png = _only(quick_run, "cpu-*-quick.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not list(quick_run.glob("latest-*.md")), "a quick run must not replace the latest full result"
@@ -208,3 +219,94 @@ def test_fa3_grid_keeps_16k_tokens_and_2048_wide_heads():
     assert len(cases) == 12
     for c in cases:
         assert c.batch * c.seqlen == 16384 and c.heads * c.head_dim == 2048
+
+
+# ---------------------------------------------------------------------------------------------- time budget
+
+
+class _SlowPeer(peers.Peer):
+    """Correct, but each call at the case's size takes ``delay`` s (the tiny warm-up calls do not)."""
+    name = "slow"
+
+    def __init__(self, delay: float, size: int):
+        self.delay, self.size, self.calls = delay, size, 0
+
+    def run(self, state, inp, q, k, v):
+        if q.shape[-2] == self.size:
+            self.calls += 1
+            time.sleep(self.delay)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def _budget_run(monkeypatch, slow, make_budget):
+    case = workloads.Case("t", "t", 1, 2, 33, 16)
+    monkeypatch.setattr(runner, "peers_for", lambda c, d: [peers.Sdpa(False), slow, peers.Naive(False)])
+    opts = runner.Options(cell_budget_s=0.05, min_reps=1, max_reps=3, long_call_s=0.2, mem_budget_bytes=2**30)
+    cr = runner.CaseRunner(case, torch.device("cpu"), torch.float32, ["fwd", "fwdbwd"], opts)
+    for p in cr.peers:  # once per process: library loading must not eat the tiny budget
+        cr._warm_up(p)
+    cr.budget = make_budget()
+    return {(c["peer"], c["mode"]): c for c in cr.run()}
+
+
+def test_a_slow_peer_reads_too_slow_and_is_not_called_again(monkeypatch):
+    from benchmarks.budget import TimeBudget
+    slow = _SlowPeer(delay=1.5, size=33)
+    # 6 cells in 3 s: a fair share of 0.5 s; stretch 1 makes that the longest one call may take.
+    cells = _budget_run(monkeypatch, slow, lambda: TimeBudget(total_s=3.0, cases=1, stretch=1.0))
+    fwd, bwd = cells[("slow", "fwd")], cells[("slow", "fwdbwd")]
+    assert fwd["status"] == "too slow" and fwd["time_ms"] is None and fwd["first_call_ms"] >= 1500
+    assert re.fullmatch(r"one call took 1\.[5-9] s \(budget 0\.[45] s\)", fwd["reason"]), fwd["reason"]
+    assert fwd["check"] == "passed"  # checked all the same
+    # The forward's first call predicts the backward's (3.5x the model's forward): never started.
+    assert bwd["status"] == "too slow" and re.fullmatch(r"one call predicted \d+\.\d s \(budget 0\.\d s\), not run",
+                                                        bwd["reason"]), bwd["reason"]
+    assert slow.calls == 1
+    for peer in ("sdpa", "naive"):  # every other peer still timed
+        assert cells[(peer, "fwd")]["status"] == "ok" and cells[(peer, "fwdbwd")]["status"] == "ok"
+    assert cells[("naive", "fwd")]["check"] == "passed"
+
+
+def test_without_a_budget_the_slow_peer_is_timed(monkeypatch):
+    from benchmarks.budget import TimeBudget
+    slow = _SlowPeer(delay=0.3, size=33)
+    cells = _budget_run(monkeypatch, slow, TimeBudget)  # what --full runs with
+    assert cells[("slow", "fwd")]["status"] == "ok" and cells[("slow", "fwd")]["time_ms"] >= 300
+    assert cells[("slow", "fwdbwd")]["status"] == "ok" and cells[("slow", "fwd")]["call_limit_s"] is None
+
+
+def test_time_budget_shares_what_is_left_and_predicts_from_first_calls():
+    from benchmarks.budget import MIN_CALL_S, TimeBudget
+    b = TimeBudget(total_s=100.0, cases=2, stretch=4.0)
+    b.start_case(cells=10)  # half of the run for the first of two cases, a tenth of that per cell
+    assert 4.9 < b.share_s() <= 5.0 and 19.8 < b.call_limit_s() <= 20.0 and 24.7 < b.share_s(5) <= 25.0
+    b.done(8)
+    assert 24.7 < b.share_s() <= 25.0 and 49.5 < b.call_limit_s() <= 50.0  # never past the case's time left
+    b.end_case()
+    b.start_case(cells=4)  # the first case's unused time goes to the second
+    assert 24.7 < b.share_s() <= 25.0
+    b.case_end = b.end = 0.0  # spent: a cheap call still runs
+    assert b.call_limit_s() == MIN_CALL_S and b.share_s() == 0.0
+    assert b.predict_s("a", 2.0) == 2.0  # nothing measured yet: the model
+    b.learn("a", model_s=1.0, measured_s=3.0)
+    b.learn("c", model_s=1e-6, measured_s=1e-3)  # a short call measures overhead, not speed: not learned
+    b.learn("flex", model_s=1.0, measured_s=1.0, compile_s=7.0)
+    assert b.predict_s("a", 2.0) == 6.0 and b.predict_s("new", 1.0) == 1.0 and b.predict_s("c", 1.0) == 1.0
+    assert b.predict_s("flex", 2.0) == 9.0  # a peer that compiles per shape pays its compile again
+    assert b.too_slow(3.0, 4.0, predicted=False) is None
+    assert b.too_slow(12.34, 4.0, predicted=False) == "one call took 12.3 s (budget 4.0 s)"
+    assert b.too_slow(12.34, 4.0, predicted=True) == "one call predicted 12.3 s (budget 4.0 s), not run"
+    unlimited = TimeBudget()
+    unlimited.start_case(cells=3)
+    assert not unlimited.limited and unlimited.call_limit_s() == float("inf")
+
+
+def test_cli_budget_and_dtype_options():
+    from benchmarks import bench_attn
+    default = bench_attn.parse_args(["--device", "cpu"])
+    assert default.time_budget_s == bench_attn.CPU_TIME_BUDGET_S and default.dtype == "fp32"
+    assert bench_attn.parse_args(["--device", "cpu", "--full"]).time_budget_s == float("inf")
+    assert bench_attn.parse_args(["--device", "cpu", "--time-budget-s", "60"]).time_budget_s == 60
+    assert bench_attn.parse_args(["--device", "cpu", "--dtype", "bfloat16"]).dtype == "bf16"
+    with pytest.raises(SystemExit):
+        bench_attn.parse_args(["--device", "cpu", "--full", "--time-budget-s", "60"])

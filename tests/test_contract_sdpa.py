@@ -165,6 +165,20 @@ def test_custom_scale_and_leading_dims(prof):
         lambda q, k, v, upcast=True: truth.attention(q, k, v, scale=0.37, upcast=upcast), "scale+broadcast")
 
 
+@pytest.mark.parametrize("scale", [-0.6, 0.0, 3.0])
+def test_negative_zero_and_large_scales(prof, scale):
+    """torch takes any finite scale: a negative one turns the row max into the row min of the raw dots."""
+    n = min(70, prof.big)
+    q, k, v = qkv(1, 2, n, n + 5, 16, device=prof.device, grad=True, seed=19)
+    mask = (torch.rand(n, n + 5, generator=torch.Generator().manual_seed(4)) > 0.2).to(prof.device)
+    for m in (None, mask):
+        check_against_truth(
+            lambda q, k, v: vitkern.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale,
+                                                                 backend=prof.backend), (q, k, v),
+            lambda q, k, v, upcast=True: truth.attention(q, k, v, mask=m, scale=scale, upcast=upcast),
+            f"scale={scale} mask={m is not None}")
+
+
 def test_2d_and_3d_inputs(prof):
     n = min(40, prof.big)
     for shape in [(n, 16), (3, n, 16)]:

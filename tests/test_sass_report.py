@@ -78,3 +78,12 @@ def test_forward_main_loop_is_all_wgmma(rows):
 def test_backward_main_loops_are_all_wgmma(rows):
     # dK/dV computes key-major tiles (S^T = K Q^T): its M is the key tile, >= 64 rows in these variants.
     assert not _hmma_loops(rows, BWD)
+
+
+def test_dense_forward_meets_the_hopper_issue_budget(rows):
+    # Issue 13: <= 2,100 warp-instructions per 128x64 tile at head dims 64 and 128 (bf16, dense, no mask), the
+    # level of Triton's fused-attention tutorial compiled by the same Triton.
+    dense = [r for r in _family(rows, FWD) if r["dtype"] == "bfloat16" and r["head_dim"] in (64, 128)
+             and not (r["mask"] or r["causal"] or r["varlen"] or r["dropout"])]
+    assert sorted(r["head_dim"] for r in dense) == [64, 128]
+    assert all(r["per_tile"] <= 2100 for r in dense), [(r["head_dim"], r["per_tile"]) for r in dense]

@@ -88,6 +88,8 @@ def _weighted(w: Tensor, x: Tensor) -> Tensor:
     """w @ x, where a NaN in a row of x reaches only the outputs that weigh it (w != 0): the fused kernels never
     read another packed sequence's rows or a skipped tile, and this one-tile spec must not either (0 * NaN = NaN)."""
     nan_x = torch.isnan(x)
+    if not bool(nan_x.any()):  # the common case: one product (this backend runs inside the op, never traced)
+        return torch.matmul(w, x)
     out = torch.matmul(w, x.masked_fill(nan_x, 0))
     return out.masked_fill(torch.matmul((w != 0).to(w.dtype), nan_x.to(w.dtype)) > 0, math.nan)
 

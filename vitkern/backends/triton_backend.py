@@ -24,6 +24,32 @@ def _interpreting() -> bool:
     return interpreting()
 
 
+def _interpreter_problem() -> Optional[str]:
+    """Why Triton's interpreter cannot run here, or None. Triton 3.6's interpreter turns one-element arrays
+    into loop bounds with int(), which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to
+    Python scalars"); Triton 3.8's squeezes them first."""
+    global _INTERP_PROBLEM
+    if _INTERP_PROBLEM is None:
+        _INTERP_PROBLEM = ""
+        try:
+            import inspect
+
+            import numpy
+            from triton.runtime import interpreter
+            src = inspect.getsource(interpreter)
+            numpy_major_minor = tuple(int(x) for x in numpy.__version__.split(".")[:2])
+            if "int(self.handle.data))" in src and numpy_major_minor >= (2, 4):
+                _INTERP_PROBLEM = (f"Triton {triton.__version__}'s interpreter needs numpy below 2.4 (it converts "
+                                   f"one-element arrays with int(), which numpy 2.4 refuses), got numpy "
+                                   f"{numpy.__version__}; use Triton 3.8 or numpy 2.3")
+        except Exception:  # noqa: BLE001  (no source to read: nothing known to be wrong)
+            pass
+    return _INTERP_PROBLEM or None
+
+
+_INTERP_PROBLEM: Optional[str] = None
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -42,6 +68,8 @@ class TritonBackend(Backend):
             return f"it runs on CUDA tensors, got tensors on {q.device}"
         if q.dtype not in _DTYPES:
             return f"dtype must be one of float16, bfloat16, float32, got {q.dtype}"
+        if q.device.type == "cpu" and _interpreter_problem():
+            return _interpreter_problem()
         if interp and (q.dtype == torch.bfloat16 or (mask is not None and mask.dtype == torch.bfloat16)):
             return "Triton's interpreter (TRITON_INTERPRET=1) has no bfloat16 arithmetic"
         # (Skipped while torch.compile traces: a device query there would break the graph.)

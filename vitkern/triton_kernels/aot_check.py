@@ -12,6 +12,8 @@ not only the static table's tiles. Usage (TRITON_INTERPRET must be unset):
     python -m vitkern.triton_kernels.aot_check            # a representative set x every candidate (minutes)
     python -m vitkern.triton_kernels.aot_check --static   # the representative set, static table only
     python -m vitkern.triton_kernels.aot_check --quick    # one variant, static table only
+    python -m vitkern.triton_kernels.aot_check --record   # every neighbour; prints config.py's record of this
+                                                          # Triton release (spills, replaced table entries)
 """
 from __future__ import annotations
 
@@ -79,8 +81,7 @@ def _resource_usage(cubin) -> tuple:
     """(registers, stack bytes) per thread, from the cubin; (None, None) when cuobjdump is not available."""
     if cubin is None or cuobjdump_path() is None:
         return None, None
-    text = cuobjdump(cubin, "--dump-resource-usage")
-    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    m = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(cubin, "--dump-resource-usage"))
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
@@ -102,14 +103,63 @@ def _variants(quick: bool):
     return out
 
 
-def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n) -> list:
+def _heavy(kernel, mask_kind, varlen, dropout, causal) -> bool:
+    """The ``heavy`` flag the launch code passes for this kernel (attention_fwd / attention_bwd)."""
+    return mask_kind != 0 or dropout or ((varlen or causal) and kernel != "fwd")
+
+
+def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n, every=False) -> list:
     """(fwd, dK/dV, dQ) configs to compile for one variant: the i-th candidate of each kernel together (None:
-    that kernel has fewer candidates, its table entry stands in and is compiled once)."""
-    heavy_fwd = mask_kind != 0 or dropout
-    lists = [config.candidates(kernel, d, d, dtype, heavy_fwd if kernel == "fwd"
-                                 else heavy_fwd or varlen or causal)
+    that kernel has fewer candidates, its table entry stands in and is compiled once). ``every``: every
+    neighbour, also those the record lists as spilling."""
+    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout, causal),
+                               every=every)
              for kernel in config.KERNELS]
     return list(itertools.zip_longest(*lists))
+
+
+# Kernels whose launch config is autotuned (the mask summary's tiles are the forward's).
+_TUNED = {"_attention_fwd_kernel": "fwd", "_bwd_dkdv_kernel": "bwd_dkdv", "_bwd_dq_kernel": "bwd_dq",
+          "_tile_state_kernel": "fwd"}
+
+
+def _note(results, name, variant, cfg, stack) -> None:
+    """Append one compiled kernel's outcome to ``results`` (for release_record), if collecting: ``stack`` is
+    its spilled bytes per thread, -1 when it failed to compile or needs too much shared memory, None when
+    unknown (no cuobjdump)."""
+    if results is None or name not in _TUNED:
+        return
+    dtype, d, mk, causal, varlen, dropout, n = variant
+    tuned = _TUNED[name]
+    results.append({"kernel": name, "dtype": dtype, "d": d, "mask": mk, "varlen": varlen, "dropout": dropout,
+                    "causal": causal,
+                    "stack": stack, "cfg": cfg, "candidates": [tuple(vars(c).values()) for c in config.candidates(
+                        tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout, causal), every=True)]})
+
+
+def release_record(results) -> tuple:
+    """(spills, table) for config.TRITON_RECORDS from check()'s results: a launch config spills for a key
+    (kernel, bits, width class, heavy) when it spills in any variant of the key; a table entry that spills is
+    replaced by the first candidate (in config.candidates' order) that compiled clean in every variant. A
+    config that failed to compile (stack -1) counts as spilling."""
+    spills, clean, order = {}, {}, {}
+    for r in results:
+        kernel = _TUNED.get(r["kernel"])
+        if kernel is None or r["stack"] is None:
+            continue
+        key = (kernel, config._bits(r["dtype"]), config._width_class(r["d"], r["d"]),
+               _heavy(kernel, r["mask"], r["varlen"], r["dropout"], r["causal"]))
+        cfg = tuple(r["cfg"])
+        (spills if r["stack"] else clean).setdefault(key, set()).add(cfg)
+        order.setdefault(key, r["candidates"])
+    table = {}
+    for key, bad in spills.items():
+        first = tuple(order[key][0])
+        if first in bad:
+            ok = [c for c in order[key] if tuple(c) not in bad and tuple(c) in clean.get(key, ())]
+            if ok:
+                table[key] = config.LaunchConfig(*ok[0])
+    return spills, table
 
 
 def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None, None)):
@@ -149,10 +199,11 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
     return summaries[:1] + fwd + bwd
 
 
-def compile_variants(variants, arch: int = 90, candidates: bool = True):
-    """Compile every launch of ``variants`` (see _variants) for sm_``arch``, each distinct specialization once;
-    yields (description, variant, kernel, kwargs, options, compiled or the exception the compile raised).
-    With ``candidates`` every autotuning candidate set is compiled, else the static table only."""
+def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True, every: bool = False,
+          results: list = None) -> list[str]:
+    """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``; with every
+    neighbour when ``every``); returns the failures (compile errors, shared memory over the limit, spills).
+    ``results``, when given, gets one dict per compiled kernel (for release_record)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -160,55 +211,82 @@ def compile_variants(variants, arch: int = 90, candidates: bool = True):
     if config.interpreting():
         raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
-    seen = set()
-    jobs = [(variant, cfgs) for variant in variants
-            for cfgs in (_candidate_sets(*variant) if candidates else [(None, None, None)])]
+    failures, seen = [], {}     # compile key -> stack bytes (None: failed or unknown)
+    jobs = [(variant, cfgs) for variant in _variants(quick)
+            for cfgs in (_candidate_sets(*variant, every=every) if candidates and not quick else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
+        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout, causal))
         for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
             kw = dict(kwargs)
             options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
             sig, const, attrs = specialize(kernel, args, kw)
             key = (kernel.__name__, str(sig), str(sorted(const.items(), key=str)), str(sorted(attrs)), str(options))
+            # The mask summary kernel runs with the forward's tiles: its spills count against the forward's config.
+            cfg = tuple(vars(fwd_cfg).values()) if kernel.__name__ == "_tile_state_kernel" else \
+                (kw.get("BLOCK_M"), kw.get("BLOCK_N"), options["num_warps"], options["num_stages"])
             if key in seen:
+                _note(results, kernel.__name__, variant, cfg, seen[key])
                 continue
-            seen.add(key)
+            seen[key] = None
             what = (f"{kernel.__name__} {str(dtype)[6:]} d={d} mask={mk} causal={causal} varlen={varlen} "
                     f"dropout={dropout} n={n} blocks={kw.get('BLOCK_M')}x{kw.get('BLOCK_N')} "
                     f"warps={options['num_warps']} stages={options['num_stages']}")
+            t0 = time.time()
             try:
                 compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=target, options=options)
             except Exception as e:  # noqa: BLE001  (report every failing variant, not just the first)
-                compiled = e
-            yield what, variant, kernel, kw, options, compiled
-
-
-def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True) -> list[str]:
-    """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``); returns
-    the failures (compile errors, shared memory over the limit, spills)."""
-    failures = []
-    t0 = time.time()
-    for what, _v, _k, _kw, _o, compiled in compile_variants(_variants(quick), arch, candidates and not quick):
-        if isinstance(compiled, Exception):
-            msg = str(compiled).strip().splitlines()
-            failures.append(f"{what}: {type(compiled).__name__}: {msg[-1] if msg else ''}")
+                msg = str(e).strip().splitlines()
+                failures.append(f"{what}: {type(e).__name__}: {msg[-1] if msg else ''}")
+                if verbose:
+                    print("FAIL ", failures[-1], flush=True)
+                seen[key] = -1
+                _note(results, kernel.__name__, variant, cfg, -1)
+                continue
+            shared = compiled.metadata.shared
+            regs, stack = _resource_usage(compiled.asm.get("cubin"))
+            bad = []
+            if shared > MAX_SHARED.get(arch, MAX_SHARED[80]):
+                bad.append(f"needs {shared} B of shared memory")
+            if stack:
+                bad.append(f"spills {stack} B per thread")
+            failures += [f"{what}: {b}" for b in bad]
+            seen[key] = -1 if shared > MAX_SHARED.get(arch, MAX_SHARED[80]) else stack
+            _note(results, kernel.__name__, variant, cfg, seen[key])
             if verbose:
-                print("FAIL ", failures[-1], flush=True)
-            t0 = time.time()
-            continue
-        shared = compiled.metadata.shared
-        regs, stack = _resource_usage(compiled.asm.get("cubin"))
-        bad = []
-        if shared > MAX_SHARED.get(arch, MAX_SHARED[80]):
-            bad.append(f"needs {shared} B of shared memory")
-        if stack:
-            bad.append(f"spills {stack} B per thread")
-        failures += [f"{what}: {b}" for b in bad]
-        if verbose:
-            print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
-                  f"{time.time() - t0:.1f} s", flush=True)
-        t0 = time.time()
+                print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
+                      f"{time.time() - t0:.1f} s", flush=True)
     return failures
+
+
+def compile_variants(variants, arch: int = 90, candidates: bool = True):
+    """For sass_report.py: compile every launch of ``variants`` (see _variants) for sm_``arch``, each distinct
+    specialization once; yields (description, variant, kernel, kwargs, options, compiled or the exception the
+    compile raised). With ``candidates`` every autotuning candidate set, else the static table only."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if config.interpreting():
+        raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
+    seen = set()
+    for variant in variants:
+        for cfgs in (_candidate_sets(*variant) if candidates else [(None, None, None)]):
+            for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
+                kw = dict(kwargs)
+                options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
+                sig, const, attrs = specialize(kernel, args, kw)
+                key = (kernel.__name__, str(sig), str(sorted(const.items(), key=str)), str(sorted(attrs)),
+                       str(options))
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                                              options=options)
+                except Exception as e:  # noqa: BLE001  (report every failing variant)
+                    compiled = e
+                yield f"{kernel.__name__} {variant}", variant, kernel, kw, options, compiled
 
 
 def main(argv=None) -> int:
@@ -216,11 +294,22 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one variant, static table only")
     ap.add_argument("--static", action="store_true", help="the static table only, not every autotune candidate")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
+    ap.add_argument("--record", action="store_true",
+                    help="compile every neighbour and print this Triton release's entry of config.TRITON_RECORDS")
     args = ap.parse_args(argv)
-    failures = check(args.quick, args.arch, candidates=not args.static)
+    results = []
+    failures = check(args.quick, args.arch, candidates=not args.static, every=args.record, results=results)
     print(f"{len(failures)} problem(s)")
     for f in failures:
         print("  ", f)
+    if args.record:
+        spills, table = release_record(results)
+        print(f"\n# config.TRITON_RECORDS entry for Triton {'.'.join(map(str, config.triton_version()))}, sm_{args.arch}:")
+        print(f"{config.triton_version()}: TritonRecord(")
+        print("    {" + ",\n     ".join(f"{k!r}: {sorted(v)!r}".replace("[", "{").replace("]", "}")
+                                       for k, v in sorted(spills.items())) + "},")
+        print("    {" + ",\n     ".join(f"{k!r}: {v!r}" for k, v in sorted(table.items())) + "}),")
+        return 0 if not [f for f in failures if "spills" not in f] else 1
     return 1 if failures else 0
 
 

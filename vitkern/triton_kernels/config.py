@@ -6,14 +6,18 @@ from Triton's integer specialization, see ``do_not_specialize`` in the kernels).
 (``forward_config`` / ``backward_configs``) is a spill-free first guess for Hopper (H100/H200); on a GPU the
 autotuner (autotune.py) times it against a few neighbours (``candidates``: the table entry first, then block
 sizes halved/doubled, num_warps 4/8, num_stages +-1, the ones that spill on sm_90 left out) once per key and
-keeps the fastest; ``VITKERN_TRITON_AUTOTUNE=0`` keeps the table. The interpreter uses the table's 32x16 tiles
-forward and 16x32 backward, so that tiny test shapes still cross tile boundaries and code that mixes up
-BLOCK_M and BLOCK_N fails there.
+keeps the fastest; ``VITKERN_TRITON_AUTOTUNE=0`` keeps the table. Register allocation differs between Triton
+releases, so what spills is recorded per release (``TRITON_RECORDS``: the spilling launch configs, and the table
+entries replaced under that release; the installed release's, or the nearest recorded one's, applies). The
+interpreter uses the table's 32x16 tiles forward and 16x32 backward, so that tiny test shapes still cross tile
+boundaries and code that mixes up BLOCK_M and BLOCK_N fails there.
 """
 from __future__ import annotations
 
+import functools
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,6 +65,25 @@ def batch_strides(x: torch.Tensor) -> tuple:
     return (0,) + tuple(st[1:]) if x.shape[0] == 1 else tuple(st)
 
 
+def _release_table(kernels: tuple):
+    """Decorates a table function: an entry listed in the installed Triton release's record (``record``) as
+    replaced stands in for the function's own (never in the interpreter)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def table(d: int, dv: int, dtype: torch.dtype, heavy: bool = False):
+            cfgs = fn(d, dv, dtype, heavy)
+            replaced = {} if interpreting() else record().table
+            if not replaced:
+                return cfgs
+            keys = [(kernel, _bits(dtype), _width_class(d, dv), bool(heavy)) for kernel in kernels]
+            if isinstance(cfgs, LaunchConfig):
+                return replaced.get(keys[0], cfgs)
+            return tuple(replaced.get(key, c) for key, c in zip(keys, cfgs))
+        return table
+    return wrap
+
+
+@_release_table(("fwd",))
 def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> LaunchConfig:
     """Tiles of the forward kernel. ``heavy``: a mask or dropout is on (more live registers per score).
 
@@ -70,15 +93,21 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
         return LaunchConfig(32, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
     if dtype == torch.float32:          # "ieee" products run on FMA units: small tiles
-        return LaunchConfig(32, 32, 8, 2) if width <= 64 else LaunchConfig(32, 16, 4, 2) if width <= 128 \
-            else LaunchConfig(16, 16, 8, 2)
+        if width <= 128:
+            return LaunchConfig(32, 16, 8, 2) if heavy else LaunchConfig(32, 32, 8, 2) if width <= 64 \
+                else LaunchConfig(32, 16, 4, 2)
+        return LaunchConfig(16, 16, 8, 2)
+    # Dense: 128x128 with 8 warps (two warpgroups of 64 rows, each wgmma 64x128): the fewest issued
+    # instructions per score (sass_report.py). Heavy tiles are smaller: the masked path keeps scores in a
+    # blocked layout and the larger tiles spill.
     if width <= 64:
-        return LaunchConfig(128, 64, 8, 3)
+        return LaunchConfig(128, 64, 8, 3) if heavy else LaunchConfig(128, 128, 8, 3)
     if width <= 128:
-        return LaunchConfig(64, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 3)
-    return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(64, 32, 8, 2)
+        return LaunchConfig(64, 32, 8, 1) if heavy else LaunchConfig(128, 128, 8, 2)
+    return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
 
 
+@_release_table(("bwd_dkdv", "bwd_dq"))
 def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> tuple:
     """(dK/dV kernel tiles, dQ kernel tiles). Each kernel keeps a wide tile resident (keys for dK/dV, queries
     for dQ) and loops over narrow tiles of the other side; see forward_config. ``heavy`` here also covers
@@ -112,17 +141,19 @@ KERNELS = ("fwd", "bwd_dkdv", "bwd_dq")
 # How many neighbours of the table entry are timed (at most).
 MAX_NEIGHBOURS = 4
 MAX_BLOCK = 128
-# Neighbours that spill registers on sm_90 in some variant of aot_check (python -m
-# vitkern.triton_kernels.aot_check, Triton 3.8; found with every neighbour of _neighbours proposed; the backward's
-# entries re-found for its key-major dK/dV and fused-statistics dQ kernels), by
+# Launch configs that spill registers on sm_90 in some variant of aot_check, recorded per Triton release by
+# ``python -m vitkern.triton_kernels.aot_check --record`` (which compiles every neighbour of _neighbours), by
 # (kernel, "16" or "32" bit, padded width class 64/128/256, heavy) -> {(block_m, block_n, num_warps,
-# num_stages)}: they are never proposed.
-SPILLS = {
+# num_stages)}: they are never proposed. Triton 3.8 (the forward's entries re-found after its Hopper rework, the
+# backward's after its key-major dK/dV / fused-statistics dQ rework):
+_SPILLS_3_8 = {
+    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
     ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)},
-    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
-    ('fwd', '32', 64, True): {(32, 64, 8, 2)},
+    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 2)},
+    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)},
+    ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)},
+    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)},
+    ('fwd', '32', 64, True): {(32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)},
     ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
     ('fwd', '32', 128, True): {(32, 32, 4, 2), (64, 16, 4, 2)},
     ('fwd', '32', 256, True): {(16, 16, 4, 2), (16, 32, 8, 2)},
@@ -146,6 +177,71 @@ SPILLS = {
     ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
     ('bwd_dq', '32', 256, True): {(32, 16, 8, 1)},
 }
+
+
+def _merged(*records: dict) -> dict:
+    out: dict = {}
+    for rec in records:
+        for key, cfgs in rec.items():
+            out[key] = out.get(key, set()) | set(cfgs)
+    return out
+
+
+# Triton 3.6.0 (torch 2.11's: the lent GPU machines'). Measured: the autotuner's candidates (aot_check without
+# --record) compiled with 3.6; the neighbours 3.6 was not asked to compile keep 3.8's verdict. (32, 128, 8, 2)
+# is the forward's mask summary kernel's (8 B with a float mask).
+_SPILLS_3_6 = _merged(_SPILLS_3_8, {
+    ('fwd', '16', 128, True): {(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (32, 128, 8, 2)},
+    ('bwd_dq', '32', 128, True): {(16, 32, 4, 1)},
+})
+
+
+@dataclass(frozen=True)
+class TritonRecord:
+    """What one Triton release compiles differently: ``spills`` (keyed as _SPILLS_3_8) and ``table``: static
+    table entries replaced under this release, (kernel, bits, width class, heavy) -> LaunchConfig, because the
+    table's own spills there."""
+    spills: dict
+    table: dict = field(default_factory=dict)
+
+
+# Per Triton (major, minor). The register allocation moves between releases (a tile that fits in one spills in
+# another), so each release the package supports has its own record; aot_check --record prints one.
+TRITON_RECORDS = {
+    (3, 6): TritonRecord(_SPILLS_3_6, {
+        # 64x64 / 8 warps spills 208-240 B per thread under 3.6 (255 registers; head dims 96-128 with a
+        # mask or dropout), at any num_stages.
+        ('fwd', '16', 128, True): LaunchConfig(32, 64, 8, 2),
+    }),
+    (3, 8): TritonRecord(_SPILLS_3_8),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> tuple:
+    """(major, minor) of the installed Triton, (0, 0) without one."""
+    try:
+        import triton
+    except ImportError:
+        return (0, 0)
+    m = re.match(r"(\d+)\.(\d+)", triton.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def record(version: tuple = None) -> TritonRecord:
+    """The record of ``version`` (default: the installed Triton), or of the nearest recorded release (the
+    newer of two as near): an unrecorded release is assumed to allocate registers like its neighbour."""
+    v = version or triton_version()
+    nearest = min(TRITON_RECORDS, key=lambda r: (abs((r[0] - v[0]) * 100 + r[1] - v[1]), (-r[0], -r[1])))
+    return TRITON_RECORDS[nearest]
+
+
+# The installed Triton's spill record (what candidates() leaves out).
+SPILLS = record().spills
+
+
+def _bits(dtype: torch.dtype) -> str:
+    return "32" if dtype == torch.float32 else "16"
 
 
 def static_config(kernel: str, d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> LaunchConfig:
@@ -180,22 +276,23 @@ def _neighbours(kernel: str, c: LaunchConfig) -> list:
             and 1 <= n.num_stages <= 4]
 
 
-def candidates(kernel: str, d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> list:
+def candidates(kernel: str, d: int, dv: int, dtype: torch.dtype, heavy: bool = False,
+               every: bool = False) -> list:
     """The launch configs the autotuner times for one kernel, the static table's entry first.
 
-    At most MAX_NEIGHBOURS neighbours (see _neighbours), minus those listed in SPILLS; every one is compiled
-    by aot_check. In the interpreter (speed means nothing there): the table's tiles, the swapped tiles and
-    16x16."""
+    At most MAX_NEIGHBOURS neighbours (see _neighbours), minus those the installed Triton's record lists as
+    spilling (``record``); every one is compiled by aot_check. ``every``: all neighbours, none left out (what
+    aot_check --record compiles). In the interpreter (speed means nothing there): the table's tiles, the
+    swapped tiles and 16x16."""
     first = static_config(kernel, d, dv, dtype, heavy)
     if interpreting():
         pool = [LaunchConfig(first.block_n, first.block_m, 1, 1), LaunchConfig(MIN_BLOCK, MIN_BLOCK, 1, 1)]
     else:
-        bits = "32" if dtype == torch.float32 else "16"
-        spills = SPILLS.get((kernel, bits, _width_class(d, dv), bool(heavy)), ())
+        spills = () if every else record().spills.get((kernel, _bits(dtype), _width_class(d, dv), bool(heavy)), ())
         pool = [n for n in _neighbours(kernel, first)
                 if (n.block_m, n.block_n, n.num_warps, n.num_stages) not in spills]
     out = [first]
     for n in pool:
-        if n not in out and len(out) <= MAX_NEIGHBOURS:
+        if n not in out and (every or len(out) <= MAX_NEIGHBOURS):
             out.append(n)
     return out

@@ -8,7 +8,9 @@ wgmma, HMMA = the older per-warp mma.sync), whether loads use TMA (UTMALDG), and
     warp-instructions per CTA per 128x64 (query, key) tile = loop length x num_warps x 8192 / (BLOCK_M x BLOCK_N)
 
 the issue cost of one unit of work, comparable across tile shapes (a non-warp-specialized flash kernel on Hopper
-is bound by instruction issue). Loop lengths are static counts: a branch skipped inside the loop still counts.
+is bound by instruction issue). Loop lengths are static counts: a branch skipped inside the loop still counts;
+the "fast path" leaves out the blocks a forward branch skips that hold no MMA (e.g. the mask read of a tile
+the mask summary calls full), the cost of such a tile.
 
     python -m vitkern.triton_kernels.sass_report [--set static|quick|test|candidates] [--json OUT] [--md OUT]
 """
@@ -47,6 +49,7 @@ class Loop:
     length: int      # instructions in [start, end]
     mma: dict        # MMA opcode (with shape modifiers) -> count
     ops: dict = field(default_factory=dict)   # base opcode -> count
+    fast: int = 0    # length less the blocks a forward branch can skip that hold no MMA (e.g. a mask read)
 
 
 def parse_sass(text: str) -> list[Instr]:
@@ -96,8 +99,24 @@ def mma_loops(instrs: list[Instr]) -> list[Loop]:
         body = instrs[i:j + 1]
         mma = collections.Counter(b.op for b in body if b.base in _MMA_OPS)
         ops = collections.Counter(b.base for b in body)
-        loops.append(Loop(instrs[i].addr, instrs[j].addr, len(body), dict(mma), dict(ops.most_common())))
+        loops.append(Loop(instrs[i].addr, instrs[j].addr, len(body), dict(mma), dict(ops.most_common()),
+                          len(body) - _skippable(body)))
     return loops
+
+
+def _skippable(body: list[Instr]) -> int:
+    """Instructions of a loop body inside [branch, target) of forward branches that stay in the body and jump
+    over no MMA instruction: the work a tile can skip (counted once where such ranges overlap)."""
+    end = body[-1].addr
+    skip = set()
+    for k, ins in enumerate(body[:-1]):
+        t = _branch_target(ins)
+        if t is None or t <= ins.addr or t > end:
+            continue
+        span = [b for b in body[k + 1:] if b.addr < t]
+        if not any(b.base in _MMA_OPS for b in span):
+            skip.update(b.addr for b in span)
+    return len(skip)
 
 
 def per_tile(length: int, num_warps: int, block_m: int, block_n: int) -> float:
@@ -120,6 +139,7 @@ def analyse(cubin: bytes, num_warps: int, block_m: int, block_n: int) -> dict:
         mma_kinds=kinds,
         loop_length=main.length if main else None,
         per_tile=round(per_tile(main.length, num_warps, block_m, block_n)) if main else None,
+        fast_per_tile=round(per_tile(main.fast, num_warps, block_m, block_n)) if main else None,
         loops=[asdict(lp) for lp in loops])
 
 
@@ -165,18 +185,18 @@ def report(which: str = "static", arch: int = 90, verbose: bool = False) -> list
 
 def markdown(rows: list[dict]) -> str:
     head = ("| kernel | dtype | d | mask | causal | varlen | dropout | tile | warps | stages | regs | spill B | "
-            "shared B | loop MMA | TMA | loop | per 128x64 tile |")
+            "shared B | loop MMA | TMA | loop | per 128x64 tile | fast path per tile |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | | | | | | | | | | | "
-                         f"error: {r['error']} | | | |")
+                         f"error: {r['error']} | | | | |")
             continue
         lines.append(
             f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['mask']} | {int(r['causal'])} | "
             f"{int(r['varlen'])} | {int(r['dropout'])} | {r['block_m']}x{r['block_n']} | {r['num_warps']} | "
             f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['shared']} | {'+'.join(r['mma_kinds']) or '-'} | "
-            f"{'yes' if r['tma'] else 'no'} | {r['loop_length']} | {r['per_tile']} |")
+            f"{'yes' if r['tma'] else 'no'} | {r['loop_length']} | {r['per_tile']} | {r['fast_per_tile']} |")
     return "\n".join(lines) + "\n"
 
 
