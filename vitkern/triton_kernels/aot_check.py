@@ -61,17 +61,27 @@ def specialize(kernel, args, kwargs):
     return sig, const, attrs
 
 
-def _resource_usage(cubin) -> tuple:
-    """(registers, stack bytes) per thread, from the cubin; (None, None) when cuobjdump is not available."""
+def cuobjdump_path():
+    """The cuobjdump bundled in Triton's package, or None when this Triton ships none."""
     import triton
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if cubin is None or not os.path.exists(tool):
-        return None, None
+    return tool if os.path.exists(tool) else None
+
+
+def cuobjdump(cubin: bytes, *flags: str) -> str:
+    """cuobjdump's output for a cubin (e.g. flags "-sass" or "--dump-resource-usage")."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+        return subprocess.run([cuobjdump_path(), *flags, f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _resource_usage(cubin) -> tuple:
+    """(registers, stack bytes) per thread, from the cubin; (None, None) when cuobjdump is not available."""
+    if cubin is None or cuobjdump_path() is None:
+        return None, None
+    m = re.search(r"REG:(\d+) STACK:(\d+)", cuobjdump(cubin, "--dump-resource-usage"))
     return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
 
@@ -93,16 +103,17 @@ def _variants(quick: bool):
     return out
 
 
-def _heavy(kernel, mask_kind, varlen, dropout) -> bool:
+def _heavy(kernel, mask_kind, varlen, dropout, causal) -> bool:
     """The ``heavy`` flag the launch code passes for this kernel (attention_fwd / attention_bwd)."""
-    return mask_kind != 0 or dropout or (varlen and kernel != "fwd")
+    return mask_kind != 0 or dropout or ((varlen or causal) and kernel != "fwd")
 
 
 def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n, every=False) -> list:
     """(fwd, dK/dV, dQ) configs to compile for one variant: the i-th candidate of each kernel together (None:
     that kernel has fewer candidates, its table entry stands in and is compiled once). ``every``: every
     neighbour, also those the record lists as spilling."""
-    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout), every=every)
+    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout, causal),
+                               every=every)
              for kernel in config.KERNELS]
     return list(itertools.zip_longest(*lists))
 
@@ -121,8 +132,9 @@ def _note(results, name, variant, cfg, stack) -> None:
     dtype, d, mk, causal, varlen, dropout, n = variant
     tuned = _TUNED[name]
     results.append({"kernel": name, "dtype": dtype, "d": d, "mask": mk, "varlen": varlen, "dropout": dropout,
+                    "causal": causal,
                     "stack": stack, "cfg": cfg, "candidates": [tuple(vars(c).values()) for c in config.candidates(
-                        tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout), every=True)]})
+                        tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout, causal), every=True)]})
 
 
 def release_record(results) -> tuple:
@@ -136,7 +148,7 @@ def release_record(results) -> tuple:
         if kernel is None or r["stack"] is None:
             continue
         key = (kernel, config._bits(r["dtype"]), config._width_class(r["d"], r["d"]),
-               _heavy(kernel, r["mask"], r["varlen"], r["dropout"]))
+               _heavy(kernel, r["mask"], r["varlen"], r["dropout"], r["causal"]))
         cfg = tuple(r["cfg"])
         (spills if r["stack"] else clean).setdefault(key, set()).add(cfg)
         order.setdefault(key, r["candidates"])
@@ -204,7 +216,7 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
             for cfgs in (_candidate_sets(*variant, every=every) if candidates and not quick else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
-        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout))
+        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout, causal))
         for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
             kw = dict(kwargs)
             options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
@@ -245,6 +257,36 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
                 print(f"{'ok   ' if not bad else 'BAD  '}{what}: shared {shared} B, {regs} regs, stack {stack} B, "
                       f"{time.time() - t0:.1f} s", flush=True)
     return failures
+
+
+def compile_variants(variants, arch: int = 90, candidates: bool = True):
+    """For sass_report.py: compile every launch of ``variants`` (see _variants) for sm_``arch``, each distinct
+    specialization once; yields (description, variant, kernel, kwargs, options, compiled or the exception the
+    compile raised). With ``candidates`` every autotuning candidate set, else the static table only."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if config.interpreting():
+        raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
+    seen = set()
+    for variant in variants:
+        for cfgs in (_candidate_sets(*variant) if candidates else [(None, None, None)]):
+            for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
+                kw = dict(kwargs)
+                options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
+                sig, const, attrs = specialize(kernel, args, kw)
+                key = (kernel.__name__, str(sig), str(sorted(const.items(), key=str)), str(sorted(attrs)),
+                       str(options))
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    compiled = triton.compile(ASTSource(kernel, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                                              options=options)
+                except Exception as e:  # noqa: BLE001  (report every failing variant)
+                    compiled = e
+                yield f"{kernel.__name__} {variant}", variant, kernel, kw, options, compiled
 
 
 def main(argv=None) -> int:

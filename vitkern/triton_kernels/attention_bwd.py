@@ -1,19 +1,26 @@
-"""Backward attention kernels: delta pre-pass, then dK/dV and dQ in two kernels with no atomics.
+"""Backward attention kernels: dQ (with the row statistics) then dK/dV, two kernels with no atomics.
 
 With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout applied), delta = rowsum(dO * O)
 = rowsum(P * dP), dS = P * (dP - delta):
     dV = P_dropped^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   dMask = dS (float mask, when asked).
-- ``_bwd_preprocess``: delta [B, Hq, Nq] and a copy of the LSE with +inf for rows that had no key (so P comes
-  out 0 there and every gradient of such a row is 0);
-- ``_bwd_dkdv_kernel``: one program per (key tile, key/value head) walks the query tiles of every query head of
-  its group (GQA sums in registers), so dK/dV are written once: deterministic;
-- ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles; it also writes dMask.
-Each kernel has its own tiles (config.backward_configs: a wide resident tile and a narrow loop tile, as in the
-Triton tutorial; on a GPU each kernel's tiles are autotuned once per key, autotune.py), hence its own program
-map and mask summary.
-Features and limits are those of attention_fwd.py (varlen map, mask summary ranges, causal, dropout
-bit-exact with the forward). The two-kernel split recomputes Q K^T and dO V^T once more than an atomic-add
-dQ would; it buys a deterministic result without a workspace.
+- ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles. It first writes the row
+  statistics both kernels read (delta, and lse2 = lse with +inf for rows that had no key, so P comes out 0
+  there), so no separate pre-pass is launched; it also writes dMask;
+- ``_bwd_dkdv_kernel`` (launched second): one program per (key tile, key/value head) walks the query tiles of
+  every query head of its group (GQA sums in registers), so dK/dV are written once: deterministic. It computes
+  the transposed tile (S^T = K Q^T, dP^T = V dO^T), whose M dimension is the key tile (>= 64 rows on a GPU):
+  every product is a wgmma on sm_90, P^T and dS^T stay in registers as the A operand of dV += P^T dO and
+  dK += dS^T Q (no shared-memory round trip of P / dS).
+P = exp2(fma(dot, scale, -lse) * log2 e): at 1e4 logits nothing is rounded at the scores' magnitude but the
+saved lse (one rounding per row, the same for every key of the row; folding log2 e into the FMA would round
+lse * log2 e once more, measured 1.2x -> 1.5x the naive fp32 error of dK); the interpreter, whose fma rounds
+twice, computes it in float64. Masking happens on the exponent: masked pairs, causal
+pairs, keys past the sequence and float-mask entries of -inf become -inf before the exp (so a row with no pair
+taking part gets P = 0 even when its q is NaN; a NaN lse gives NaN on every pair that takes part).
+Each kernel has its own tiles (config.backward_configs; on a GPU autotuned once per key, autotune.py), hence
+its own program map and mask summary. Features and limits are those of attention_fwd.py (varlen map, mask
+summary ranges, causal, dropout bit-exact with the forward). The two-kernel split recomputes Q K^T and dO V^T
+once more than an atomic-add dQ would; it buys a deterministic result without a workspace.
 """
 import torch
 import triton
@@ -22,60 +29,75 @@ import triton.language as tl
 from . import autotune, config, varlen_map
 from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
 from .mask_summary import tile_summary
-from .tile_ops import LOG2E, dropout_keep, load_rows, mask_scores, query_block_of_program, store_rows
+from .tile_ops import (LOG2E, TILE_PARTIAL, _COL_MUL, _GOLDEN, _mix32, load_rows, query_block_of_program,
+                       store_rows)
 
+_INTERPRET = tl.constexpr(config.interpreting())
 
-@triton.jit(do_not_specialize=["num_rows"])
-def _bwd_preprocess(Out, DOut, Lse, Delta, Lse2,
-                    stride_ob, stride_oh, stride_om, stride_od,
-                    stride_db, stride_dh, stride_dm, stride_dd,
-                    num_heads, num_rows, head_dim_v,
-                    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(num_rows, BLOCK_M)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    rows = offs_m.to(tl.int64)
-    o = load_rows(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_om
-                  + offs_dv[None, :] * stride_od, offs_m, num_rows, offs_dv, head_dim_v, False, False)
-    do = load_rows(DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + rows[:, None] * stride_dm
-                   + offs_dv[None, :] * stride_dd, offs_m, num_rows, offs_dv, head_dim_v, False, False)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row_ptr = pid_bh.to(tl.int64) * num_rows + rows
-    in_rows = offs_m < num_rows
-    lse = tl.load(Lse + row_ptr, mask=in_rows, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
-    tl.store(Delta + row_ptr, delta, mask=in_rows)
-    tl.store(Lse2 + row_ptr, lse2, mask=in_rows)
 
 
 @triton.jit
-def _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
-                scale, seed, bh, drop_threshold, drop_scale,
-                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-                HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr):
-    """For one [BM, BN] tile: P with dropout applied (for dV) and dS, both float32."""
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-    s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state, MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
-    p = tl.math.exp2((s - lse2[:, None]) * LOG2E)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-    if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, rows, cols, drop_threshold)
-        p_dropped = tl.where(keep, p * drop_scale, 0.0)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
+def _fma(a, b, c):
+    """a * b + c rounded once (the interpreter's fma rounds the product first, so it goes through float64)."""
+    if _INTERPRET:
+        return (a.to(tl.float64) * b + c.to(tl.float64)).to(tl.float32)
     else:
-        p_dropped = p
-    ds = p * (dp - delta[:, None])
-    return p_dropped, ds
+        return tl.fma(a, b, c)
+
+
+@triton.jit
+def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_state, scale,
+           MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr,
+           CHECK_K: tl.constexpr, KEY_BOUNDS: tl.constexpr):
+    """P of a tile in either orientation: s the raw q.k products, lse2 / qi (query positions) / kj (key
+    positions) broadcast to s's shape ([BM, 1] and [1, BN] for a query-major tile, the other way round for a
+    key-major one), mask_ptrs the mask entries of the tile (read only on TILE_PARTIAL tiles and in bounds).
+    KEY_BOUNDS: zero P of keys past k_len (the dQ kernel needs it; the dK/dV kernel never stores those rows)."""
+    # Natural units first (one rounding, of a number near 0), then log2(e): lse's own rounding is then the
+    # only one at the logits' magnitude, and it is the same for every key of the row.
+    y = _fma(s, scale, -lse2)
+    if MASK_KIND != 0:
+        partial = True
+        if HAS_SUMMARY:
+            partial = tile_state == TILE_PARTIAL
+        if partial:
+            read = tl.full(s.shape, 1, tl.int1)
+            if CHECK_Q:
+                read = read & (qi < q_len)
+            if CHECK_K:
+                read = read & (kj < k_len)
+            if MASK_KIND == 1:
+                keep = tl.load(mask_ptrs, mask=read, other=1)
+                y = tl.where(keep != 0, y, float("-inf"))
+            else:
+                bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
+                # -inf means "does not take part": -inf even when the score is NaN.
+                y = tl.where(bias == float("-inf"), float("-inf"), y + bias)
+    if CAUSAL:
+        y = tl.where(kj <= qi, y, float("-inf"))
+    if KEY_BOUNDS and CHECK_K:
+        y = tl.where(kj < k_len, y, float("-inf"))
+    return tl.math.exp2(y * LOG2E)
+
+
+@triton.jit
+def _keep(seed, bh, rows, cols, threshold, KEY_MAJOR: tl.constexpr):
+    """tile_ops.dropout_keep, [len(rows), len(cols)], or [len(cols), len(rows)] when KEY_MAJOR."""
+    seed_u = seed.to(tl.uint32, bitcast=True)
+    thr_u = threshold.to(tl.uint32, bitcast=True)
+    a = _mix32(seed_u + bh.to(tl.uint32) * _GOLDEN)
+    r = _mix32(a ^ rows.to(tl.uint32))
+    c = cols.to(tl.uint32) * _COL_MUL
+    if KEY_MAJOR:
+        u = _mix32(r[None, :] + c[:, None])
+    else:
+        u = _mix32(r[:, None] + c[None, :])
+    return u >= thr_u
 
 
 @triton.jit
 def _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr):
-    # Rows past q_len read lse = +inf (P = 0) and delta = 0: they add nothing.
+    # Rows past q_len read lse2 = +inf (P = 0) and delta = 0: they add nothing.
     if CHECK_M:
         lse2 = tl.load(Lse2 + row_ptr, mask=offs_m < q_len, other=float("inf"))
         delta = tl.load(Delta + row_ptr, mask=offs_m < q_len, other=0.0)
@@ -86,13 +108,55 @@ def _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr):
 
 
 @triton.jit
+def _write_row_stats(o, do, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M: tl.constexpr):
+    """delta = rowsum(o * do) and lse2 = lse (+inf for rows that had no key: P comes out 0 there) of one query
+    tile, stored for the dK/dV kernel and returned."""
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if EVEN_M:
+        lse = tl.load(Lse + row_ptr)
+    else:
+        lse = tl.load(Lse + row_ptr, mask=offs_m < q_len, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+    if EVEN_M:
+        tl.store(Delta + row_ptr, delta)
+        tl.store(Lse2 + row_ptr, lse2)
+    else:
+        tl.store(Delta + row_ptr, delta, mask=offs_m < q_len)
+        tl.store(Lse2 + row_ptr, lse2, mask=offs_m < q_len)
+    return lse2, delta
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
+                          stride_ob, stride_oh, stride_om, stride_od,
+                          stride_db, stride_dh, stride_dm, stride_dd,
+                          num_heads, num_rows, head_dim_v,
+                          BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The row statistics as a pre-pass, where fusing them into the dQ kernel spills (fp32, head dim > 128)."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(num_rows, BLOCK_M)
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = offs_m.to(tl.int64)
+    o = load_rows(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od,
+                  offs_m, num_rows, offs_dv, head_dim_v, False, False)
+    do = load_rows(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
+                   offs_m, num_rows, offs_dv, head_dim_v, False, False)
+    _write_row_stats(o, do, Lse, Lse2, Delta, pid_bh.to(tl.int64) * num_rows + rows, offs_m, num_rows, False)
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base, t_lo, t_hi,
                 offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                 stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
                 HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                 CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK / dV of one key tile over query tiles [t_lo, t_hi) of one query head."""
+    """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) of one query head, on
+    key-major tiles [BLOCK_N, BLOCK_M]."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for t in range(t_lo, t_hi):
@@ -107,13 +171,19 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base,
             do = load_rows(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
                            offs_m, q_len, offs_dv, head_dim_v, not CHECK_M, EVEN_D)
             lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
-            # Key columns past k_len are never stored, so they need no masking here beyond safe mask reads.
-            p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
-                                        mask_base + rows[:, None] * stride_mm, tile_state, scale, seed, bh,
-                                        drop_threshold, drop_scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
-                                        HAS_DROPOUT, PRECISION)
-            dv += tl.dot(tl.trans(p_dropped.to(do.dtype)), do, input_precision=PRECISION)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
+                        mask_base + rows[None, :] * stride_mm, tile_state, scale, MASK_KIND, HAS_SUMMARY,
+                        CAUSAL, CHECK_M, CHECK_N, False)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                keep = _keep(seed, bh, rows, cols, drop_threshold, True)
+                dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            else:
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
     return dk, dv
 
 
@@ -188,20 +258,30 @@ def _bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DOut + b64 * stride_db + h64 * stride_dh
         row_base = bh.to(tl.int64) * seq_len_q
-        mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64)[None, :] * stride_mn
+        mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64)[:, None] * stride_mn
         t_full = t_lo
         if IS_CAUSAL:
             t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_lo), t_hi)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
                                  t_lo, t_full, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
-                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
-                                 drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY,
-                                 HAS_DROPOUT, True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed,
+                                 bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND,
+                                 HAS_SUMMARY, HAS_DROPOUT, True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+        # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
+        t_mid = t_hi
+        if not EVEN_M:
+            t_mid = tl.maximum(tl.minimum(t_hi, q_len // BLOCK_M), t_full)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
-                             t_full, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
+                             t_full, t_mid, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
                              stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
                              drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY,
-                             HAS_DROPOUT, False, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                             HAS_DROPOUT, False, False, not EVEN_N, EVEN_D, PRECISION)
+        if not EVEN_M:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
+                                 t_mid, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
+                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed,
+                                 bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND,
+                                 HAS_SUMMARY, HAS_DROPOUT, False, True, not EVEN_N, EVEN_D, PRECISION)
     dk = dk * scale
     store_rows(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
                + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, k_len, offs_d, head_dim,
@@ -233,10 +313,14 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, sta
                           offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
             v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
                           offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
-            p_dropped, ds = _tile_grads(q, k, v, do, lse2, delta, rows, cols, offs_m, offs_n, q_len, k_len,
-                                        mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale,
-                                        seed, bh, drop_threshold, drop_scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
-                                        HAS_DROPOUT, PRECISION)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len,
+                       mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale, MASK_KIND,
+                       HAS_SUMMARY, CAUSAL, CHECK_M, CHECK_N, True)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if HAS_DROPOUT:
+                dp = tl.where(_keep(seed, bh, rows, cols, drop_threshold, False), dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
             if MASK_GRAD:
                 store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(dmask_base.dtype.element_ty),
                            offs_m, q_len, offs_n, k_len, not CHECK_M, not CHECK_N)
@@ -246,10 +330,12 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, sta
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse2, Delta, DQ, DMask, Mask, TileState, RowLo, RowHi, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, Out, DOut, Lse, Lse2, Delta, DQ, DMask, Mask, TileState, RowLo, RowHi, CuQ, CuK, BlockSeq,
+    BlockStart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_db, stride_dh, stride_dm, stride_dd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     stride_mb, stride_mh, stride_mm, stride_mn,
@@ -261,7 +347,7 @@ def _bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_STATS: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -276,7 +362,16 @@ def _bwd_dq_kernel(
                   offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
     do = load_rows(DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm
                    + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
-    lse2, delta = _load_row_stats(Lse2, Delta, pid_bh.to(tl.int64) * seq_len_q + rows, offs_m, q_len, not EVEN_M)
+
+    # Row statistics, for this tile's loop and for the dK/dV kernel after it (or read from the pre-pass).
+    row_ptr = pid_bh.to(tl.int64) * seq_len_q + rows
+    if FUSED_STATS:
+        o = load_rows(Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
+                      + offs_dv[None, :] * stride_od, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+        lse2, delta = _write_row_stats(o, do, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M)
+    else:
+        lse2, delta = _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, not EVEN_M)
+
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
@@ -311,8 +406,8 @@ def _bwd_dq_kernel(
     if IS_CAUSAL or not EVEN_N:
         dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_mid, t_hi,
                        offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
-                       stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold, drop_scale,
-                       BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
+                       stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,
+                       drop_scale, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
                        IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
     dq = dq * scale
     store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
@@ -352,12 +447,13 @@ class _BackwardCall:
         self.B, self.Hq, self.Nq, D = q.shape
         self.Hk, self.Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         self.dims, self.dtype = (D, Dv), q.dtype
-        self.inputs, self.out, self.grads, self.dmask = (q, k, v, dout), out, (dq, dk, dv), dmask
+        self.inputs, self.grads, self.dmask = (q, k, v, dout), (dq, dk, dv), dmask
         self.mask, self.hints, self.mask_grad = mask, (max_q, max_k), bool(mask_grad)
         self.varlen = cu_q is not None
-        # heavy: more live registers (mask, dropout, varlen bounds), see config.backward_configs
-        self.heavy = mask is not None or dropout_p > 0 or self.varlen
-        self.lse = lse.contiguous()
+        # heavy: more live registers (mask, dropout, varlen bounds, causal loops), see config.backward_configs
+        self.heavy = mask is not None or dropout_p > 0 or self.varlen or bool(is_causal)
+        self.out, self.lse = out, lse.contiguous()
+        # Written by the dQ kernel, read by the dK/dV kernel launched after it.
         self.delta = torch.empty_like(self.lse)
         self.lse2 = torch.empty_like(self.lse)
         self.cu = (cu_q, cu_k) if self.varlen else (None, None)
@@ -366,6 +462,8 @@ class _BackwardCall:
         self.m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
         self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
         block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
+        # Fusing the row statistics into the dQ kernel spills there for fp32 at head dims > 128.
+        self.fused_stats = not (q.dtype == torch.float32 and max(block_d, block_dv) > 128)
         self.block_dv = block_dv
         self.common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=mask_kind(mask),
                            IS_CAUSAL=bool(is_causal), IS_VARLEN=self.varlen, HAS_DROPOUT=dropout_p > 0,
@@ -374,47 +472,53 @@ class _BackwardCall:
     def static_configs(self) -> tuple:
         return config.backward_configs(*self.dims, self.dtype, heavy=self.heavy)
 
-    def preprocess(self, block_m: int):
-        dout, bs = self.inputs[3], config.batch_strides
-        return (_bwd_preprocess, (config.cdiv(self.Nq, block_m) * self.B * self.Hq,),
-                (self.out, dout, self.lse, self.delta, self.lse2, *bs(self.out), *bs(dout), self.Hq, self.Nq,
-                 self.dims[1]),
-                dict(BLOCK_M=block_m, BLOCK_DV=self.block_dv))
-
-    def _launch(self, kernel, cfg, resident_keys, outs, out_strides, heads, **kw):
-        """The dK/dV or dQ launch: both take (inputs, row stats, two outputs, mask and tile summary, program
-        map, strides, head counts, scalars) in the same order."""
+    def _launch(self, kernel, cfg, resident_keys, head_tensors, outs, out_strides, heads, **kw):
+        """The dK/dV or dQ launch: both take (inputs, row stats, outputs, mask and tile summary, program map,
+        strides, head counts, scalars) in the same order; the dQ kernel also reads out and lse."""
         bs = config.batch_strides
         seq, start, blocks, st, lo, hi, t_str, r_str, flags = _tiling(
             cfg, resident_keys, self.mask, *self.cu, self.Nq, self.Nk, *self.hints, self.lse2)
-        args = (*self.inputs, self.lse2, self.delta, *outs, self.mk, st, lo, hi, *self.cu_args, seq, start,
-                *(x for t in self.inputs for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks,
-                *self.scalars)
+        q, k, v, dout = self.inputs
+        strided = (q, k, v) + head_tensors + (dout,)
+        args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.lse2, self.delta,
+                *outs, self.mk, st, lo, hi, *self.cu_args, seq, start,
+                *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
         return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags)
 
     def dkdv(self, cfg):
         bs = config.batch_strides
         dk, dv = self.grads[1:]
-        return self._launch(_bwd_dkdv_kernel, cfg, True, (dk, dv), (*bs(dk), *bs(dv), *self.m_strides),
+        return self._launch(_bwd_dkdv_kernel, cfg, True, (), (dk, dv), (*bs(dk), *bs(dv), *self.m_strides),
                             (self.Hq, self.Hk, self.Hq // self.Hk))
 
     def dq(self, cfg):
         dq = self.grads[0]
         dm = self.dmask if self.mask_grad else self.lse2
         g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
-        return self._launch(_bwd_dq_kernel, cfg, False, (dq, dm),
+        return self._launch(_bwd_dq_kernel, cfg, False, (self.out,), (dq, dm),
                             (*config.batch_strides(dq), *self.m_strides, *g_strides),
-                            (self.Hq, self.Hq // self.Hk), MASK_GRAD=self.mask_grad)
+                            (self.Hq, self.Hq // self.Hk), MASK_GRAD=self.mask_grad, FUSED_STATS=self.fused_stats)
+
+    def row_stats(self, block_m: int) -> list:
+        """The pre-pass launch when the dQ kernel does not compute the row statistics itself, else nothing."""
+        if self.fused_stats:
+            return []
+        dout, bs = self.inputs[3], config.batch_strides
+        return [(_bwd_row_stats_kernel, (config.cdiv(self.Nq, block_m) * self.B * self.Hq,),
+                 (self.out, dout, self.lse, self.delta, self.lse2, *bs(self.out), *bs(dout), self.Hq, self.Nq,
+                  self.dims[1]),
+                 dict(BLOCK_M=block_m, BLOCK_DV=self.block_dv))]
 
 
 def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
                       mask_grad, dq, dk, dv, dmask, kv_cfg=None, q_cfg=None):
-    """The kernel launches of the backward, in order (delta pre-pass, dK/dV, dQ): a list of (kernel, grid,
-    args, kwargs), with tiles kv_cfg / q_cfg (default: config.py's table). aot_check.py compiles them."""
+    """The kernel launches of the backward, in order (dQ with the row statistics, then dK/dV): a list of
+    (kernel, grid, args, kwargs), with tiles kv_cfg / q_cfg (default: config.py's table). aot_check.py
+    compiles them."""
     call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                          dropout_p, mask_grad, dq, dk, dv, dmask)
     static_kv, static_q = call.static_configs()
-    return [call.preprocess(static_q.block_m), call.dkdv(kv_cfg or static_kv), call.dq(q_cfg or static_q)]
+    return call.row_stats(static_q.block_m) + [call.dq(q_cfg or static_q), call.dkdv(kv_cfg or static_kv)]
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
@@ -423,15 +527,16 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
     must arrive zeroed: skipped tiles are not written); returns (dq, dk, dv, dmask).
 
     dout / out [B, Hq, Nq, Dv], lse float32 [B, Hq, Nq] (the forward's), other arguments as in
-    attention_fwd.attention_forward. The dK/dV and dQ kernels are autotuned separately (autotune.py).
+    attention_fwd.attention_forward. Two launches: dQ (which also writes the row statistics), then dK/dV;
+    each is autotuned separately (autotune.py).
     """
     call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                          dropout_p, mask_grad, dq, dk, dv, dmask)
-    autotune.launch([call.preprocess(call.static_configs()[1].block_m)])
+    autotune.launch(call.row_stats(call.static_configs()[1].block_m))
     flags = (mask, is_causal, call.varlen, dropout_p > 0, call.heavy)
-    # dk / dv and dq are rewritten whole by every candidate; dmask is not (skipped tiles are left as they
-    # are), so it is zeroed again before the chosen config runs when tuning ran.
-    autotune.launch_tuned("bwd_dkdv", q, v.shape[3], *flags, lambda cfg: [call.dkdv(cfg)])
+    # dq / dk / dv and the row statistics are rewritten whole by every candidate; dmask is not (skipped tiles
+    # are left as they are), so it is zeroed again before the chosen config runs when tuning ran.
     autotune.launch_tuned("bwd_dq", q, v.shape[3], *flags, lambda cfg: [call.dq(cfg)],
                           reset=dmask.zero_ if mask_grad else None, mask_grad=bool(mask_grad))
+    autotune.launch_tuned("bwd_dkdv", q, v.shape[3], *flags, lambda cfg: [call.dkdv(cfg)])
     return dq, dk, dv, dmask

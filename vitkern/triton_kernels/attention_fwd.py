@@ -11,7 +11,9 @@ Features
   with VITKERN_TRITON_FP32_PRECISION, see config.py);
 - head dims 1..256 padded to a power of two >= 16 with masked loads; Dv may differ from D;
 - dropout with vitkern/dropout.py's counter-based hash (bit-exact), the same keep-mask regenerated backward;
-- a row with no key gives out = 0 and lse = -inf; exp2 on (s - max) * log2(e), exact at large logits;
+- a row with no key gives out = 0 and lse = -inf; a NaN score of a taking-part pair gives a NaN row and lse;
+- one FFMA + one EX2 per score: exp2(s * c - m * c) with the product exact inside the FFMA (no rounding of
+  s * c on its own, so large logits lose nothing), c = scale * log2(e) applied to the row max of the raw dots;
 - the key loop is split: interior tiles (left of the diagonal, inside the sequence) run without causal or bounds
   checks, only the last / diagonal tiles pay for them; causal grids start with the longest rows;
 - block sizes: config.py's spill-free table, or on a GPU the fastest of a few candidates around it, timed once
@@ -22,53 +24,115 @@ Limits
   the forward and the backward;
 - pointer tiles, not TMA descriptors / block pointers (portable across Triton versions, costs registers).
 """
+import math
+
 import torch
 import triton
 import triton.language as tl
 
 from . import autotune, config, varlen_map
 from .mask_summary import tile_summary
-from .tile_ops import (LN2, LOG2E, dropout_keep, load_rows, mask_scores, query_block_of_program,
-                       store_rows)
+from .tile_ops import (LN2, TILE_EMPTY, TILE_FULL, TILE_PARTIAL, dropout_keep, load_rows, mask_scores,
+                       query_block_of_program, store_rows)
+
+LOG2E_HOST = 1 / math.log(2)
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows, k_start,
+def _fma(a, b, c, EMULATE: tl.constexpr):
+    """a * b + c with one rounding: FFMA on a GPU. Triton's interpreter rounds a * b first (numpy), which at
+    large logits costs ~1e-3 in an exponent; there the exact product is formed in float64 instead."""
+    if EMULATE:
+        r = (a.to(tl.float64) * b + c).to(tl.float32)
+    else:
+        r = tl.fma(a, b, c)
+    return r
+
+
+@triton.jit
+def _load_kv(ptrs, rows, n_rows, cols, n_cols, tile_state, HAS_SUMMARY: tl.constexpr, CHECK_N: tl.constexpr,
+             EVEN_D: tl.constexpr):
+    """A [BLOCK_N, D] key/value tile; rows past n_rows (CHECK_N), columns past n_cols and every element of an
+    empty tile read as 0."""
+    if HAS_SUMMARY:
+        ok = tile_state != TILE_EMPTY
+        if not EVEN_D:
+            ok = ok & (cols[None, :] < n_cols)
+        if CHECK_N:
+            ok = ok & (rows[:, None] < n_rows)
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        x = load_rows(ptrs, rows, n_rows, cols, n_cols, not CHECK_N, EVEN_D)
+    return x
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows, k_start,
                q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn,
-               scale, seed, bh, drop_threshold, drop_scale,
+               scale, to_log2, seed, bh, drop_threshold,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
                HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
-               CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) over key tiles [t_lo, t_hi)."""
+               CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr,
+               EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, o_i, l_i) over key tiles [t_lo, t_hi).
+
+    m_i is the running row max of s, o_i = m_i * to_log2 (rounded) the log2 offset the exponentials use (l_i
+    and acc are relative to it). RAW_MAX: s is the raw dot q.k and ``to_log2`` = scale * log2(e) (needs
+    scale > 0 and no float mask: rounding is monotone, so max(s) * c is the max of the scaled scores: one multiply
+    per row, not per score); otherwise s = q.k * scale + bias and ``to_log2`` = log2(e). Either way a score costs
+    one FFMA (s * to_log2 - o_i, the product exact before the one rounding) and one EX2. Dropout's 1 / (1 - p)
+    is applied to the output once, not per score."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    # One scalar 64-bit base per tensor advances a tile per step; the per-element offsets inside a tile are
+    # loop-invariant int32 (rebuilding 64-bit pointers from the indices costs ~5 instructions per load).
+    first = k_start + t_lo * BLOCK_N
+    k_tile = k_base + first * stride_kn
+    v_tile = v_base + first * stride_vn
+    offs_j = tl.arange(0, BLOCK_N)
+    k_offs = offs_j[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    v_offs = offs_j[:, None] * stride_vn + offs_dv[None, :] * stride_vd
     for t in range(t_lo, t_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        tile_state = 2
+        # An empty tile (mask summary) is not branched around, which would keep Triton from pipelining the K/V
+        # loads: its loads are predicated off (K, V read as 0, so no NaN of a skipped key leaks in) and its
+        # scores set to -inf (p = 0, alpha = 1: m, l, acc unchanged).
+        tile_state = TILE_PARTIAL
         if HAS_SUMMARY:
             tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
-        if tile_state != 0:
-            cols = k_start + offs_n.to(tl.int64)
-            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                          offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
-                            tile_state, MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row with no key so far keeps m = -inf; subtracting 0 instead keeps exp2 from making NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2((s - m_use[:, None]) * LOG2E)
-            alpha = tl.math.exp2((m_i - m_use) * LOG2E)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if HAS_DROPOUT:
-                keep = dropout_keep(seed, bh, rows, cols, drop_threshold)
-                p = tl.where(keep, p * drop_scale, 0.0)
-            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                          offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
-            acc += tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
-    return acc, m_i, l_i
+        k = _load_kv(k_tile + k_offs, offs_n, k_len, offs_d, head_dim, tile_state, HAS_SUMMARY, CHECK_N, EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if not RAW_MAX:
+            s = s * scale
+        if HAS_SUMMARY:
+            # A branch, so that a full tile costs what an unmasked one does. (Mask pointers are built per tile:
+            # a [BLOCK_M, BLOCK_N] pointer tile would live in registers.)
+            if tile_state != TILE_FULL:
+                s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
+                                tile_state, MASK_KIND, False, CHECK_M, CHECK_N)
+                s = tl.where(tile_state == TILE_EMPTY, float("-inf"), s)
+        s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base, tile_state, 0, CAUSAL, CHECK_M, CHECK_N)
+        m_i = tl.maximum(m_i, tl.max(s, 1))
+        o_new = m_i * to_log2
+        # A row with no key so far keeps o = -inf; subtracting 0 instead keeps exp2 from making NaN. Without a
+        # mask, causal or bounds a score is -inf only by inf arithmetic, whose row is NaN anyway. A NaN score is
+        # not caught here (max drops it) but reaches p, l and acc, so its row ends NaN.
+        o_use = o_new
+        if MASK_KIND != 0 or CAUSAL or CHECK_N:
+            o_use = tl.where(o_new == float("-inf"), 0.0, o_new)
+        p = tl.math.exp2(_fma(s, to_log2, -o_use[:, None], EMULATE_FMA))
+        alpha = tl.math.exp2(o_i - o_use)
+        o_i = o_new
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, bh, rows, k_start + offs_n.to(tl.int64), drop_threshold)
+            p = tl.where(keep, p, 0.0)
+        v = _load_kv(v_tile + v_offs, offs_n, k_len, offs_dv, head_dim_v, tile_state, HAS_SUMMARY, CHECK_N, EVEN_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        k_tile += BLOCK_N * stride_kn
+        v_tile += BLOCK_N * stride_vn
+    return acc, m_i, o_i, l_i
 
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
@@ -82,11 +146,11 @@ def _attention_fwd_kernel(
     stride_tb, stride_th, stride_tm, stride_tn,
     stride_rb, stride_rh, stride_rm,
     num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
-    scale, seed, drop_threshold, drop_scale,
+    scale, to_log2, seed, drop_threshold, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -125,24 +189,30 @@ def _attention_fwd_kernel(
     t_mid = tl.maximum(t_mid, t_lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    o_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_mid, offs_m, rows,
-                               k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
-                               stride_vd, stride_mn, stride_tn, scale, seed, pid_bh, drop_threshold, drop_scale,
-                               BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
-                               False, not EVEN_M, False, EVEN_D, PRECISION)
+    acc, m_i, o_i, l_i = _fwd_tiles(
+        acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_mid, offs_m, rows, k_start, q_len,
+        k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
+        to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
+        False, not EVEN_M, False, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
     if IS_CAUSAL or not EVEN_N:
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_base, v_base, mask_base, state_base, t_mid, t_hi, offs_m,
-                                   rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
-                                   stride_vn, stride_vd, stride_mn, stride_tn, scale, seed, pid_bh, drop_threshold,
-                                   drop_scale, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
-                                   IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+        acc, m_i, o_i, l_i = _fwd_tiles(
+            acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_mid, t_hi, offs_m, rows, k_start, q_len,
+            k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
+            to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
+            IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
 
+    # l == 0 only for a row with no key (its max score gives p = 1 otherwise); a NaN l fails the test and stays.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(l_safe) * LN2)
+    out = acc * (drop_scale / l_safe)[:, None]
+    # lse = m * scale + ln(sum exp((s - m) * scale)): the offset's own rounding (o = m * c rounded, the residual
+    # exact through an FMA) is taken out, so a rounded scale * log2(e) is never multiplied by a large m.
+    m_nat = m_i * scale if RAW_MAX else m_i
+    lse = tl.where(empty, float("-inf"),
+                   m_nat + (tl.math.log2(l_safe) - _fma(m_i, to_log2, -o_i, EMULATE_FMA)) * LN2)
     offs_dv = tl.arange(0, BLOCK_DV)
     o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
     store_rows(o_ptrs, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
@@ -210,14 +280,17 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
         st = lo = hi = dummy
         t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
+    raw_max = scale > 0 and mask_kind(mask) != 2
     bs = config.batch_strides
     args = (q, k, v, out, lse, mk, st, lo, hi, cu_q, cu_k, block_seq, block_start,
             *bs(q), *bs(k), *bs(v), *bs(out), *m_strides, *t_strides, *r_strides,
-            Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, d_seed, d_thr, d_scale)
+            Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale * LOG2E_HOST if raw_max else LOG2E_HOST,
+            d_seed, d_thr, d_scale)
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
                   MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
                   IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
-                  EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype),
+                  EVEN_D=(D == block_d and Dv == block_dv), RAW_MAX=raw_max, EMULATE_FMA=config.interpreting(),
+                  PRECISION=config.input_precision(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return [(_attention_fwd_kernel, (num_m_blocks * B * Hq,), args, kwargs)]
 

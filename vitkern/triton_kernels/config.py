@@ -98,32 +98,46 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
         return LaunchConfig(32, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
     if dtype == torch.float32:          # "ieee" products run on FMA units: small tiles
-        return LaunchConfig(32, 32, 8, 2) if width <= 64 else LaunchConfig(32, 16, 4, 2) if width <= 128 \
-            else LaunchConfig(16, 16, 8, 2)
+        if width <= 128:
+            return LaunchConfig(32, 16, 8, 2) if heavy else LaunchConfig(32, 32, 8, 2) if width <= 64 \
+                else LaunchConfig(32, 16, 4, 2)
+        return LaunchConfig(16, 16, 8, 2)
+    # Dense: 128x128 with 8 warps (two warpgroups of 64 rows, each wgmma 64x128): the fewest issued
+    # instructions per score (sass_report.py). Heavy tiles are smaller: the masked path keeps scores in a
+    # blocked layout and the larger tiles spill.
     if width <= 64:
-        return LaunchConfig(128, 64, 8, 3)
+        return LaunchConfig(128, 64, 8, 3) if heavy else LaunchConfig(128, 128, 8, 3)
     if width <= 128:
-        return LaunchConfig(64, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 3)
-    return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(64, 32, 8, 2)
+        return LaunchConfig(64, 32, 8, 1) if heavy else LaunchConfig(128, 128, 8, 2)
+    return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
 
 
 @_release_table(("bwd_dkdv", "bwd_dq"))
 def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> tuple:
     """(dK/dV kernel tiles, dQ kernel tiles). Each kernel keeps a wide tile resident (keys for dK/dV, queries
     for dQ) and loops over narrow tiles of the other side; see forward_config. ``heavy`` here also covers
-    varlen (its bounds checks cost registers in the dK/dV kernel)."""
+    varlen and causal (their bounds checks and extra loops cost registers in the dK/dV kernel)."""
     if interpreting():
         return LaunchConfig(16, 32, 1, 1), LaunchConfig(32, 16, 1, 1)
     width = max(padded_head_dim(d), padded_head_dim(dv))
     if dtype == torch.float32:
-        cfg = LaunchConfig(16, 32, 8, 1) if 64 < width <= 128 else LaunchConfig(16, 16, 8, 1)
-        return cfg, cfg
+        if 64 < width <= 128:
+            return LaunchConfig(16, 32, 8, 1), LaunchConfig(16, 16, 8, 1)
+        if width <= 64:
+            return LaunchConfig(16, 16, 8, 1), LaunchConfig(16, 16, 8, 1)
+        return LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 8, 1)
+    # dK/dV computes key-major tiles (S^T = K Q^T), so its M dimension is the key tile: >= 64 keys per
+    # warpgroup keeps every product on wgmma (sm_90). One stage: the second one spills at N = 197.
+    if width <= 64:
+        kv = LaunchConfig(32, 128, 8, 1) if heavy else LaunchConfig(64, 128, 8, 1)
+        return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
     if width <= 128:
-        kv = LaunchConfig(32, 64, 8, 1) if heavy else LaunchConfig(32, 128, 8, 2 if width <= 64 else 1)
-        return kv, LaunchConfig(128, 32, 8, 2)
+        kv = LaunchConfig(16, 64, 8, 1) if heavy else LaunchConfig(16, 128, 8, 1)
+        return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)
+    # Head dim 256: a 64-key tile spills (dK, dV and K, V of 64 x 256 each), so 32 keys (mma.sync, not wgmma).
     if heavy:
-        return LaunchConfig(32, 32, 8, 1), LaunchConfig(32, 32, 8, 1)
-    return LaunchConfig(16, 64, 8, 1), LaunchConfig(64, 16, 8, 2)
+        return LaunchConfig(16, 32, 8, 1), LaunchConfig(32, 32, 8, 1)
+    return LaunchConfig(16, 32, 8, 1), LaunchConfig(64, 16, 8, 2)
 
 
 # ------------------------------------------------------------------------------------------ autotuning
@@ -135,34 +149,38 @@ MAX_BLOCK = 128
 # Launch configs that spill registers on sm_90 in some variant of aot_check, recorded per Triton release by
 # ``python -m vitkern.triton_kernels.aot_check --record`` (which compiles every neighbour of _neighbours), by
 # (kernel, "16" or "32" bit, padded width class 64/128/256, heavy) -> {(block_m, block_n, num_warps,
-# num_stages)}: they are never proposed. Triton 3.8:
+# num_stages)}: they are never proposed. Triton 3.8 (the forward's entries re-found after its Hopper rework, the
+# backward's after its key-major dK/dV / fused-statistics dQ rework):
 _SPILLS_3_8 = {
+    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
     ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2)},
-    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
-    ('fwd', '32', 64, True): {(32, 64, 8, 2)},
+    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 2)},
+    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3)},
+    ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)},
+    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)},
+    ('fwd', '32', 64, True): {(32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)},
     ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
     ('fwd', '32', 128, True): {(32, 32, 4, 2), (64, 16, 4, 2)},
     ('fwd', '32', 256, True): {(16, 16, 4, 2), (16, 32, 8, 2)},
-    ('bwd_dkdv', '16', 64, False): {(32, 128, 4, 2), (64, 128, 8, 2)},
-    ('bwd_dkdv', '16', 64, True): {(32, 32, 8, 1), (64, 64, 8, 1)},
-    ('bwd_dkdv', '16', 128, False): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
-    ('bwd_dkdv', '16', 128, True): {(32, 32, 8, 1), (32, 64, 4, 1), (32, 64, 8, 2), (32, 128, 8, 1), (64, 64, 8, 1)},
-    ('bwd_dkdv', '16', 256, False): {(16, 64, 4, 1), (16, 128, 8, 1)},
-    ('bwd_dkdv', '16', 256, True): {(32, 32, 4, 1), (32, 64, 8, 1), (64, 32, 8, 1)},
-    ('bwd_dkdv', '32', 64, False): {(16, 32, 8, 1)},
+    ('bwd_dkdv', '16', 64, False): {(64, 128, 4, 1), (128, 128, 8, 1)},
+    ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1)},
+    ('bwd_dkdv', '16', 128, True): {(16, 32, 8, 1), (16, 64, 4, 1), (16, 128, 8, 1), (32, 64, 8, 1)},
+    ('bwd_dkdv', '16', 256, False): {(16, 16, 8, 1), (16, 32, 4, 1), (16, 64, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(16, 16, 8, 1), (16, 32, 4, 1), (16, 64, 8, 1)},
     ('bwd_dkdv', '32', 64, True): {(16, 32, 8, 1), (32, 16, 8, 1)},
-    ('bwd_dkdv', '32', 128, False): {(16, 32, 8, 2), (16, 64, 8, 1)},
-    ('bwd_dkdv', '32', 256, False): {(16, 16, 8, 2)},
-    ('bwd_dkdv', '32', 256, True): {(16, 16, 4, 1)},
-    ('bwd_dq', '16', 64, True): {(128, 32, 4, 2)},
-    ('bwd_dq', '16', 128, False): {(128, 32, 4, 2)},
+    ('bwd_dkdv', '32', 128, False): {(16, 16, 8, 1), (16, 32, 4, 1)},
+    ('bwd_dkdv', '32', 128, True): {(32, 32, 8, 1)},
+    ('bwd_dkdv', '32', 256, False): {(16, 16, 8, 1)},
+    ('bwd_dkdv', '32', 256, True): {(16, 32, 4, 1), (32, 16, 4, 1)},
+    ('bwd_dq', '16', 64, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
+    ('bwd_dq', '16', 128, False): {(128, 64, 4, 1)},
     ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
-    ('bwd_dq', '16', 256, False): {(64, 16, 8, 1)},
-    ('bwd_dq', '16', 256, True): {(32, 64, 8, 1), (64, 32, 8, 1)},
-    ('bwd_dq', '32', 64, True): {(32, 16, 8, 1)},
+    ('bwd_dq', '16', 256, True): {(32, 32, 4, 1), (64, 32, 8, 1)},
+    ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
+    ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
+    ('bwd_dq', '32', 256, True): {(32, 16, 8, 1)},
 }
 
 

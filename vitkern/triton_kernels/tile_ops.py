@@ -82,7 +82,8 @@ def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
             s = tl.where(keep != 0, s, float("-inf"))
         else:
             bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
-            s = s + bias
+            # A -inf entry takes the pair out even when its score is NaN (NaN + -inf would be NaN).
+            s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if CHECK_N:
