@@ -24,15 +24,17 @@ TIMM_MODELS = {
 
 @pytest.fixture
 def vitkern_calls(monkeypatch):
-    """Counts the calls that reach vitkern's backend selection (every vitkern attention call does)."""
+    """Counts the forward calls that reach a vitkern backend (backend selection is cached per call signature, so
+    the backends' own forward is what every call reaches)."""
     calls = []
-    original = vitkern.backends.select
+    for name in vitkern.backends.known_backends():
+        be = vitkern.backends.get(name)
 
-    def spy(*args, **kwargs):
-        calls.append(args[0])
-        return original(*args, **kwargs)
+        def spy(*args, _name=name, _original=be.forward, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
 
-    monkeypatch.setattr(vitkern.backends, "select", spy)
+        monkeypatch.setattr(be, "forward", spy)
     return calls
 
 
