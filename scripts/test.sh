@@ -9,4 +9,5 @@ bash scripts/setup.sh
 python -m vitkern.info  # what this run tests: versions, backends, build flags, kernel paths
 python -m pytest -q -p no:cacheprovider tests "$@"
 TRITON_INTERPRET=1 python -m pytest -q -p no:cacheprovider tests/test_contract_sdpa.py tests/test_contract_varlen.py \
-  tests/test_property.py tests/test_triton_kernels.py tests/test_triton_autotune.py tests/test_segment_ids.py "$@"
+  tests/test_property.py tests/test_contract_nan.py tests/test_triton_kernels.py tests/test_triton_autotune.py \
+  tests/test_triton_host.py tests/test_segment_ids.py "$@"
