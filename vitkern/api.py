@@ -176,7 +176,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     [S + 1] (0, ..., T; zero-length sequences allowed; cu_seqlens_k=None means cu_seqlens_q). Query tokens of
     sequence s attend only to key tokens of sequence s; ``is_causal`` is top-left aligned within each sequence.
     ``max_seqlen_*`` are optional hints (no device sync is needed without them).
-    Returns out [Tq, H, Dv], and with ``return_lse`` also lse float32 [H, Tq] (-inf for a query with no key).
+    Returns out [Tq, H, Dv], and with ``return_lse`` also lse [H, Tq], float32 (float64 for float64 inputs; -inf
+    for a query with no key, NaN for one that reads a NaN score).
     Under ``torch.autocast`` floating inputs (not float64) run in the autocast dtype, as torch's SDPA does.
     """
     sig = _varlen_signature(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, dropout_p,

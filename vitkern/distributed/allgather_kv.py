@@ -39,7 +39,7 @@ def gather_tokens(x: Tensor, sizes: list, rank: int, group) -> Tensor:
 
 def allgather_kv_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], layout: Layout,
                            scale: Optional[float], group, backend: Optional[str]):
-    """q [T_r, H, D], k [T_r, Hk, D], v [T_r, Hk, Dv] -> (out [T_r, H, Dv], lse float32 [H, T_r])."""
+    """q [T_r, H, D], k [T_r, Hk, D], v [T_r, Hk, Dv] -> (out [T_r, H, Dv], lse [H, T_r]: float32, float64 for float64 inputs)."""
     offsets = shard_offsets(layout.sizes)
     lo, hi = offsets[layout.rank], offsets[layout.rank + 1]
     k_all = gather_tokens(k, layout.sizes, layout.rank, group)

@@ -37,9 +37,9 @@ def sequence_parallel_attention(q_local: Tensor, k_local: Tensor, v_local: Tenso
         dK/dV) or "ring" (K/V shards pass around the ring and partial results merge by log-sum-exp; at most two
         shards in memory; slower). Both give the same values and gradients to rounding.
     ``scale``: None (1/sqrt(D)) or a float. ``backend``: as in ``vitkern.varlen_attention``.
-    Returns out [T_r, H, Dv] (the rank's queries), and with ``return_lse`` also lse float32 [H, T_r] (not
+    Returns out [T_r, H, Dv] (the rank's queries), and with ``return_lse`` also lse [H, T_r] (float64 for float64; not
     differentiable). Collective: every rank of ``group`` must call it with the same mode, heads, head dims,
-    dtype and cu_seqlens; a bad or disagreeing argument on any rank raises ValueError/TypeError on every rank.
+    dtype and cu_seqlens; a bad or disagreeing argument on any rank raises VitkernValueError/TypeError on every rank.
     ``shard_sizes``: None (the ranks exchange their shapes first: one small all-gather and a device-to-host
         copy per call), or every rank's token count [P], the same list on every rank (e.g.
         ``shard_sizes(T)``): no exchange, and in allgather_kv mode no host sync. Then only this rank's own

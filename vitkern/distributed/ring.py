@@ -226,6 +226,6 @@ class _RingAttention(torch.autograd.Function):
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Optional[Tensor], layout: Layout,
                    scale: Optional[float], group, backend: Optional[str]):
-    """q [T_r, H, D], k [T_r, Hk, D], v [T_r, Hk, Dv] -> (out [T_r, H, Dv], lse float32 [H, T_r])."""
+    """q [T_r, H, D], k [T_r, Hk, D], v [T_r, Hk, Dv] -> (out [T_r, H, Dv], lse [H, T_r]: float32, float64 for float64 inputs)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _RingAttention.apply(q, k, v, cu_seqlens, layout, scale, group, backend)
