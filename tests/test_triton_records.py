@@ -73,7 +73,7 @@ def test_every_neighbour_includes_the_recorded_spills(on_gpu):
 
 def _result(kernel, cfg, stack, cands, d=128, mask=1):
     return {"kernel": kernel, "dtype": torch.float16, "d": d, "mask": mask, "varlen": False, "dropout": False,
-            "stack": stack, "cfg": cfg, "candidates": cands}
+            "causal": False, "stack": stack, "cfg": cfg, "candidates": cands}
 
 
 def test_release_record_replaces_a_spilling_table_entry():
