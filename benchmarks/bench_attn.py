@@ -132,8 +132,9 @@ def main(argv=None) -> int:
     opts.matmul_rate = rates[args.dtype]
     machine = measure.machine_info(device)
     now = datetime.now(timezone.utc)
+    default_dtype = "bf16" if device.type == "cuda" else "fp32"
     paths = report.output_paths(args.out, measure.device_slug(machine), now.strftime("%Y%m%d"), device.type,
-                                args.quick)
+                                args.quick, "" if args.dtype == default_dtype else args.dtype)
     cases = [(name, workloads.build(name, device.type, args.quick)) for name in args.workloads]
     runners = [CaseRunner(c, device, dtype, args.modes, opts) for _, cs in cases for c in cs]
     budget = TimeBudget(args.time_budget_s - (time.perf_counter() - t_start), cases=len(runners))

@@ -10,12 +10,14 @@ from typing import Optional
 MODE_NAMES = {"fwd": "forward", "fwdbwd": "forward+backward"}
 
 
-def output_paths(out_dir: Path, slug: str, date: str, device_kind: str, quick: bool) -> dict:
-    """``<slug>-<YYYYMMDD>[-quick].{json,md,png}``; full runs also refresh ``latest-<cpu|cuda>.md``."""
-    stem = f"{slug}-{date}" + ("-quick" if quick else "")
+def output_paths(out_dir: Path, slug: str, date: str, device_kind: str, quick: bool, dtype_tag: str = "") -> dict:
+    """``<slug>-<YYYYMMDD>[-<dtype>][-quick].{json,md,png}``; full runs also refresh ``latest-<cpu|cuda>[-<dtype>].md``.
+    ``dtype_tag`` names a dtype other than the device's default, so a bf16 CPU run never overwrites the fp32 one."""
+    tag = f"-{dtype_tag}" if dtype_tag else ""
+    stem = f"{slug}-{date}{tag}" + ("-quick" if quick else "")
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "md", "png")}
     if not quick:
-        paths["latest"] = out_dir / f"latest-{device_kind}.md"
+        paths["latest"] = out_dir / f"latest-{device_kind}{tag}.md"
     return paths
 
 
