@@ -267,6 +267,17 @@ def test_a_slow_peer_reads_too_slow_and_is_not_called_again(monkeypatch):
     assert cells[("naive", "fwd")]["check"] == "passed"
 
 
+def test_a_slow_vitkern_kernel_is_still_timed(monkeypatch):
+    """The budget skips peers, never vitkern's own fused backend: its one long call is its sample."""
+    from benchmarks.budget import TimeBudget
+    slow = _SlowPeer(delay=1.0, size=33)
+    slow.name, slow.family, slow.backend = "vitkern-slow", "vitkern", "reference"
+    cells = _budget_run(monkeypatch, slow, lambda: TimeBudget(total_s=3.0, cases=1, stretch=1.0))
+    for mode in ("fwd", "fwdbwd"):
+        c = cells[("vitkern-slow", mode)]
+        assert c["status"] == "ok" and c["time_ms"] >= 1000 and c["repeats"] >= 1, c
+
+
 def test_without_a_budget_the_slow_peer_is_timed(monkeypatch):
     from benchmarks.budget import TimeBudget
     slow = _SlowPeer(delay=0.3, size=33)
