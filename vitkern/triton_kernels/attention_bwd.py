@@ -29,8 +29,8 @@ import triton.language as tl
 from . import autotune, config, varlen_map
 from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
 from .mask_summary import tile_summary
-from .tile_ops import (LOG2E, TILE_PARTIAL, _COL_MUL, _GOLDEN, _mix32, load_rows, query_block_of_program,
-                       store_rows)
+from .tile_ops import (LOG2E, TILE_PARTIAL, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, load_rows,
+                       query_block_of_program, store_rows)
 
 _INTERPRET = tl.constexpr(config.interpreting())
 
@@ -66,13 +66,7 @@ def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_state, scale,
                 read = read & (qi < q_len)
             if CHECK_K:
                 read = read & (kj < k_len)
-            if MASK_KIND == 1:
-                keep = tl.load(mask_ptrs, mask=read, other=1)
-                y = tl.where(keep != 0, y, float("-inf"))
-            else:
-                bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
-                # -inf means "does not take part": -inf even when the score is NaN.
-                y = tl.where(bias == float("-inf"), float("-inf"), y + bias)
+            y = apply_mask_entries(y, mask_ptrs, read, MASK_KIND)
     if CAUSAL:
         y = tl.where(kj <= qi, y, float("-inf"))
     if KEY_BOUNDS and CHECK_K:

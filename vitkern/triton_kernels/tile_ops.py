@@ -61,6 +61,19 @@ def store_rows(ptrs, x, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVE
 
 
 @triton.jit
+def apply_mask_entries(s, mask_ptrs, read, MASK_KIND: tl.constexpr):
+    """s with the mask entries at mask_ptrs (loaded where ``read``) applied: bool (MASK_KIND 1) keeps True pairs,
+    float (2) adds; a -inf entry takes the pair out even when its score is NaN (NaN + -inf would be NaN)."""
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptrs, mask=read, other=1)
+        s = tl.where(keep != 0, s, float("-inf"))
+    else:
+        bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
+        s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
+    return s
+
+
+@triton.jit
 def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
     """s [BM, BN] (scaled scores); offs_m / offs_n are positions inside the sequence (causal is top-left).
@@ -77,13 +90,7 @@ def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
         if CHECK_N:
             read = read & (offs_n[None, :] < k_len)
         read = read & (tile_state == TILE_PARTIAL)
-        if MASK_KIND == 1:
-            keep = tl.load(mask_ptrs, mask=read, other=1)
-            s = tl.where(keep != 0, s, float("-inf"))
-        else:
-            bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
-            # A -inf entry takes the pair out even when its score is NaN (NaN + -inf would be NaN).
-            s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
+        s = apply_mask_entries(s, mask_ptrs, read, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if CHECK_N:
