@@ -1,5 +1,6 @@
 // Argument checks, operand preparation, mask tile summaries and varlen blocks for the fused CPU kernels.
 #include "cpu_attn_plan.h"
+#include "cpu_features.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -351,6 +352,7 @@ Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.seed = seed;
   p.dtype = dt;
   p.compute = dt == at::kDouble ? at::kDouble : at::kFloat;
+  p.own_sgemm = p.compute == at::kFloat && chosen_fp32_gemm() == Fp32Gemm::kAvx2;
   return p;
 }
 

@@ -103,6 +103,7 @@ struct Problem {
   int64_t seed;
   bool varlen;
   at::ScalarType dtype, compute;
+  bool own_sgemm = false;  // float32 products on cpu_sgemm_avx2 rather than the BLAS (chosen_fp32_gemm())
 };
 Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,

@@ -2,6 +2,7 @@
 // MKL and OpenBLAS builds), else straightforward loops. A row-major C[m, n] is the column-major C^T[n, m], so
 // each helper calls the column-major routine with the operands swapped.
 #include "cpu_blas.h"
+#include "cpu_sgemm_avx2.h"
 
 #include <dlfcn.h>
 
@@ -102,29 +103,35 @@ BlasSingleThreadScope::~BlasSingleThreadScope() {
 
 template <typename T>
 void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
-             T* c, int64_t ldc) {
+             T* c, int64_t ldc, bool own_sgemm) {
+  if constexpr (std::is_same_v<T, float>)
+    if (own_sgemm) return sgemm_avx2(false, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   if (use_blas<T>(lda, ldb, ldc)) return call_colmajor<T>('T', 'N', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
   loops<T>(m, n, k, alpha, a, lda, 1, b, 1, ldb, beta, c, ldc);
 }
 
 template <typename T>
 void gemm_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
-             T* c, int64_t ldc) {
+             T* c, int64_t ldc, bool own_sgemm) {
+  if constexpr (std::is_same_v<T, float>)
+    if (own_sgemm) return sgemm_avx2(false, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   if (use_blas<T>(lda, ldb, ldc)) return call_colmajor<T>('N', 'N', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
   loops<T>(m, n, k, alpha, a, lda, 1, b, ldb, 1, beta, c, ldc);
 }
 
 template <typename T>
 void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
-             T* c, int64_t ldc) {
+             T* c, int64_t ldc, bool own_sgemm) {
+  if constexpr (std::is_same_v<T, float>)
+    if (own_sgemm) return sgemm_avx2(true, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   if (use_blas<T>(lda, ldb, ldc)) return call_colmajor<T>('N', 'T', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
   loops<T>(m, n, k, alpha, a, 1, lda, b, ldb, 1, beta, c, ldc);
 }
 
 #define VITKERN_GEMM_INSTANTIATE(T)                                                                              \
-  template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t); \
-  template void gemm_nn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t); \
-  template void gemm_tn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t);
+  template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, bool); \
+  template void gemm_nn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, bool); \
+  template void gemm_tn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, bool);
 VITKERN_GEMM_INSTANTIATE(float)
 VITKERN_GEMM_INSTANTIATE(double)
 #undef VITKERN_GEMM_INSTANTIATE

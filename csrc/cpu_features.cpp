@@ -16,6 +16,7 @@
 
 #include <torch/library.h>
 
+#include "cpu_blas.h"
 #include "cpu_lowp_gemm.h"
 
 namespace vitkern_cpu {
@@ -107,6 +108,20 @@ bool path_runs(TilePath p, at::ScalarType dt, std::string* why) {
   return true;
 }
 
+Fp32Gemm chosen_fp32_gemm() {
+  const CpuFeatures& f = cpu_features();
+  const bool avx2_runs = f.avx2 && f.fma;
+  if (const char* env = std::getenv("VITKERN_CPU_SGEMM"); env && env[0]) {
+    if (!std::strcmp(env, "blas")) return Fp32Gemm::kBlas;
+    TORCH_CHECK(!std::strcmp(env, "avx2"), "VITKERN_CPU_SGEMM: expected blas or avx2, got '", env, "'");
+    TORCH_CHECK(avx2_runs, "VITKERN_CPU_SGEMM=avx2: that GEMM cannot run here: the CPU (or the OS) lacks AVX2+FMA");
+    return Fp32Gemm::kAvx2;
+  }
+  return avx2_runs && !have_blas() ? Fp32Gemm::kAvx2 : Fp32Gemm::kBlas;
+}
+
+const char* fp32_path_name(Fp32Gemm g) { return g == Fp32Gemm::kAvx2 ? "fp32_avx2" : "fp32_blas"; }
+
 TilePath chosen_path(at::ScalarType dt) {
   if (const char* env = std::getenv("VITKERN_CPU_PATH"); env && env[0]) {
     TilePath p;
@@ -130,7 +145,7 @@ TilePath chosen_path(at::ScalarType dt) {
 std::string cpu_features_json() {
   const CpuFeatures& f = cpu_features();
   std::ostringstream o;
-  o << "{\"compiled\": [\"fp32_blas\"";
+  o << "{\"compiled\": [\"fp32_blas\", \"fp32_avx2\"";
   if (lowp_kernels_compiled()) o << ", \"avx512_bf16\"";
   if (brgemm_available()) o << ", \"amx_bf16\"";
   o << "], \"cpu\": {";
@@ -151,7 +166,8 @@ std::string cpu_features_json() {
   for (const auto& [name, dt] : dts) {
     std::string p;
     try {
-      p = path_name(chosen_path(dt));
+      const TilePath tp = chosen_path(dt);
+      p = tp == TilePath::kFp32Blas ? fp32_path_name(chosen_fp32_gemm()) : path_name(tp);
     } catch (const c10::Error& e) {  // a VITKERN_CPU_PATH that cannot run: say so instead of failing
       p = "error: " + std::string(e.what_without_backtrace());
       for (char& ch : p) if (ch == '"' || ch == '\\' || ch == '\n') ch = ' ';

@@ -1,14 +1,16 @@
-// Row operations of the online softmax, written as simple loops the compiler vectorizes (AVX-512/AVX2 under
-// -march=native): max, exp-and-sum, scaling; the float exp loops have an AVX-512 version (exp16) where the build
-// has it. exp is a Cephes-style polynomial (about 1 ulp) that returns exactly 0 for masked (-inf) scores, so
-// masked keys contribute nothing, not 1e-38.
+// Row operations of the online softmax: max, exp-and-sum, scaling. The float max and exp loops have AVX-512
+// (exp16) and AVX2+FMA (exp8) versions, picked by what the build targets; the generic loops are the fallback
+// (GCC does not vectorize exp_poly's selects, so on an AVX2 build without exp8 they ran one lane at a time).
+// exp is a Cephes-style polynomial (under 1 ulp) that returns exactly 0 for masked (-inf) scores, so masked
+// keys contribute nothing, not 1e-38. Every version sums a row in 32 interleaved partial sums (by i % 32),
+// reduced pairwise: a sequential float sum of a 197-score row is off by up to ~3.5 ulp, this by about one.
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -54,17 +56,18 @@ inline bool has_nan(const T* x, int64_t n) {
   return false;
 }
 
-// x[i] = exp(x[i] - shift) in place; returns the sum. shift must be finite.
+// x[i] = exp(x[i] - shift) in place; returns the sum, in 32 partial sums as the vector versions. shift finite.
 template <typename T>
 inline T exp_shift_sum(T* x, int64_t n, T shift) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
+  T part[32] = {};
   for (int64_t i = 0; i < n; ++i) {
     const T e = exp_poly(x[i] - shift);
     x[i] = e;
-    s += e;
+    part[i % 32] += e;
   }
-  return s;
+  for (int w = 16; w >= 1; w /= 2)
+    for (int j = 0; j < w; ++j) part[j] += part[j + w];
+  return part[0];
 }
 
 // x[i] = exp(x[i] - shift) in place, no sum (shift finite).
@@ -152,6 +155,112 @@ inline void exp_shift<float>(float* x, int64_t n, float shift) {
   if (i < n) {
     const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1);
     _mm512_mask_storeu_ps(x + i, tail, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, x + i), sh)));
+  }
+}
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// 8 lanes of exp(x), x = score - row max <= 0 or -inf: exp16's reduction and polynomial, with 2^n built in the
+// exponent field (AVX2 has no vscalefps). Lanes below -87.3 (-inf included) are zeroed; NaN propagates (the
+// unordered compare keeps the lane, max/min return x, and p is NaN whatever 2^n's bits are).
+inline __m256 exp8(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x);
+  x = _mm256_min_ps(_mm256_set1_ps(88.37626f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  f = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), f);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.0000001201e-1f));
+  // (p·f·f + f) + 1, as exp_poly's contraction groups it: adding 1 last keeps f's low bits (1.08 -> 0.87 ulp).
+  p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, f), f, f), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+
+// Lanes [0, r) of 8 set (r < 8), as maskload/maskstore want them.
+inline __m256i tail_mask8(int64_t r) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(r)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Four accumulators: 32 partial sums, and four independent add chains for a short row. Named, not an array: an
+// array indexed by a run-time counter would live in memory.
+template <>
+inline float exp_shift_sum<float>(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  const auto step = [&](int64_t at, __m256& acc) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + at), sh));
+    _mm256_storeu_ps(x + at, e);
+    acc = _mm256_add_ps(acc, e);
+  };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    step(i, a0);
+    step(i + 8, a1);
+    step(i + 16, a2);
+    step(i + 24, a3);
+  }
+  if (i + 8 <= n) step(i, a0), i += 8;
+  if (i + 8 <= n) step(i, a1), i += 8;
+  if (i + 8 <= n) step(i, a2), i += 8;
+  if (i < n) {
+    const __m256i tail = tail_mask8(n - i);
+    // Lanes past the row read as -inf: their exp is 0, nothing is added.
+    const __m256 v = _mm256_blendv_ps(_mm256_set1_ps(-std::numeric_limits<float>::infinity()),
+                                      _mm256_maskload_ps(x + i, tail), _mm256_castsi256_ps(tail));
+    const __m256 e = exp8(_mm256_sub_ps(v, sh));
+    _mm256_maskstore_ps(x + i, tail, e);
+    a3 = _mm256_add_ps(a3, e);
+  }
+  return hsum8(_mm256_add_ps(_mm256_add_ps(a0, a2), _mm256_add_ps(a1, a3)));
+}
+
+// NaN scores are skipped, as in the generic row_max (max_ps returns its second operand when either is NaN).
+template <>
+inline float row_max<float>(const float* x, int64_t n) {
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+    m1 = _mm256_max_ps(_mm256_loadu_ps(x + i + 8), m1);
+    m2 = _mm256_max_ps(_mm256_loadu_ps(x + i + 16), m2);
+    m3 = _mm256_max_ps(_mm256_loadu_ps(x + i + 24), m3);
+  }
+  for (; i + 8 <= n; i += 8) m0 = _mm256_max_ps(_mm256_loadu_ps(x + i), m0);
+  if (i < n) {
+    const __m256i tail = tail_mask8(n - i);
+    m1 = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_maskload_ps(x + i, tail), _mm256_castsi256_ps(tail)), m1);
+  }
+  return hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+}
+
+template <>
+inline void exp_shift<float>(float* x, int64_t n, float shift) {
+  const __m256 sh = _mm256_set1_ps(shift);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + i), sh)));
+  if (i < n) {
+    const __m256i tail = tail_mask8(n - i);
+    _mm256_maskstore_ps(x + i, tail, exp8(_mm256_sub_ps(_mm256_maskload_ps(x + i, tail), sh)));
   }
 }
 #endif

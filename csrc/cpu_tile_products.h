@@ -19,18 +19,19 @@ struct BlasProducts {
   Strided<const T> q, k, v;
   int64_t D, Dv;
   T scale;
+  bool own;  // p.own_sgemm
 
   BlasProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, const Problem& p, Tiles)
-      : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)) {}
+      : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)), own(p.own_sgemm) {}
   int64_t o_ld() const { return Dv; }
   void start(const QueryTile&) {}
   // S[mq, nb] = scale · Q[q0:q1] · K[j0:j0+nb]ᵀ of query head w.h, kv head hk.
   void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, T* s, int64_t ld) {
-    gemm_nt<T>(w.q1 - w.q0, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k.row(w.b, hk, j0), k.sn, T(0), s, ld);
+    gemm_nt<T>(w.q1 - w.q0, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k.row(w.b, hk, j0), k.sn, T(0), s, ld, own);
   }
   // O[mq, Dv] (+)= P[mq, nb] · V[j0:j0+nb].
   void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const T* s, int64_t ld, T* o, bool add) {
-    gemm_nn<T>(w.q1 - w.q0, Dv, nb, T(1), s, ld, v.row(w.b, hk, j0), v.sn, T(add ? 1 : 0), o, Dv);
+    gemm_nn<T>(w.q1 - w.q0, Dv, nb, T(1), s, ld, v.row(w.b, hk, j0), v.sn, T(add ? 1 : 0), o, Dv, own);
   }
   void finish() {}
 };
@@ -70,29 +71,31 @@ struct BlasBackwardProducts {
   Strided<T> dk, dv;
   int64_t D, Dv;
   T scale;
+  bool own;  // p.own_sgemm
 
   BlasBackwardProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, Strided<const T> dout_,
                        Strided<T> dk_, Strided<T> dv_, const Problem& p, Tiles)
-      : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), scale(T(p.scale)) {}
+      : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), scale(T(p.scale)),
+        own(p.own_sgemm) {}
   void start_keys(const KeyRange&, int64_t, int64_t) {}
   void start_queries(const KeyRange&, int64_t, int64_t, int64_t) {}
   void scores(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, T* s, int64_t ld) {
-    gemm_nt<T>(mq, nb, D, scale, q.row(w.b, h, i0), q.sn, k.row(w.b, w.hk, j0), k.sn, T(0), s, ld);
+    gemm_nt<T>(mq, nb, D, scale, q.row(w.b, h, i0), q.sn, k.row(w.b, w.hk, j0), k.sn, T(0), s, ld, own);
   }
   void dprobs(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, T* dp, int64_t ld) {
-    gemm_nt<T>(mq, nb, Dv, T(1), dout.row(w.b, h, i0), dout.sn, v.row(w.b, w.hk, j0), v.sn, T(0), dp, ld);
+    gemm_nt<T>(mq, nb, Dv, T(1), dout.row(w.b, h, i0), dout.sn, v.row(w.b, w.hk, j0), v.sn, T(0), dp, ld, own);
   }
   void add_dv(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const T* pr,
               int64_t ld, bool add) {
     gemm_tn<T>(nb, Dv, mq, T(1), pr, ld, dout.row(w.b, h, i0), dout.sn, T(add ? 1 : 0), dv.row(w.b, w.hk, j0),
-               dv.sn);
+               dv.sn, own);
   }
   void add_dk(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const T* ds,
               int64_t ld, bool add) {
-    gemm_tn<T>(nb, D, mq, scale, ds, ld, q.row(w.b, h, i0), q.sn, T(add ? 1 : 0), dk.row(w.b, w.hk, j0), dk.sn);
+    gemm_tn<T>(nb, D, mq, scale, ds, ld, q.row(w.b, h, i0), q.sn, T(add ? 1 : 0), dk.row(w.b, w.hk, j0), dk.sn, own);
   }
   void add_dq(const KeyRange& w, int64_t mq, int64_t j0, int64_t nb, const T* ds, int64_t ld, T* dq, int64_t ldq) {
-    gemm_nn<T>(mq, D, nb, scale, ds, ld, k.row(w.b, w.hk, j0), k.sn, T(1), dq, ldq);
+    gemm_nn<T>(mq, D, nb, scale, ds, ld, k.row(w.b, w.hk, j0), k.sn, T(1), dq, ldq, own);
   }
   void finish_keys(const KeyRange&, int64_t, int64_t, bool) {}
   void finish() {}

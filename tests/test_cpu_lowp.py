@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import truth
 import vitkern
-from contract import check_against_truth, max_err, qkv, rand
+from cpu_path_cases import check_masked_and_causal, check_varlen, ref, sdpa
+from contract import check_against_truth, max_err, qkv
 
 pytestmark = pytest.mark.skipif(not vitkern.backends.get("cpu").available(), reason="the C++ extension is not built")
 
 PATHS = {"fp32": "fp32_blas", "avx512_bf16": "avx512_bf16", "amx": "amx_bf16"}
+FP32_NAMES = ("fp32_blas", "fp32_avx2")  # the fp32 path under either float32 GEMM (tests/test_cpu_sgemm.py)
 
 
 def features():
@@ -34,7 +35,8 @@ def runs_here(env_name):
             del os.environ["VITKERN_CPU_PATH"]
         else:
             os.environ["VITKERN_CPU_PATH"] = old
-    return (True, "") if chosen == PATHS[env_name] else (False, chosen)
+    want = FP32_NAMES if env_name == "fp32" else (PATHS[env_name],)
+    return (True, "") if chosen in want else (False, chosen)
 
 
 @pytest.fixture(params=list(PATHS))
@@ -46,20 +48,13 @@ def path(request, monkeypatch):
     return request.param
 
 
-def sdpa(q, k, v, mask=None, is_causal=False, upcast=True):
-    return vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend="cpu")
-
-
-def ref(q, k, v, mask=None, is_causal=False, upcast=True):
-    return truth.attention(q, k, v, mask=mask, is_causal=is_causal, upcast=upcast)
-
 
 def test_features_report_shape():
     f = features()
     assert set(f) == {"compiled", "cpu", "chosen"}
-    assert "fp32_blas" in f["compiled"]
+    assert set(FP32_NAMES) <= set(f["compiled"])
     assert set(f["chosen"]) == {"float32", "bfloat16", "float16"}
-    assert f["chosen"]["float32"] == "fp32_blas"  # float32 never runs in reduced precision
+    assert f["chosen"]["float32"] in FP32_NAMES  # float32 never runs in reduced precision
     for flag in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_os_enabled"):
         assert isinstance(f["cpu"][flag], bool)
 
@@ -105,28 +100,12 @@ def test_odd_and_large_head_dims(path, d, dv):
 
 @pytest.mark.parametrize("kind", ["bool", "float", "causal"])
 def test_masked_and_causal(path, kind):
-    q, k, v = qkv(2, 2, 197, 197, 64, dtype=torch.bfloat16, grad=True, seed=3)
-    gen = torch.Generator().manual_seed(5)
-    if kind == "causal":
-        fn = lambda q, k, v, upcast=True: sdpa(q, k, v, is_causal=True)
-        tr = lambda q, k, v, upcast=True: ref(q, k, v, is_causal=True, upcast=upcast)
-    else:
-        mask = torch.rand(197, 197, generator=gen) > 0.4
-        if kind == "float":
-            mask = torch.where(mask, rand(197, 197, gen=gen), torch.tensor(-float("inf"))).bfloat16()
-        fn = lambda q, k, v, upcast=True: sdpa(q, k, v, mask=mask)
-        tr = lambda q, k, v, upcast=True: ref(q, k, v, mask=mask, upcast=upcast)
-    check_against_truth(fn, (q, k, v), tr, f"{path} {kind}")
+    check_masked_and_causal(kind, torch.bfloat16, path)
 
 
 @pytest.mark.parametrize("lengths", [[1, 7, 197], [785, 64, 5]])
 def test_varlen(path, lengths):
-    cu = vitkern.lengths_to_cu_seqlens(lengths)
-    gen = torch.Generator().manual_seed(len(lengths))
-    q, k, v = (rand(sum(lengths), 2, 64, gen=gen, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    fn = lambda q, k, v, upcast=True: vitkern.varlen_attention(q, k, v, cu, backend="cpu")
-    tr = lambda q, k, v, upcast=True: truth.varlen(q, k, v, cu, cu, upcast=upcast)
-    check_against_truth(fn, (q, k, v), tr, f"{path} varlen {lengths}")
+    check_varlen(lengths, torch.bfloat16, path)
 
 
 def test_error_no_worse_than_twice_torch_bf16(path):

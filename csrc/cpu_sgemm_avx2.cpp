@@ -1,0 +1,196 @@
+// The AVX2+FMA tile GEMM (see the header). Loops, outermost first: 256-column blocks of C, 256-deep slices of
+// k (B's packed block, ≤ 256 KB, stays in L2), 6-row blocks of A, 16-column panels. A is read in place by
+// broadcasts (6 rows × 256 floats: L1), so only B is packed.
+#include "cpu_sgemm_avx2.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <vector>
+
+#define VITKERN_AVX2_TARGET __attribute__((target("avx2,fma")))
+
+namespace vitkern_cpu {
+namespace {
+
+constexpr int kMr = 6, kNr = 16;
+constexpr int64_t kKc = 256, kNc = 256;
+
+// dst[r·ldd + c] = src[c·lds + r] for an 8×8 block.
+VITKERN_AVX2_TARGET inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // r[0..3] hold rows 0-3 of columns (0,1,2,3 | 4,5,6,7) split by 128-bit lane; r[4..7] rows 4-7.
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+// B(k0 : k0 + kc, j0 : j0 + nc) into panels bp[panel][p][kNr], columns past n zero.
+VITKERN_AVX2_TARGET void pack_b(bool b_trans, const float* b, int64_t ldb, int64_t k0, int64_t kc, int64_t j0,
+                                int64_t nc, float* bp) {
+  for (int64_t jp = 0; jp < nc; jp += kNr) {
+    const int64_t w = std::min<int64_t>(kNr, nc - jp), j = j0 + jp;
+    float* dst = bp + (jp / kNr) * kc * kNr;
+    if (!b_trans) {
+      for (int64_t p = 0; p < kc; ++p) {
+        const float* src = b + (k0 + p) * ldb + j;
+        float* d = dst + p * kNr;
+        if (w == kNr) {
+          _mm256_storeu_ps(d, _mm256_loadu_ps(src));
+          _mm256_storeu_ps(d + 8, _mm256_loadu_ps(src + 8));
+        } else {
+          for (int64_t c = 0; c < w; ++c) d[c] = src[c];
+          for (int64_t c = w; c < kNr; ++c) d[c] = 0.0f;
+        }
+      }
+    } else {
+      // Column c of the panel is row j + c of b: 8×8 blocks transposed in registers, the rest one by one.
+      int64_t p0 = 0;
+      if (w == kNr)
+        for (; p0 + 8 <= kc; p0 += 8)
+          for (int half = 0; half < 2; ++half)
+            transpose8x8(b + (j + 8 * half) * ldb + k0 + p0, ldb, dst + p0 * kNr + 8 * half, kNr);
+      for (int64_t c = 0; c < w; ++c) {
+        const float* src = b + (j + c) * ldb + k0;
+        for (int64_t p = p0; p < kc; ++p) dst[p * kNr + c] = src[p];
+      }
+      for (int64_t c = w; c < kNr; ++c)
+        for (int64_t p = p0; p < kc; ++p) dst[p * kNr + c] = 0.0f;
+    }
+  }
+}
+
+// Lanes [0, w) of 8 set, as maskload/maskstore want them.
+VITKERN_AVX2_TARGET inline __m256i lanes_below(int64_t w) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::clamp<int64_t>(w, 0, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// C[R, w] = alpha · A[R, kc] · Bp[kc, 16] (+ C when add), w ≤ 16 columns stored.
+template <int R, bool ATrans>
+VITKERN_AVX2_TARGET void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* bp, float* c,
+                                      int64_t ldc, float alpha, bool add, int64_t w) {
+  __m256 acc[R][2];
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  if constexpr (ATrans) {
+    // A(i, p) = a[p·lda + i]: the R values of step p are adjacent.
+    for (int64_t p = 0; p < kc; ++p, a += lda, bp += kNr) {
+      const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(a + r);
+        acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+      }
+    }
+  } else {
+    const float* rows[R];
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) rows[r] = a + r * lda;
+    for (int64_t p = 0; p < kc; ++p, bp += kNr) {
+      const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 x = _mm256_broadcast_ss(rows[r] + p);
+        acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+      }
+    }
+  }
+  const __m256 al = _mm256_set1_ps(alpha);
+  if (w == kNr) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      float* cr = c + r * ldc;
+      __m256 o0 = _mm256_mul_ps(acc[r][0], al), o1 = _mm256_mul_ps(acc[r][1], al);
+      if (add) {
+        o0 = _mm256_add_ps(o0, _mm256_loadu_ps(cr));
+        o1 = _mm256_add_ps(o1, _mm256_loadu_ps(cr + 8));
+      }
+      _mm256_storeu_ps(cr, o0);
+      _mm256_storeu_ps(cr + 8, o1);
+    }
+    return;
+  }
+  const __m256i m0 = lanes_below(w), m1 = lanes_below(w - 8);
+  // Unrolled like every loop over acc: one indexed by a run-time r would keep the accumulators in memory.
+#pragma GCC unroll 6
+  for (int r = 0; r < R; ++r) {
+    float* cr = c + r * ldc;
+    __m256 o0 = _mm256_mul_ps(acc[r][0], al), o1 = _mm256_mul_ps(acc[r][1], al);
+    if (add) {
+      o0 = _mm256_add_ps(o0, _mm256_maskload_ps(cr, m0));
+      o1 = _mm256_add_ps(o1, _mm256_maskload_ps(cr + 8, m1));
+    }
+    _mm256_maskstore_ps(cr, m0, o0);
+    _mm256_maskstore_ps(cr + 8, m1, o1);
+  }
+}
+
+template <bool ATrans>
+using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, float, bool, int64_t);
+
+template <bool ATrans>
+constexpr MicroKernel<ATrans> kKernels[kMr + 1] = {nullptr,
+                                                   micro_kernel<1, ATrans>,
+                                                   micro_kernel<2, ATrans>,
+                                                   micro_kernel<3, ATrans>,
+                                                   micro_kernel<4, ATrans>,
+                                                   micro_kernel<5, ATrans>,
+                                                   micro_kernel<6, ATrans>};
+
+template <bool ATrans>
+VITKERN_AVX2_TARGET void blocked(bool b_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                                 int64_t lda, const float* b, int64_t ldb, bool add_c, float* c, int64_t ldc) {
+  thread_local std::vector<float> packed;
+  packed.resize(kKc * kNc);
+  for (int64_t j0 = 0; j0 < n; j0 += kNc) {
+    const int64_t nc = std::min(kNc, n - j0);
+    for (int64_t k0 = 0; k0 < k; k0 += kKc) {
+      const int64_t kc = std::min(kKc, k - k0);
+      pack_b(b_trans, b, ldb, k0, kc, j0, nc, packed.data());
+      const bool add = add_c || k0 > 0;
+      for (int64_t i0 = 0; i0 < m; i0 += kMr) {
+        const int64_t rows = std::min<int64_t>(kMr, m - i0);
+        const float* ap = ATrans ? a + k0 * lda + i0 : a + i0 * lda + k0;
+        const MicroKernel<ATrans> kernel = kKernels<ATrans>[rows];
+        for (int64_t jp = 0; jp < nc; jp += kNr)
+          kernel(kc, ap, lda, packed.data() + (jp / kNr) * kc * kNr, c + i0 * ldc + j0 + jp, ldc, alpha, add,
+                 std::min<int64_t>(kNr, nc - jp));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void sgemm_avx2(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (beta != 0.0f && beta != 1.0f)
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] *= beta;
+  if (k <= 0) {
+    if (beta == 0.0f)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  const bool add_c = beta != 0.0f;
+  if (a_trans) return blocked<true>(b_trans, m, n, k, alpha, a, lda, b, ldb, add_c, c, ldc);
+  blocked<false>(b_trans, m, n, k, alpha, a, lda, b, ldb, add_c, c, ldc);
+}
+
+}  // namespace vitkern_cpu

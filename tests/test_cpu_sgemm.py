@@ -1,0 +1,81 @@
+"""The CPU kernel's two float32 GEMMs under the fp32 path (csrc/cpu_features.h: VITKERN_CPU_SGEMM=blas|avx2):
+each one that runs here against float64 math, forward and backward, at sizes and head dims that are not multiples
+of its 6×16 register block or its 256-deep k slices, with masks, causal and varlen; the one that cannot run is
+skipped with the kernel's reason, and a bad setting is an error naming the variable."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vitkern
+from cpu_path_cases import check_masked_and_causal, check_varlen, ref, sdpa
+from contract import check_against_truth, qkv, rand
+
+pytestmark = pytest.mark.skipif(not vitkern.backends.get("cpu").available(), reason="the C++ extension is not built")
+
+NAMES = {"blas": "fp32_blas", "avx2": "fp32_avx2"}
+
+
+def chosen_float32():
+    return json.loads(torch.ops.vitkern_cpu.cpu_features())["chosen"]["float32"]
+
+
+@pytest.fixture(params=list(NAMES))
+def gemm(request, monkeypatch):
+    monkeypatch.setenv("VITKERN_CPU_SGEMM", request.param)
+    chosen = chosen_float32()
+    if chosen != NAMES[request.param]:
+        assert chosen.startswith("error: ") and "cannot run here" in chosen, chosen
+        pytest.skip(f"VITKERN_CPU_SGEMM={request.param} cannot run on this machine: {chosen}")
+    return request.param
+
+
+
+def test_default_is_the_blas_where_libtorch_has_one(monkeypatch):
+    """In-kernel the two GEMMs measured the same (benchmarks/NOTES.md), so the BLAS stays the default."""
+    monkeypatch.delenv("VITKERN_CPU_SGEMM", raising=False)
+    config = torch.__config__.show()
+    if "BLAS_INFO=mkl" not in config and "BLAS_INFO=open" not in config:
+        pytest.skip("this torch was built without MKL or OpenBLAS: the default is then fp32_avx2 where it runs")
+    assert chosen_float32() == "fp32_blas"
+
+
+def test_bad_setting_is_an_error(monkeypatch):
+    monkeypatch.setenv("VITKERN_CPU_SGEMM", "mkl")
+    q, k, v = qkv(1, 1, 4, 4, 8)
+    with pytest.raises(RuntimeError, match="VITKERN_CPU_SGEMM: expected blas or avx2, got 'mkl'"):
+        sdpa(q, k, v)
+
+
+# (n, d, dv): rows 1 and 7 (under one 6-row block), 197 and 785 (ragged blocks, and 785-key P·V products deeper
+# than one 256-deep k slice, 785-wide score tiles wider than one 256-column block); head dims 8 (a half vector),
+# 80 and 96 (ragged 16-column panels), 256, and 13/7 (a k depth under one 8×8 transpose block).
+@pytest.mark.parametrize("n,d,dv", [(1, 64, 64), (7, 8, 8), (197, 64, 64), (197, 80, 96), (785, 96, 80),
+                                    (65, 256, 256), (50, 13, 7)])
+def test_dense_against_float64(gemm, n, d, dv):
+    q, k, v = qkv(2, 3, n, n, d, dv=dv, grad=True, seed=n + d)
+    check_against_truth(sdpa, (q, k, v), ref, f"{gemm} n={n} d={d} dv={dv}")
+
+
+def test_cross_attention_shapes(gemm):
+    q, k, v = qkv(1, 2, 300, 61, 64, dv=40, grad=True, seed=4)
+    check_against_truth(sdpa, (q, k, v), ref, f"{gemm} 300x61")
+
+
+@pytest.mark.parametrize("kind", ["bool", "float", "causal"])
+def test_masked_and_causal(gemm, kind):
+    check_masked_and_causal(kind, torch.float32, gemm)
+
+
+@pytest.mark.parametrize("lengths", [[1, 7, 197], [785, 64, 5]])
+def test_varlen(gemm, lengths):
+    check_varlen(lengths, torch.float32, gemm)
+
+
+def test_non_contiguous_inputs(gemm):
+    """Row strides that are not the head dim (a [B, N, H, D] view), which the GEMM reads in place."""
+    gen = torch.Generator().manual_seed(9)
+    q, k, v = (rand(2, 197, 3, 64, gen=gen).transpose(1, 2).requires_grad_() for _ in range(3))
+    check_against_truth(sdpa, (q, k, v), ref, f"{gemm} strided")
