@@ -25,16 +25,21 @@ TIMM_MODELS = {
 @pytest.fixture
 def vitkern_calls(monkeypatch):
     """Counts the forward calls that reach a vitkern backend (backend selection is cached per call signature, so
-    the backends' own forward is what every call reaches)."""
+    the backends' own entry points are what every call reaches: forward, and where a backend has them,
+    forward_with_grad and varlen_forward)."""
     calls = []
     for name in vitkern.backends.known_backends():
         be = vitkern.backends.get(name)
+        for entry in ("forward", "forward_with_grad", "varlen_forward"):
+            original = getattr(be, entry)
+            if original is None:
+                continue
 
-        def spy(*args, _name=name, _original=be.forward, **kwargs):
-            calls.append(_name)
-            return _original(*args, **kwargs)
+            def spy(*args, _name=name, _original=original, **kwargs):
+                calls.append(_name)
+                return _original(*args, **kwargs)
 
-        monkeypatch.setattr(be, "forward", spy)
+            monkeypatch.setattr(be, entry, spy)
     return calls
 
 

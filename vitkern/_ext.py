@@ -17,8 +17,11 @@ elif importlib.util.find_spec(f"{__package__}._C") is None:
     HAS_C, LOAD_ERROR = False, "vitkern._C was not built"
 else:
     try:
-        from . import _C  # noqa: F401  (importing it registers the torch.ops.vitkern_cpu ops)
+        from . import _C  # importing it registers the torch.ops.vitkern_cpu ops
         HAS_C, LOAD_ERROR = True, ""
+        # The same kernels without the dispatcher, for callers already below it (backends/cpu.py).
+        flash_fwd, flash_bwd, flash_attention_autograd = _C.flash_fwd, _C.flash_bwd, _C.flash_attention_autograd
+        flash_varlen_fwd = _C.flash_varlen_fwd
     except ImportError as e:  # built against another torch, say
         HAS_C, LOAD_ERROR = False, str(e)
 if not HAS_C:

@@ -203,6 +203,13 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     scale, name, zero_dims = plan
     if cu_seqlens_k is None:
         cu_seqlens_k = cu_seqlens_q
+    if call is eager_attention and not zero_dims and not (torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)) and q.shape[0] and k.shape[0]:
+        packed = backends.get(name).varlen_forward  # views made by the backend (a tiny call's microseconds)
+        if packed is not None:
+            out, lse = packed(q, k, v, cu_seqlens_q, cu_seqlens_k, _seed(dropout_p), scale, is_causal,
+                              float(dropout_p))
+            return (out, lse) if return_lse else out
     # [T, H, D] viewed as [1, H, T, D]: the kernels see one batch whose blocks cu_seqlens delimits.
     q4, k4, v4 = q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2)
     if zero_dims:

@@ -136,20 +136,38 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("vitkern::attention_fwd", _backward, setup_context=_setup_context, lib=_LIB)
 
 
+def _fwd_eager(q, k, v, mask, cu_q, cu_k, seed, max_q, max_k, scale, is_causal, dropout_p, backend):
+    """_fwd_impl for an untraced call: the backend itself unless autocast or an empty size needs _fwd_impl's
+    handling (a tiny call's microseconds are these layers)."""
+    if torch._C._is_any_autocast_enabled() or _degenerate(q, k):
+        return _fwd_impl(q, k, v, mask, cu_q, cu_k, seed, max_q, max_k, scale, is_causal, dropout_p, backend)
+    return backends.get(backend).forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p)
+
+
+def _bwd_eager(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, max_q, max_k, scale, is_causal, dropout_p,
+               mask_grad, backend):
+    """_bwd_impl for an untraced call, as _fwd_eager."""
+    if torch._C._is_any_autocast_enabled() or _degenerate(q, k):
+        return _bwd_impl(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, max_q, max_k, scale, is_causal,
+                         dropout_p, mask_grad, backend)
+    return backends.get(backend).backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale,
+                                          is_causal, dropout_p, mask_grad)
+
+
 class _Attention(torch.autograd.Function):
     """The eager path's autograd boundary: the same formula as the op's registered autograd, without the
     custom-op machinery around it."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        out, lse = _fwd_impl(*inputs)
+        out, lse = _fwd_eager(*inputs)
         _setup_context(ctx, inputs, (out, lse))
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _grads(ctx, dout, _bwd_impl)
+        return _grads(ctx, dout, _bwd_eager)
 
 
 # ------------------------------------------------------------------------------------------ autocast
@@ -207,7 +225,12 @@ def eager_attention(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_
     """``attention`` for a call known not to be traced (the public functions' cached plans)."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (mask is not None and mask.requires_grad)):
+        fused = backends.get(backend).forward_with_grad
+        if fused is not None and not torch._C._is_any_autocast_enabled() and not _degenerate(q, k):
+            mask_grad = mask is not None and mask.requires_grad and mask.is_floating_point()
+            return fused(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale,
+                         is_causal, dropout_p, mask_grad)
         return _Attention.apply(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale,
                                 is_causal, dropout_p, backend)
-    return _fwd_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, is_causal,
-                     dropout_p, backend)
+    return _fwd_eager(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale, is_causal,
+                      dropout_p, backend)

@@ -30,9 +30,10 @@ def known_backends() -> list[str]:
 
 
 def get(name: str) -> Backend:
-    if not isinstance(name, str) or name not in _REGISTRY:
+    be = _REGISTRY.get(name) if type(name) is str else None
+    if be is None:
         raise VitkernValueError(f"backend: expected one of {sorted(_REGISTRY)} or None, got {name!r}")
-    return _REGISTRY[name]
+    return be
 
 
 def available_backends() -> list[str]:

@@ -54,3 +54,11 @@ class Backend:
     def backward(self, dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                  dropout_p, mask_grad):
         raise NotImplementedError
+
+    # Optional: forward with the autograd node built by the backend itself (same arguments as forward, plus
+    # mask_grad; returns (out, lse), out differentiable). The eager path uses it instead of ops._Attention,
+    # the Python boundary, when a backend has one.
+    forward_with_grad = None
+    # Optional: the varlen forward on packed [T, H, D] tensors without autograd:
+    # (q, k, v, cu_q, cu_k, seed, scale, is_causal, dropout_p) -> (out [T, H, Dv], lse [H, T]).
+    varlen_forward = None

@@ -32,16 +32,29 @@ class CpuBackend(Backend):
             return f"head dims up to {MAX_HEAD_DIM}, got D={q.shape[-1]}, Dv={v.shape[-1]}"
         return None
 
+    # Called below the dispatcher (the vitkern::attention ops' CPU kernels and the eager autograd.Function), so
+    # the kernels are called through their direct bindings: torch.ops would parse the schema and dispatch again,
+    # about 4 µs of a tiny call (csrc/module.cpp).
     def forward(self, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p):
-        return torch.ops.vitkern_cpu.flash_fwd(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p,
-                                               int(seed.item()) if seed is not None else 0)
+        return _ext.flash_fwd(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p,
+                              int(seed.item()) if seed is not None else 0)
 
     def backward(self, dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                  dropout_p, mask_grad):
-        dq, dk, dv, dmask = torch.ops.vitkern_cpu.flash_bwd(
+        dq, dk, dv, dmask = _ext.flash_bwd(
             dout, q, k, v, out, lse, mask, cu_q, cu_k, scale, is_causal, dropout_p,
             int(seed.item()) if seed is not None else 0, mask_grad)
         return dq, dk, dv, dmask
+
+    def varlen_forward(self, q, k, v, cu_q, cu_k, seed, scale, is_causal, dropout_p):
+        return _ext.flash_varlen_fwd(q, k, v, cu_q, cu_k, scale, is_causal, dropout_p,
+                                     int(seed.item()) if seed is not None else 0)
+
+    def forward_with_grad(self, q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
+                          mask_grad):
+        # A C++ autograd node (csrc/cpu_attn_autograd.cpp): the backward never enters Python.
+        return _ext.flash_attention_autograd(q, k, v, mask, cu_q, cu_k, scale, is_causal, dropout_p,
+                                             int(seed.item()) if seed is not None else 0, mask_grad)
 
 
 register(CpuBackend())
