@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from cct import CCT  # noqa: E402
 from navit import NaViT  # noqa: E402
 from pit import PiT  # noqa: E402
+from train import MODELS as TRAIN_MODELS  # noqa: E402
 from vit import ViT  # noqa: E402
 
 import vitkern  # noqa: E402
@@ -68,6 +69,10 @@ def cells(device: str, quick: bool) -> list[dict]:
                                     mlp_ratio=4, max_tokens=1024, backend=be),
              batch=lambda: _navit_images(b(24, 256), (4, 8, 12, 16), 8), packed=True),
     ]
+    # The CCT examples/train.py trains (8x8 digits: 64 tokens, 4 heads of 16), at its batch size.
+    out.append(dict(name="CCT of examples/train.py (8x8 digits, 64 tokens)", tokens="64",
+                    model=lambda be: TRAIN_MODELS["cct"](be),
+                    batch=lambda: torch.randn(b(64, 256), 1, 8, 8)))
     try:
         import timm  # noqa: F401
         # ViT-Ti at batch 8 is issue 12's per-call-overhead cell: 3 heads of 64, so attention is a small share

@@ -164,8 +164,9 @@ def _peer_name(c: dict, bold: bool = True) -> str:
 
 def _yardsticks(cfg: dict, unit: str, scale: float) -> str:
     rates = cfg.get("matmul_rates") or {cfg["dtype"]: cfg["options"]["matmul_rate"]}
+    both = " (each the higher of a sample before the cells and one after)" if cfg.get("matmul_rates_start_end") else ""
     return ("Square matmul in this run (the yardsticks): "
-            + ", ".join(f"{name} {_num(r / 1e12 * scale)} {unit}" for name, r in rates.items()) + ".")
+            + ", ".join(f"{name} {_num(r / 1e12 * scale)} {unit}" for name, r in rates.items()) + both + ".")
 
 
 def _budget(cfg: dict) -> str:
