@@ -1,9 +1,11 @@
 """The op layer: vitkern::attention_fwd / vitkern::attention_bwd, and the call the public API makes.
 
-Two paths reach the same implementation functions (``_fwd_impl`` / ``_bwd_impl``, which call a backend):
-- eager (plain tensors, not tracing): ``attention`` calls ``_fwd_impl`` directly, or through ``_Attention``, a
-  plain torch.autograd.Function, when a gradient is needed. No dispatcher round trip, no custom-op wrapper, and
-  nothing imports torch._dynamo (torch.library.custom_op's kernels are wrapped in a dynamo-disable).
+Two paths reach the same backend functions (``_fwd_impl`` / ``_bwd_impl`` call a backend):
+- eager (plain tensors, not tracing): ``eager_attention`` calls the backend's forward directly (``_fwd_impl``
+  when autocast or an empty size needs it) or, when a gradient is needed, the backend's own autograd node
+  (``forward_with_grad``: the cpu backend's is C++) or ``_Attention``, a plain torch.autograd.Function. No
+  dispatcher round trip, no custom-op wrapper, and nothing imports torch._dynamo (torch.library.custom_op's
+  kernels are wrapped in a dynamo-disable).
 - traced (torch.compile, torch.export, FakeTensor / dispatch modes): ``attention`` calls the op
   ``torch.ops.vitkern.attention_fwd``, defined with torch.library.define: its CPU/CUDA kernels are the impl
   functions, it has a fake impl, a registered autograd formula whose backward calls ``attention_bwd``, and an
