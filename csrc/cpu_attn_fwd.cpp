@@ -17,6 +17,7 @@
 #include "cpu_blas.h"
 #include "cpu_dropout.h"
 #include "cpu_features.h"
+#include "cpu_lowp_softmax.h"
 #include "cpu_softmax_math.h"
 #include "cpu_tile_products.h"
 
@@ -57,7 +58,15 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
     if (code == kTileSkip) continue;
     // Some pair of this tile lies above the diagonal when its last key is past the first query's reach.
     const bool causal_cut = p.causal && j0 + nb - 1 > w.q0 + w.causal_shift;
-    prod.scores(w, hk, j0, nb, s_buf, ld);
+    // The bf16 paths take raw dot products and fold the scale into the exp's FMA: max(scale·s) = scale·max(s)
+    // for scale > 0 (rounding is monotone). An additive mask needs scaled scores, dropout a float32 P row.
+    bool raw = false;
+    if constexpr (Products::kLowp) {
+      raw = p.scale > 0 && !a.dropout.active && !(code == kTilePartial && a.mask.kind == MaskView::kFloat);
+      prod.scores(w, hk, j0, nb, s_buf, ld, /*scaled=*/!raw);
+    } else {
+      prod.scores(w, hk, j0, nb, s_buf, ld);
+    }
     for (int64_t r = 0; r < mq; ++r) {
       T* s = s_buf + r * ld;
       const int64_t i = w.q0 + r;
@@ -66,20 +75,36 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
         const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
         fill_row(s + allowed, nb - allowed, ninf);
       }
-      const T m_new = std::max(m_buf[r], row_max(s, nb));  // row_max skips NaN scores; the sum below keeps them
+      // row_max skips NaN scores; the sum below keeps them.
+      const T m_new = std::max(m_buf[r], raw ? T(p.scale) * row_max(s, nb) : row_max(s, nb));
       if (m_new == ninf) {  // nothing taken part in this row so far, unless a score is NaN
         if (has_nan(s, nb)) l_buf[r] = std::numeric_limits<T>::quiet_NaN();  // stays NaN: l * alpha + sum
-        fill_row(s, nb, T(0));
+        if constexpr (Products::kLowp) fill_row(prod.p_row(r), prod.p_ld, bf16(0.0f));
+        else fill_row(s, nb, T(0));
         continue;
       }
       const T alpha = exp_poly(m_buf[r] - m_new);  // 0 when the row had no key yet
-      const T sum = exp_shift_sum(s, nb, m_new);
+      T sum;
+      if constexpr (Products::kLowp) {
+        if (a.dropout.active) {
+          sum = exp_shift_sum(s, nb, m_new);
+          a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
+          round_row_bf16(s, nb, prod.p_ld, prod.p_row(r));
+        } else {
+          constexpr float kLog2e = 1.44269504088896341f;
+          sum = exp2_row_to_bf16(s, nb, prod.p_ld, raw ? float(p.scale) * kLog2e : kLog2e, m_new * kLog2e,
+                                 prod.p_row(r));
+        }
+      } else {
+        sum = exp_shift_sum(s, nb, m_new);
+        if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
+      }
       l_buf[r] = l_buf[r] * alpha + sum;
       m_buf[r] = m_new;
       if (o_live && alpha != T(1)) scale_row(o_buf + r * ldo, dv, alpha);
-      if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
     }
-    prod.accumulate(w, hk, j0, nb, s_buf, ld, o_buf, o_live);
+    if constexpr (Products::kLowp) prod.accumulate_p(w, hk, j0, o_buf, o_live);
+    else prod.accumulate(w, hk, j0, nb, s_buf, ld, o_buf, o_live);
     o_live = true;
   }
   if (!o_live) fill_row(o_buf, mq * ldo, T(0));  // no key tile at all: rows are empty
@@ -92,8 +117,7 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
     T* acc = o_buf + r * ldo;
     if constexpr (std::is_same_v<T, float>) {
       if (a.out_bf16.data) {
-        scale_row(acc, dv, inv);
-        round_row_bf16(acc, dv, dv, a.out_bf16.row(w.b, w.h, w.q0 + r));
+        round_row_bf16(acc, dv, dv, a.out_bf16.row(w.b, w.h, w.q0 + r), inv);
         continue;
       }
     }

@@ -18,6 +18,12 @@ struct CpuFeatures {
 // Detected once per process (the AMX permission request is made then).
 const CpuFeatures& cpu_features();
 
+// For the per-row dispatch of the bf16 paths' vector loops: a load, not a call, after the first use.
+inline bool cpu_has_avx512_bf16() {
+  static const bool has = cpu_features().avx512_bf16;
+  return has;
+}
+
 // How a dtype's tile products run.
 //   kFp32Blas   operands converted to float32, products through the BLAS (MKL sgemm): the fallback, every CPU;
 //   kAvx512Bf16 bf16 operands, vdpbf16ps register-blocked micro-kernels with fp32 accumulation;

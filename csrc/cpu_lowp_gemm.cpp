@@ -5,6 +5,7 @@
 
 #include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
@@ -38,7 +39,9 @@ bool brgemm_available() {
 #endif
 }
 
-void pack_vnni_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst) {
+namespace {
+
+void pack_vnni_transposed_scalar(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst) {
   // A pair of consecutive k of one row of src is one 32-bit word: the packing is a transpose of 32-bit words,
   // [N][K/2] -> [K/2][Np].
   const int64_t np = round_up(N, 16), pairs = (K + 1) / 2;
@@ -59,7 +62,7 @@ void pack_vnni_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t N,
   for (int64_t p = 0; p < pairs; ++p) std::memset(d + p * np + N, 0, (np - N) * 4);
 }
 
-void pack_vnni(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst) {
+void pack_vnni_scalar(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst) {
   const int64_t np = round_up(N, 16), kp = round_up(K, kp_multiple);
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
@@ -73,6 +76,94 @@ void pack_vnni(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp
     for (int64_t n = 0; n < N; ++n) out[2 * n] = in[n];
     for (int64_t n = N; n < np; ++n) out[2 * n] = 0;
   }
+}
+
+}  // namespace
+
+#if defined(VITKERN_LOWP_KERNELS)
+namespace {
+
+// In-register transpose of a 16 x 16 block of 32-bit words: r[i] holds row i on entry, column i on return.
+// Three stages: 32-bit and 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
+VITKERN_BF16_TARGET inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  // u[4i + c], lane L: column 4L + c of rows 4i .. 4i + 3.
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44),
+                  w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
+inline __mmask16 first16(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
+inline __mmask32 first32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1; }
+
+// Even K: blocks of 16 rows x 16 k-pairs, transposed in registers; rows past N load as zero (the padding).
+VITKERN_BF16_TARGET void pack_vnni_transposed_avx512(const bf16* src, int64_t ld_src, int64_t K, int64_t N,
+                                                     bf16* dst) {
+  const int64_t np = round_up(N, 16), pairs = K / 2;
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
+  __m512i r[16];
+  for (int64_t n0 = 0; n0 < np; n0 += 16)
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      const __mmask16 cols = first16(pairs - p0);
+      for (int i = 0; i < 16; ++i)
+        r[i] = n0 + i < N ? _mm512_maskz_loadu_epi32(cols, src + (n0 + i) * ld_src + 2 * p0) : _mm512_setzero_si512();
+      transpose16x16_epi32(r);
+      for (int64_t c = 0; c < std::min<int64_t>(16, pairs - p0); ++c)
+        _mm512_storeu_si512(reinterpret_cast<void*>(d + (p0 + c) * np + n0), r[c]);
+    }
+}
+
+// Row pairs (2p, 2p + 1) interleaved element by element, 32 columns per step; missing rows and columns are 0.
+VITKERN_BF16_TARGET void pack_vnni_avx512(const bf16* src, int64_t ld_src, int64_t K, int64_t N,
+                                          int64_t kp_multiple, bf16* dst) {
+  const int64_t np = round_up(N, 16), kp = round_up(K, kp_multiple);
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t k = 0; k < kp; k += 2) {
+    bf16* out = dst + k * np;  // pair k / 2 starts at (k / 2) * np * 2
+    for (int64_t n0 = 0; n0 < np; n0 += 32) {
+      const __mmask32 live = first32(N - n0 > 0 ? N - n0 : 0);
+      const __m512i a = k < K ? _mm512_maskz_loadu_epi16(live, src + k * ld_src + n0) : _mm512_setzero_si512();
+      const __m512i b = k + 1 < K ? _mm512_maskz_loadu_epi16(live, src + (k + 1) * ld_src + n0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(reinterpret_cast<void*>(out + 2 * n0), _mm512_permutex2var_epi16(a, lo, b));
+      if (n0 + 16 < np)
+        _mm512_storeu_si512(reinterpret_cast<void*>(out + 2 * n0 + 32), _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+void pack_vnni_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst) {
+#if defined(VITKERN_LOWP_KERNELS)
+  if (K % 2 == 0 && cpu_has_avx512_bf16()) return pack_vnni_transposed_avx512(src, ld_src, K, N, dst);
+#endif
+  pack_vnni_transposed_scalar(src, ld_src, K, N, dst);
+}
+
+void pack_vnni(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst) {
+#if defined(VITKERN_LOWP_KERNELS)
+  if (cpu_has_avx512_bf16()) return pack_vnni_avx512(src, ld_src, K, N, kp_multiple, dst);
+#endif
+  pack_vnni_scalar(src, ld_src, K, N, kp_multiple, dst);
 }
 
 #if defined(VITKERN_LOWP_KERNELS)
@@ -133,17 +224,19 @@ VITKERN_BF16_TARGET void gemm_avx512_bf16(int64_t M, int64_t np, int64_t kp, con
   }
 }
 
-VITKERN_BF16_TARGET void round_row_avx512(const float* src, int64_t n, int64_t n_padded, bf16* dst) {
+VITKERN_BF16_TARGET void round_row_avx512(const float* src, int64_t n, int64_t n_padded, bf16* dst, float factor) {
+  const __m512 f = _mm512_set1_ps(factor);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i));
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_mul_ps(_mm512_loadu_ps(src + i + 16), f),
+                                            _mm512_mul_ps(_mm512_loadu_ps(src + i), f));
     _mm512_storeu_si512(reinterpret_cast<void*>(dst + i), (__m512i)v);
   }
   for (; i < n_padded; i += 16) {
     const int64_t live = std::max<int64_t>(0, std::min<int64_t>(16, n - i));
     const int64_t width = std::min<int64_t>(16, n_padded - i);
     const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << live) - 1), src + i);
-    const __m256bh h = _mm512_cvtneps_pbh(x);
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(x, f));
     _mm256_mask_storeu_epi16(reinterpret_cast<void*>(dst + i), static_cast<__mmask16>((1u << width) - 1),
                              (__m256i)h);
   }
@@ -152,11 +245,11 @@ VITKERN_BF16_TARGET void round_row_avx512(const float* src, int64_t n, int64_t n
 }  // namespace
 #endif
 
-void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst) {
+void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst, float factor) {
 #if defined(VITKERN_LOWP_KERNELS)
-  if (cpu_features().avx512_bf16) return round_row_avx512(src, n, n_padded, dst);
+  if (cpu_has_avx512_bf16()) return round_row_avx512(src, n, n_padded, dst, factor);
 #endif
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16(src[i]);  // c10 rounds to nearest even, keeps NaN
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16(src[i] * factor);  // c10 rounds to nearest even, keeps NaN
   for (int64_t i = n; i < n_padded; ++i) dst[i] = bf16(0.0f);
 }
 

@@ -35,7 +35,8 @@ void lowp_gemm(TilePath path, int64_t M, int64_t Np, int64_t Kp, const bf16* a, 
 // Ends the thread's use of the AMX tile state (oneDNN keeps the tile configuration loaded between calls).
 void lowp_release(TilePath path);
 
-// Rounds n floats to bf16 (nearest even; NaN stays NaN) and zeroes dst[n, n_padded).
-void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst);
+// Rounds n floats times factor to bf16 (one float product, then nearest even; NaN stays NaN) and zeroes
+// dst[n, n_padded).
+void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst, float factor = 1.0f);
 
 }  // namespace vitkern_cpu

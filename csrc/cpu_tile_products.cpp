@@ -8,39 +8,33 @@
 namespace vitkern_cpu {
 
 namespace {
-// P·V's reduction runs over keys; padding them to a multiple of 32 gives whole AMX tiles (32 bf16 per row).
-constexpr int64_t kKeyPad = 32;
+// What the reduction length of a product over keys or queries (P·V, dQ, dK, dV) is padded to: whole AMX tiles
+// (32 bf16 per row) there, whole k-pairs for vdpbf16ps (padding to 32 cost up to 14% more products at N = 197).
+int64_t reduction_pad(TilePath path) { return path == TilePath::kAmxBf16 ? 32 : 2; }
 }  // namespace
 
 LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
                            const Problem& p, Tiles t, TilePath path_)
     : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), Dp(round_up(p.D, 2)), Dvp(round_up(p.Dv, 16)),
-      scale(float(p.scale)), path(path_) {
-  int exponent = 0;
-  prescale = std::frexp(scale, &exponent) == 0.5f;
-  const int64_t bnp = round_up(t.bn, kKeyPad);
-  if (Dp != D || prescale) q_pad.resize(t.bm * Dp);
+      scale(float(p.scale)), path(path_), kpad(reduction_pad(path_)) {
+  if (Dp != D) q_pad.resize(t.bm * Dp);
   k_tile = Dp * round_up(t.bn, 16);
-  v_tile = bnp * Dvp;
+  v_tile = round_up(t.bn, kpad) * Dvp;
   bn = t.bn;
-  p_lowp.resize(t.bm * bnp);
+  p_lowp.resize(t.bm * round_up(t.bn, kpad));
 }
 
 void LowpProducts::start(const QueryTile& w) {
   const bf16* src = q.row(w.b, w.h, w.q0);
-  if (Dp == D && !prescale) {  // even head dim: Q rows are read in place
+  if (Dp == D) {  // even head dim: Q rows are read in place
     qa = src;
     lda = q.sn;
     return;
   }
-  // A copy: scaled when the scale is exact in bf16 (D = 16, 64, 256: no scaling pass over the scores), and a
-  // zero column completing the last k-pair when D is odd.
-  const float f = prescale ? scale : 1.0f;
+  // Odd head dim: a copy with a zero column completing the last k-pair.
   for (int64_t r = 0; r < w.q1 - w.q0; ++r) {
-    const bf16* in = src + r * q.sn;
-    bf16* out = q_pad.data() + r * Dp;
-    for (int64_t c = 0; c < D; ++c) out[c] = bf16(float(in[c]) * f);
-    if (Dp != D) out[D] = bf16(0.0f);
+    std::memcpy(q_pad.data() + r * Dp, src + r * q.sn, D * sizeof(bf16));
+    q_pad[r * Dp + D] = bf16(0.0f);
   }
   qa = q_pad.data();
   lda = Dp;
@@ -54,16 +48,18 @@ void LowpProducts::pack_keys(const QueryTile& w, int64_t hk) {
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t j0 = w.k_lo + t * bn, nb = std::min(bn, w.k_hi - j0);
     pack_vnni_transposed(k.row(w.b, hk, j0), k.sn, D, nb, k_pack.data() + t * k_tile);
-    pack_vnni(v.row(w.b, hk, j0), v.sn, nb, Dv, kKeyPad, v_pack.data() + t * v_tile);
+    pack_vnni(v.row(w.b, hk, j0), v.sn, nb, Dv, kpad, v_pack.data() + t * v_tile);
   }
   packed_b = w.b, packed_hk = hk, packed_lo = w.k_lo, packed_hi = w.k_hi;
 }
 
-void LowpProducts::scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld) {
-  const int64_t mq = w.q1 - w.q0, nbp = round_up(nb, 16);
+void LowpProducts::scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld,
+                          bool scaled) {
+  const int64_t mq = w.q1 - w.q0;
   pack_keys(w, hk);
-  lowp_gemm(path, mq, nbp, Dp, qa, lda, k_pack.data() + (j0 - w.k_lo) / bn * k_tile, s, ld, false);
-  if (prescale) return;
+  p_ld = round_up(nb, kpad);
+  lowp_gemm(path, mq, round_up(nb, 16), Dp, qa, lda, k_pack.data() + (j0 - w.k_lo) / bn * k_tile, s, ld, false);
+  if (!scaled) return;
   for (int64_t r = 0; r < mq; ++r) {
     float* row = s + r * ld;
 #pragma omp simd
@@ -71,11 +67,9 @@ void LowpProducts::scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb
   }
 }
 
-void LowpProducts::accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const float* s, int64_t ld,
-                              float* o, bool add) {
-  const int64_t mq = w.q1 - w.q0, nbk = round_up(nb, kKeyPad);
-  for (int64_t r = 0; r < mq; ++r) round_row_bf16(s + r * ld, nb, nbk, p_lowp.data() + r * nbk);
-  lowp_gemm(path, mq, Dvp, nbk, p_lowp.data(), nbk, v_pack.data() + (j0 - w.k_lo) / bn * v_tile, o, Dvp, add);
+void LowpProducts::accumulate_p(const QueryTile& w, int64_t, int64_t j0, float* o, bool add) {
+  lowp_gemm(path, w.q1 - w.q0, Dvp, p_ld, p_lowp.data(), p_ld, v_pack.data() + (j0 - w.k_lo) / bn * v_tile, o,
+            Dvp, add);
 }
 
 }  // namespace vitkern_cpu
@@ -120,8 +114,8 @@ LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const
                                            const Problem& p, Tiles t, TilePath path_)
     : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), Dp(round_up(p.D, 2)),
       Dvp(round_up(p.Dv, 2)), Dk16(round_up(p.D, 16)), Dv16(round_up(p.Dv, 16)), scale(float(p.scale)),
-      path(path_) {
-  const int64_t bn16 = round_up(t.bn, 16), bnk = round_up(t.bn, kKeyPad), bmk = round_up(t.bm, kKeyPad);
+      path(path_), kpad(reduction_pad(path_)) {
+  const int64_t bn16 = round_up(t.bn, 16), bnk = round_up(t.bn, kpad), bmk = round_up(t.bm, kpad);
   kt_pack.resize(Dp * bn16);
   vt_pack.resize(Dvp * bn16);
   k_pack.resize(bnk * Dk16);
@@ -140,7 +134,7 @@ void LowpBackwardProducts::start_keys(const KeyRange& w, int64_t j0, int64_t nb)
   const bf16* kr = k.row(w.b, w.hk, j0);
   pack_vnni_transposed(kr, k.sn, D, nb, kt_pack.data());
   pack_vnni_transposed(v.row(w.b, w.hk, j0), v.sn, Dv, nb, vt_pack.data());
-  pack_vnni(kr, k.sn, nb, D, kKeyPad, k_pack.data());
+  pack_vnni(kr, k.sn, nb, D, kpad, k_pack.data());
   std::fill(dk_acc.begin(), dk_acc.begin() + nb * Dk16, 0.0f);
   std::fill(dv_acc.begin(), dv_acc.begin() + nb * Dv16, 0.0f);
 }
@@ -150,9 +144,9 @@ void LowpBackwardProducts::start_queries(const KeyRange& w, int64_t h, int64_t i
   const bf16* dor = dout.row(w.b, h, i0);
   qa = even_rows(qr, q.sn, mq, D, q_pad, &lda_q);
   doa = even_rows(dor, dout.sn, mq, Dv, do_pad, &lda_do);
-  pack_vnni(qr, q.sn, mq, D, kKeyPad, q_pack.data());
-  pack_vnni(dor, dout.sn, mq, Dv, kKeyPad, do_pack.data());
-  mqk = round_up(mq, kKeyPad);
+  pack_vnni(qr, q.sn, mq, D, kpad, q_pack.data());
+  pack_vnni(dor, dout.sn, mq, Dv, kpad, do_pack.data());
+  mqk = round_up(mq, kpad);
 }
 
 void LowpBackwardProducts::scores(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb, float* s,
@@ -173,7 +167,7 @@ void LowpBackwardProducts::dprobs(const KeyRange&, int64_t, int64_t, int64_t mq,
 // acc[nb, np] += round(x[mq, nb])ᵀ · B, with B a query-side operand packed for mqk rows (dO for dV, Q for dK).
 void LowpBackwardProducts::add_transposed(const float* x, int64_t ld, int64_t mq, int64_t nb, const bf16* b,
                                           int64_t np, float* acc) {
-  const int64_t nbk = round_up(nb, kKeyPad);
+  const int64_t nbk = round_up(nb, kpad);
   for (int64_t r = 0; r < mq; ++r) round_row_bf16(x + r * ld, nb, nbk, lowp_a.data() + r * nbk);
   transpose_bf16(lowp_a.data(), nbk, mq, nb, lowp_t.data(), mqk);
   lowp_gemm(path, nb, np, mqk, lowp_t.data(), mqk, b, acc, np, true);
@@ -191,7 +185,7 @@ void LowpBackwardProducts::add_dk(const KeyRange&, int64_t, int64_t, int64_t mq,
 
 void LowpBackwardProducts::add_dq(const KeyRange&, int64_t mq, int64_t, int64_t nb, const float* ds, int64_t ld,
                                   float* dq, int64_t ldq) {
-  const int64_t nbk = round_up(nb, kKeyPad);
+  const int64_t nbk = round_up(nb, kpad);
   for (int64_t r = 0; r < mq; ++r) round_row_bf16(ds + r * ld, nb, nbk, lowp_a.data() + r * nbk);
   lowp_gemm(path, mq, Dk16, nbk, lowp_a.data(), nbk, k_pack.data(), dq_tile.data(), Dk16, false);
   for (int64_t r = 0; r < mq; ++r) {

@@ -16,6 +16,7 @@ namespace vitkern_cpu {
 
 template <typename T>
 struct BlasProducts {
+  static constexpr bool kLowp = false;
   Strided<const T> q, k, v;
   int64_t D, Dv;
   T scale;
@@ -37,14 +38,15 @@ struct BlasProducts {
 };
 
 struct LowpProducts {
+  static constexpr bool kLowp = true;  // forward_tile writes P as bf16 rows (p_row) and calls accumulate_p
   Strided<const bf16> q, k, v;
   int64_t D, Dv, Dp, Dvp;  // Dp: D rounded up to even (the k-pair), Dvp: Dv rounded up to 16 (output columns)
   float scale;
-  bool prescale;  // scale is a power of two: Q·scale is exact in bf16, so the query copy carries it
   TilePath path;
+  int64_t kpad;  // the key count of P·V is padded to a multiple of this (cpu_tile_products.cpp)
   std::vector<bf16> q_pad, k_pack, v_pack, p_lowp;
   const bf16* qa = nullptr;  // the query tile as the A operand (in place, or q_pad for odd D)
-  int64_t lda = 0;
+  int64_t lda = 0, p_ld = 0;  // p_ld: row stride of p_lowp for the current key tile (its keys padded to kpad)
   // k_pack / v_pack hold every key tile of keys [k_lo, k_hi) of (b, hk), packed when a query tile of another
   // key range starts: a long sequence's query tiles (256 of 4096) reuse them instead of repacking each.
   int64_t packed_b = -1, packed_hk = -1, packed_lo = -1, packed_hi = -1, k_tile = 0, v_tile = 0, bn = 0;
@@ -53,9 +55,12 @@ struct LowpProducts {
                TilePath path_);
   int64_t o_ld() const { return Dvp; }
   void start(const QueryTile& w);
-  void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld);
-  void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const float* s, int64_t ld, float* o,
-                  bool add);
+  // S = Q·Kᵀ of the tile, times scale when `scaled` (else the raw dot products; the exp pass applies the scale).
+  void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld, bool scaled);
+  // Row r of the bf16 P tile of the current key tile: p_ld entries, those past nb zero.
+  bf16* p_row(int64_t r) { return p_lowp.data() + r * p_ld; }
+  // O[mq, Dvp] (+)= P · V[j0:j0+nb] with P the bf16 rows written through p_row.
+  void accumulate_p(const QueryTile& w, int64_t hk, int64_t j0, float* o, bool add);
   void finish() { lowp_release(path); }
 
  private:
@@ -111,6 +116,7 @@ struct LowpBackwardProducts {
   int64_t D, Dv, Dp, Dvp, Dk16, Dv16;  // Dp/Dvp: even; Dk16/Dv16: padded to 16 (product columns)
   float scale;
   TilePath path;
+  int64_t kpad;  // reduction lengths over keys or queries are padded to a multiple of this
   std::vector<bf16> kt_pack, vt_pack, k_pack, q_pack, do_pack, q_pad, do_pad, lowp_a, lowp_t;
   std::vector<float> dk_acc, dv_acc, dq_tile;
   const bf16 *qa = nullptr, *doa = nullptr;
