@@ -73,8 +73,6 @@ void backward_keys(const BackwardArgs<T>& a, Products& prod, const KeyRange& w, 
     prod.start_keys(w, j0, nb);
     // dK and dV rows of this key tile are accumulated across its query tiles: the first visited query tile
     // overwrites (add = false), the rest add.
-    T* dk_rows = a.dk.row(w.b, w.hk, j0);
-    T* dv_rows = a.dv.row(w.b, w.hk, j0);
     bool live = false;
     // Queries that see at least key j0: causal keeps i + shift >= j0. Query tiles stay on the block's grid.
     int64_t first_q = w.q_lo;
@@ -149,36 +147,47 @@ void backward_keys(const BackwardArgs<T>& a, Products& prod, const KeyRange& w, 
       }
     }
     prod.finish_keys(w, j0, nb, live);
-    if (!live) {  // no query reached these keys (masked out, causal, empty rows): zero gradients
+    if (!Products::kLowp && !live) {  // no query reached these keys (masked out, causal, empty rows): zero gradients
       for (int64_t c = 0; c < nb; ++c) {
-        fill_row(dk_rows + c * a.dk.sn, d, T(0));
-        fill_row(dv_rows + c * a.dv.sn, dv, T(0));
+        fill_row(a.dk.row(w.b, w.hk, j0 + c), d, T(0));
+        fill_row(a.dv.row(w.b, w.hk, j0 + c), dv, T(0));
       }
     }
   }
 }
 
-template <typename T>
-T dot(const T* x, const T* y, int64_t n) {
+// Products and sum in T (float32 for bf16 inputs, which convert exactly).
+template <typename T, typename E>
+T dot(const E* x, const E* y, int64_t n) {
   T acc = 0;
 #pragma omp simd reduction(+ : acc)
-  for (int64_t c = 0; c < n; ++c) acc += x[c] * y[c];
+  for (int64_t c = 0; c < n; ++c) acc += static_cast<T>(x[c]) * static_cast<T>(y[c]);
   return acc;
 }
 
-// delta [B, H, N] = rowsum(dO * O) in the compute dtype, row by row: no [B, H, N, Dv] product is materialized
-// (a temporary as large as the output, fresh pages on every call).
-at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b) {
+// delta [B, H, N] = rowsum(dO * O) in dtype `compute`, row by row from the operands as they are (bf16 ones are
+// read in place): no [B, H, N, Dv] product or float32 copy is materialized (fresh pages on every call).
+at::Tensor row_dots(const at::Tensor& a, const at::Tensor& b, at::ScalarType compute) {
   const int64_t H = a.size(1), N = a.size(2), D = a.size(3);
-  at::Tensor out = at::empty({a.size(0), H, N}, a.options());
-  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vitkern_cpu::row_dots", [&] {
-    const Strided<const scalar_t> x = strided<const scalar_t>(a), y = strided<const scalar_t>(b);
-    scalar_t* dst = out.data_ptr<scalar_t>();
+  at::Tensor out = at::empty({a.size(0), H, N}, a.options().dtype(compute));
+  const auto run = [&](auto elem, auto acc) {
+    using E = decltype(elem);
+    using T = decltype(acc);
+    const Strided<const E> x = strided<const E>(a), y = strided<const E>(b);
+    T* dst = out.data_ptr<T>();
     at::parallel_for(0, out.numel(), 1024, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
-        dst[r] = dot(x.row(r / (N * H), (r / N) % H, r % N), y.row(r / (N * H), (r / N) % H, r % N), D);
+        dst[r] = dot<T>(x.row(r / (N * H), (r / N) % H, r % N), y.row(r / (N * H), (r / N) % H, r % N), D);
     });
-  });
+  };
+  const bool unit = a.stride(3) == 1 && b.stride(3) == 1;
+  if (unit && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && compute == at::kFloat) {
+    run(c10::BFloat16(), 0.0f);
+  } else if (unit && a.scalar_type() == compute && b.scalar_type() == compute) {
+    AT_DISPATCH_FLOATING_TYPES(compute, "vitkern_cpu::row_dots", [&] { run(scalar_t(), scalar_t()); });
+  } else {  // other dtypes or strides: compute-dtype copies with unit stride, which take the branch above
+    return row_dots(gemm_operand(a, compute), gemm_operand(b, compute), compute);
+  }
   return out;
 }
 
@@ -198,6 +207,7 @@ void run_backward(const BackwardArgs<T>& a, const std::vector<KeyRange>& items, 
 
 // The tile products of `path`: bf16 operands read in place on the reduced-precision paths, float copies
 // (float32 for bf16/fp16 inputs) through the BLAS otherwise. dk/dv: the accumulator-dtype outputs.
+// dk/dv: the accumulator-dtype outputs on the BLAS path, the bf16 outputs themselves on the others.
 template <typename T>
 void run_backward_on_path(const BackwardArgs<T>& a, const std::vector<KeyRange>& items, TilePath path,
                           const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
@@ -208,7 +218,7 @@ void run_backward_on_path(const BackwardArgs<T>& a, const std::vector<KeyRange>&
                        vb = gemm_operand(v, at::kBFloat16), dob = gemm_operand(dout, at::kBFloat16);
       return run_backward<float>(a, items, [&] {
         return LowpBackwardProducts(strided<const bf16>(qb), strided<const bf16>(kb), strided<const bf16>(vb),
-                                    strided<const bf16>(dob), strided<float>(dk), strided<float>(dv), p, tiles,
+                                    strided<const bf16>(dob), strided<bf16>(dk), strided<bf16>(dv), p, tiles,
                                     path);
       });
     }
@@ -257,8 +267,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
   at::Tensor dv = empty_bhnd(p.B, p.Hk, p.Nk, p.Dv, p.dtype);
   at::Tensor dmask = mask_grad ? at::zeros({p.B, p.Hq, p.Nq, p.Nk}, at::TensorOptions().dtype(mask->scalar_type()))
                                : at::empty({0}, q.options());
-  at::Tensor dk_acc = p.dtype == p.compute ? dk : empty_bhnd(p.B, p.Hk, p.Nk, p.D, p.compute);
-  at::Tensor dv_acc = p.dtype == p.compute ? dv : empty_bhnd(p.B, p.Hk, p.Nk, p.Dv, p.compute);
+  const TilePath path = chosen_path(p.dtype);
+  const bool direct_bf16 = path != TilePath::kFp32Blas;  // dK, dV stored rounded from the kernel's fp32 tiles
+  at::Tensor dk_acc = p.dtype == p.compute || direct_bf16 ? dk : empty_bhnd(p.B, p.Hk, p.Nk, p.D, p.compute);
+  at::Tensor dv_acc = p.dtype == p.compute || direct_bf16 ? dv : empty_bhnd(p.B, p.Hk, p.Nk, p.Dv, p.compute);
   // Work items write every key row of blocks that have queries; the keys of the other blocks get zeros here.
   for (int64_t s = 0; s < blocks.count(); ++s) {
     if (blocks.q[s + 1] > blocks.q[s] || blocks.k[s + 1] == blocks.k[s]) continue;
@@ -275,14 +287,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> flash_bwd_cpu(
   dq_parts.zero_();
 
   if (!items.empty()) {
-    const TilePath path = chosen_path(p.dtype);
-    const at::Tensor delta = row_dots(gemm_operand(dout, p.compute), gemm_operand(out, p.compute));
+    const at::Tensor delta = row_dots(dout, out, p.compute);
     const at::Tensor lse_c = lse.to(p.compute).contiguous();  // float64 math keeps a float64 lse
     const MaskSummary summary = summarize_mask(mv, p.B, p.Hq, p.Nq, p.Nk, tiles);
     AT_DISPATCH_FLOATING_TYPES(p.compute, "vitkern_cpu::flash_bwd", [&] {
       const at::Tensor part0 = dq_parts[0].transpose(1, 2);  // [B, Hq, Nq, D] view of one part
       BackwardArgs<scalar_t> a{lse_c.const_data_ptr<scalar_t>(), delta.const_data_ptr<scalar_t>(),
-                               strided<scalar_t>(dk_acc), strided<scalar_t>(dv_acc),
+                               direct_bf16 ? Strided<scalar_t>{} : strided<scalar_t>(dk_acc),
+                               direct_bf16 ? Strided<scalar_t>{} : strided<scalar_t>(dv_acc),
                                dq_parts.data_ptr<scalar_t>(), strided<scalar_t>(part0), dq_parts.stride(0), &p, mv,
                                mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles,
                                mask_grad ? static_cast<char*>(dmask.data_ptr()) : nullptr};

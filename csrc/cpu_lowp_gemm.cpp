@@ -149,6 +149,32 @@ VITKERN_BF16_TARGET void pack_vnni_avx512(const bf16* src, int64_t ld_src, int64
   }
 }
 
+// 32 rows x 16 columns per step: each row pair is rounded into one vector of 16 words (row 2i in the low half of
+// each word, 2i + 1 in the high half), and the 16 pair vectors are transposed as words.
+VITKERN_BF16_TARGET void round_transpose_avx512(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
+                                                bf16* dst, int64_t ld_dst) {
+  alignas(64) static const uint16_t inter_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i inter = _mm512_load_si512(inter_idx);
+  const int64_t pairs = ld_dst / 2;
+  __m512i r[16];
+  for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+    const __mmask16 live = first16(cols - c0);
+    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+      for (int i = 0; i < 16; ++i) {
+        const int64_t ra = 2 * (p0 + i);
+        const __m512 a = ra < rows ? _mm512_maskz_loadu_ps(live, src + ra * ld_src + c0) : _mm512_setzero_ps();
+        const __m512 b = ra + 1 < rows ? _mm512_maskz_loadu_ps(live, src + (ra + 1) * ld_src + c0) : _mm512_setzero_ps();
+        r[i] = _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      }
+      transpose16x16_epi32(r);
+      const __mmask16 words = first16(pairs - p0);
+      for (int64_t c = 0; c < std::min<int64_t>(16, cols - c0); ++c)
+        _mm512_mask_storeu_epi32(dst + (c0 + c) * ld_dst + 2 * p0, words, r[c]);
+    }
+  }
+}
+
 }  // namespace
 #endif
 
@@ -244,6 +270,16 @@ VITKERN_BF16_TARGET void round_row_avx512(const float* src, int64_t n, int64_t n
 
 }  // namespace
 #endif
+
+void round_transpose_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
+#if defined(VITKERN_LOWP_KERNELS)
+  if (cpu_has_avx512_bf16()) return round_transpose_avx512(src, ld_src, rows, cols, dst, ld_dst);
+#endif
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = bf16(src[r * ld_src + c]);
+    for (int64_t r = rows; r < ld_dst; ++r) dst[c * ld_dst + r] = bf16(0.0f);
+  }
+}
 
 void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst, float factor) {
 #if defined(VITKERN_LOWP_KERNELS)

@@ -39,4 +39,8 @@ void lowp_release(TilePath path);
 // dst[n, n_padded).
 void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst, float factor = 1.0f);
 
+// dst[c * ld_dst + r] = bf16(src[r * ld_src + c]) for r < rows, c < cols, and 0 for rows <= r < ld_dst (even):
+// a float32 tile rounded and transposed into the A operand of a product reducing over its rows (Pᵀ·dO, dSᵀ·Q).
+void round_transpose_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst);
+
 }  // namespace vitkern_cpu

@@ -95,22 +95,10 @@ const bf16* even_rows(const bf16* src, int64_t ld_src, int64_t rows, int64_t n, 
   return pad.data();
 }
 
-// dst[c, r] = src[r, c] for a [rows, cols] bf16 tile (row stride ld_src) into [cols, ld_dst], rows..ld_dst zero.
-void transpose_bf16(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint16_t* d = reinterpret_cast<uint16_t*>(dst);
-  constexpr int64_t kBlock = 16;  // 16 x 16 blocks: both sides stay in a few cache lines
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlock)
-    for (int64_t c0 = 0; c0 < cols; c0 += kBlock)
-      for (int64_t c = c0; c < std::min(cols, c0 + kBlock); ++c)
-        for (int64_t r = r0; r < std::min(rows, r0 + kBlock); ++r) d[c * ld_dst + r] = s[r * ld_src + c];
-  for (int64_t c = 0; c < cols; ++c) std::memset(d + c * ld_dst + rows, 0, (ld_dst - rows) * sizeof(uint16_t));
-}
-
 }  // namespace
 
 LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
-                                           Strided<const bf16> dout_, Strided<float> dk_, Strided<float> dv_,
+                                           Strided<const bf16> dout_, Strided<bf16> dk_, Strided<bf16> dv_,
                                            const Problem& p, Tiles t, TilePath path_)
     : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), Dp(round_up(p.D, 2)),
       Dvp(round_up(p.Dv, 2)), Dk16(round_up(p.D, 16)), Dv16(round_up(p.Dv, 16)), scale(float(p.scale)),
@@ -167,9 +155,7 @@ void LowpBackwardProducts::dprobs(const KeyRange&, int64_t, int64_t, int64_t mq,
 // acc[nb, np] += round(x[mq, nb])ᵀ · B, with B a query-side operand packed for mqk rows (dO for dV, Q for dK).
 void LowpBackwardProducts::add_transposed(const float* x, int64_t ld, int64_t mq, int64_t nb, const bf16* b,
                                           int64_t np, float* acc) {
-  const int64_t nbk = round_up(nb, kpad);
-  for (int64_t r = 0; r < mq; ++r) round_row_bf16(x + r * ld, nb, nbk, lowp_a.data() + r * nbk);
-  transpose_bf16(lowp_a.data(), nbk, mq, nb, lowp_t.data(), mqk);
+  round_transpose_bf16(x, ld, mq, nb, lowp_t.data(), mqk);
   lowp_gemm(path, nb, np, mqk, lowp_t.data(), mqk, b, acc, np, true);
 }
 
@@ -197,16 +183,16 @@ void LowpBackwardProducts::add_dq(const KeyRange&, int64_t mq, int64_t, int64_t 
 }
 
 void LowpBackwardProducts::finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live) {
-  if (!live) return;  // the kernel zero-fills keys no query reached
   for (int64_t c = 0; c < nb; ++c) {
-    float* dkr = dk.row(w.b, w.hk, j0 + c);
-    float* dvr = dv.row(w.b, w.hk, j0 + c);
-    const float* ka = dk_acc.data() + c * Dk16;
-    const float* va = dv_acc.data() + c * Dv16;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) dkr[i] = scale * ka[i];
-#pragma omp simd
-    for (int64_t i = 0; i < Dv; ++i) dvr[i] = va[i];
+    bf16* dkr = dk.row(w.b, w.hk, j0 + c);
+    bf16* dvr = dv.row(w.b, w.hk, j0 + c);
+    if (!live) {  // no query reached these keys (masked out, causal, empty rows): zero gradients
+      std::fill(dkr, dkr + D, bf16(0.0f));
+      std::fill(dvr, dvr + Dv, bf16(0.0f));
+      continue;
+    }
+    round_row_bf16(dk_acc.data() + c * Dk16, D, D, dkr, scale);
+    round_row_bf16(dv_acc.data() + c * Dv16, Dv, Dv, dvr);
   }
 }
 

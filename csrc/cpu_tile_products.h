@@ -72,6 +72,7 @@ struct LowpProducts {
 // accumulate across the key tile's query tiles (add: not the first); finish_keys() stores them.
 template <typename T>
 struct BlasBackwardProducts {
+  static constexpr bool kLowp = false;  // the kernel zero-fills dK/dV rows no query reached (finish_keys does not)
   Strided<const T> q, k, v, dout;
   Strided<T> dk, dv;
   int64_t D, Dv;
@@ -108,11 +109,12 @@ struct BlasBackwardProducts {
 
 // bf16 backward: K and V of the key tile are packed once (Kᵀ and Vᵀ for S and dP, K for dQ), Q and dO once per
 // query tile; P and dS are rounded to bf16 (and transposed for dV, dK). dK and dV accumulate in fp32 tiles of
-// 16-padded width owned by the thread and are stored when the key tile is done; dQ goes through a tile too, so
+// 16-padded width owned by the thread and are stored (rounded to bf16) when the key tile is done; dQ goes through a tile too, so
 // padded columns never touch a neighbouring head's rows.
 struct LowpBackwardProducts {
+  static constexpr bool kLowp = true;  // finish_keys stores bf16 dK/dV rows, zeros where no query reached them
   Strided<const bf16> q, k, v, dout;
-  Strided<float> dk, dv;
+  Strided<bf16> dk, dv;
   int64_t D, Dv, Dp, Dvp, Dk16, Dv16;  // Dp/Dvp: even; Dk16/Dv16: padded to 16 (product columns)
   float scale;
   TilePath path;
@@ -123,7 +125,7 @@ struct LowpBackwardProducts {
   int64_t lda_q = 0, lda_do = 0, mqk = 0;  // mqk: the query count rounded up to the k-pair padding
 
   LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
-                       Strided<const bf16> dout_, Strided<float> dk_, Strided<float> dv_, const Problem& p, Tiles t,
+                       Strided<const bf16> dout_, Strided<bf16> dk_, Strided<bf16> dv_, const Problem& p, Tiles t,
                        TilePath path_);
   void start_keys(const KeyRange& w, int64_t j0, int64_t nb);
   void start_queries(const KeyRange& w, int64_t h, int64_t i0, int64_t mq);
