@@ -4,6 +4,7 @@ ViT-B/16, with vitkern and without (torch SDPA), median wall time.
     python benchmarks/bench_models.py                 # CPU: small batches, about 3 minutes on 2 cores
     python benchmarks/bench_models.py --quick         # smoke run, seconds
     python benchmarks/bench_models.py --device cuda   # larger batches, bf16 autocast
+    python benchmarks/bench_models.py --amp           # CPU under bf16 autocast (for CPUs with bf16 units)
 
 "Without vitkern" is the same model with every attention on torch's SDPA: ``backend="torch"`` for the example
 models (for NaViT's packed batch that means a dense block-diagonal bool mask over all packed tokens, what one
@@ -146,12 +147,13 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny depths and batches, 1 repeat")
     ap.add_argument("--repeats", type=int, default=None, help="timed steps per cell (default 5 CPU, 20 CUDA)")
     ap.add_argument("--only", default="", help="run only cells whose name contains this")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast on CPU too (always on for CUDA)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     repeats = args.repeats or (1 if args.quick else (5 if device == "cpu" else 20))
     warmup = 1 if args.quick else 2
-    amp = device == "cuda"
+    amp = device == "cuda" or args.amp
     allocator = steady_allocator() if device == "cpu" else None  # as bench_attn: see measure.steady_allocator
     rows = []
     for cell in cells(device, args.quick):
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
             "amp_bf16": amp, "repeats": repeats, "quick": args.quick, "allocator": allocator,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"models-{device}-{datetime.now(timezone.utc):%Y%m%d}{'-quick' if args.quick else ''}"
+    stem = args.out / f"models-{device}-{datetime.now(timezone.utc):%Y%m%d}{'-bf16' if amp and device == 'cpu' else ''}{'-quick' if args.quick else ''}"
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     stem.with_suffix(".md").write_text(_markdown(meta, rows))
     print(f"wrote {stem}.json and .md")

@@ -123,3 +123,26 @@ def test_float32_inputs_keep_the_fp32_path(monkeypatch):
         monkeypatch.setenv("VITKERN_CPU_PATH", "avx512_bf16")
     q, k, v = qkv(1, 2, 100, 100, 64, seed=2)
     assert max_err(sdpa(q, k, v), ref(q, k, v)) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.3, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_scales_against_float64(path, scale, masked):
+    """The bf16 forward folds a positive scale into the exp pass (raw dot products, row max scaled once); zero and
+    negative scales, and additive masks, take the scaled-scores route: every one against float64 math."""
+    gen = torch.Generator().manual_seed(5)
+    mask = None
+    if masked:  # additive, -inf where dropped, on some tiles only
+        mask = torch.randn(70, 90, generator=gen).to(torch.bfloat16)
+        mask[:, 40:] = torch.where(torch.rand(70, 50, generator=gen) > 0.3, mask[:, 40:], float("-inf"))
+    q, k, v = qkv(1, 2, 70, 90, 48, dtype=torch.bfloat16, grad=True, seed=3)
+    fn = lambda q, k, v: vitkern.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, backend="cpu")
+    tr = lambda q, k, v, upcast=True: ref_scaled(q, k, v, mask, scale, upcast)
+    check_against_truth(fn, (q, k, v), tr, f"{path} scale={scale} masked={masked}",
+                        recompute_scale=abs(scale) or None)
+
+
+def ref_scaled(q, k, v, mask, scale, upcast):
+    import truth
+    m = None if mask is None else mask.to(q.dtype)
+    return truth.attention(q, k, v, mask=m, scale=scale, upcast=upcast)
