@@ -8,11 +8,7 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
-#include <immintrin.h>
-#define VITKERN_LOWP_KERNELS 1
-#define VITKERN_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-#endif
+#include "cpu_bf16_target.h"
 
 namespace vitkern_cpu {
 

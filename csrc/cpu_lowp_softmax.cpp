@@ -1,15 +1,11 @@
 // exp2_row_to_bf16 (cpu_lowp_softmax.h): an AVX-512 version (target attributes, chosen by cpuid) and a scalar one.
 #include "cpu_lowp_softmax.h"
 
+#include <algorithm>
 #include <cmath>
-#include <cstring>
 
+#include "cpu_bf16_target.h"
 #include "cpu_features.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
-#include <immintrin.h>
-#define VITKERN_LOWP_SOFTMAX_AVX512 1
-#endif
 
 namespace vitkern_cpu {
 namespace {
@@ -47,13 +43,12 @@ float exp2_row_scalar(const float* s, int64_t n, int64_t n_padded, float c, floa
   return part[0];
 }
 
-#if defined(VITKERN_LOWP_SOFTMAX_AVX512)
-#define VITKERN_AVX512BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#if defined(VITKERN_LOWP_KERNELS)
 
 // 16 lanes of 2^(s·c - b). Lanes under kMinArg (-inf included) are zeroed by the write mask of the final
 // vscalefps, never computed as subnormals (a microcode assist on Intel cores); the unordered compare keeps NaN
 // lanes live, and max returns its second operand when either is NaN, so NaN reaches the result.
-VITKERN_AVX512BF16_TARGET inline __m512 exp2_16(__m512 s, __m512 c, __m512 nb) {
+VITKERN_BF16_TARGET inline __m512 exp2_16(__m512 s, __m512 c, __m512 nb) {
   __m512 x = _mm512_fmadd_ps(s, c, nb);
   const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(kMinArg), _CMP_NLT_UQ);
   x = _mm512_max_ps(_mm512_set1_ps(kMinArg), x);
@@ -68,7 +63,7 @@ VITKERN_AVX512BF16_TARGET inline __m512 exp2_16(__m512 s, __m512 c, __m512 nb) {
   return _mm512_maskz_scalef_ps(live, p, n);
 }
 
-VITKERN_AVX512BF16_TARGET float exp2_row_avx512(const float* s, int64_t n, int64_t n_padded, float c, float b,
+VITKERN_BF16_TARGET float exp2_row_avx512(const float* s, int64_t n, int64_t n_padded, float c, float b,
                                                 c10::BFloat16* dst) {
   const __m512 cv = _mm512_set1_ps(c), nbv = _mm512_set1_ps(-b);
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
@@ -98,7 +93,7 @@ VITKERN_AVX512BF16_TARGET float exp2_row_avx512(const float* s, int64_t n, int64
 }  // namespace
 
 float exp2_row_to_bf16(const float* s, int64_t n, int64_t n_padded, float c, float b, c10::BFloat16* dst) {
-#if defined(VITKERN_LOWP_SOFTMAX_AVX512)
+#if defined(VITKERN_LOWP_KERNELS)
   if (cpu_has_avx512_bf16()) return exp2_row_avx512(s, n, n_padded, c, b, dst);
 #endif
   return exp2_row_scalar(s, n, n_padded, c, b, dst);
