@@ -118,6 +118,7 @@ def sdpa(**kw):
     (2, 2, 7, 7, 32, 32, True),
     (1, 2, 33, 17, 80, 80, False),
     (1, 1, 17, 33, 96, 48, True),
+    (1, 1, 19, 21, 72, 40, False),   # head dims split into two chunks that are not full (64 + 16, 32 + 16)
     (2, 1, 16, 32, 8, 8, False),     # tile multiples (EVEN_M / EVEN_N), head dim 8 padded to 16
     (1, 1, 15, 15, 3, 5, True),      # head dims below 16, D != Dv
 ])
@@ -127,7 +128,7 @@ def test_dense(dtype, b, h, nq, nk, d, dv, causal):
           f"dense {dtype} {b}x{h}x{nq}x{nk} d{d}/{dv} causal={causal}")
 
 
-@pytest.mark.parametrize("d", [128, 256])
+@pytest.mark.parametrize("d", [128, 160, 256])
 def test_large_head_dims(d):
     q, k, v = qkv(1, 1, 17, 20, d)
     check(sdpa(), math_attention, (q, k, v), f"d={d}")
@@ -377,16 +378,17 @@ def test_dropout_varlen_uses_packed_token_indices():
 
 
 @pytest.mark.parametrize("dtype", DTYPES[:2], ids=str)
-def test_everything_at_once(dtype):
+@pytest.mark.parametrize("d,dv", [(32, 24), (48, 40)])
+def test_everything_at_once(dtype, d, dv):
     # GQA + a broadcast float mask that needs a gradient (-inf holes, fully masked rows) + causal + dropout,
-    # Nq != Nk, D != Dv, sizes off the tile grid.
+    # Nq != Nk, D != Dv, sizes off the tile grid; 48 / 40 run in two column chunks (config.head_split).
     b, hq, hk, nq, nk, p = 2, 4, 2, 23, 37, 0.2
     g = torch.Generator().manual_seed(11)
     bias = torch.randn(1, hq, nq, nk, generator=g)
     bias[0, 1, :, 3:30] = -math.inf
     bias[0, 2, 5] = -math.inf
     bias = bias.to(DEV, dtype).requires_grad_()
-    q, k, v = qkv(b, hq, nq, nk, 32, 24, hk=hk, dtype=dtype, seed=4)
+    q, k, v = qkv(b, hq, nq, nk, d, dv, hk=hk, dtype=dtype, seed=4)
     seed = torch.tensor([777])
     keep = vk_dropout.keep_mask(777, torch.arange(b * hq).view(b, hq, 1, 1), torch.arange(nq).view(-1, 1),
                                 torch.arange(nk).view(1, -1), p).to(DEV)

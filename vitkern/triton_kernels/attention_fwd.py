@@ -9,7 +9,8 @@ Features
 - causal (top-left aligned, per sequence for varlen), grouped-query attention (Hq a multiple of Hk);
 - fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32x3 / tf32 is opted into
   with VITKERN_TRITON_FP32_PRECISION, see config.py);
-- head dims 1..256 padded to a power of two >= 16 with masked loads; Dv may differ from D;
+- head dims 1..256 in one or two power-of-two column chunks >= 16 (80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32,
+  config.head_split), the rest of a chunk masked off; Dv may differ from D;
 - dropout with vitkern/dropout.py's counter-based hash (bit-exact), the same keep-mask regenerated backward;
 - a row with no key gives out = 0 and lse = -inf; a NaN score of a taking-part pair gives a NaN row and lse;
 - one FFMA + one EX2 per score: exp2(s * c - m * c) with the product exact inside the FFMA (no rounding of
@@ -67,14 +68,18 @@ def _load_kv(ptrs, rows, n_rows, cols, n_cols, tile_state, HAS_SUMMARY: tl.const
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows, k_start,
+def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows, k_start,
                q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn,
                scale, to_log2, seed, bh, drop_threshold,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr,
                HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr,
                EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, m_i, o_i, l_i) over key tiles [t_lo, t_hi).
+    """Online-softmax update of (acc, acc2, m_i, o_i, l_i) over key tiles [t_lo, t_hi).
+
+    Head dims come in up to two column chunks (config.head_split): q / k columns [0, BLOCK_D) and, when
+    BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) in q2 (s sums both products); v / out likewise with acc2.
 
     m_i is the running row max of s, o_i = m_i * to_log2 (rounded) the log2 offset the exponentials use (l_i
     and acc are relative to it). RAW_MAX: s is the raw dot q.k and ``to_log2`` = scale * log2(e) (needs
@@ -92,6 +97,12 @@ def _fwd_tiles(acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_l
     offs_j = tl.arange(0, BLOCK_N)
     k_offs = offs_j[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_offs = offs_j[:, None] * stride_vn + offs_dv[None, :] * stride_vd
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        k_offs2 = offs_j[:, None] * stride_kn + offs_d2[None, :] * stride_kd
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        v_offs2 = offs_j[:, None] * stride_vn + offs_dv2[None, :] * stride_vd
     for t in range(t_lo, t_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         # An empty tile (mask summary) is not branched around, which would keep Triton from pipelining the K/V
@@ -102,6 +113,10 @@ def _fwd_tiles(acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_l
             tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
         k = _load_kv(k_tile + k_offs, offs_n, k_len, offs_d, head_dim, tile_state, HAS_SUMMARY, CHECK_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = _load_kv(k_tile + k_offs2, offs_n, k_len, offs_d2, head_dim, tile_state, HAS_SUMMARY, CHECK_N,
+                          EVEN_D)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         if not RAW_MAX:
             s = s * scale
         if HAS_SUMMARY:
@@ -125,14 +140,21 @@ def _fwd_tiles(acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_l
         o_i = o_new
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if BLOCK_DV2 > 0:
+            acc2 = acc2 * alpha[:, None]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, bh, rows, k_start + offs_n.to(tl.int64), drop_threshold)
             p = tl.where(keep, p, 0.0)
         v = _load_kv(v_tile + v_offs, offs_n, k_len, offs_dv, head_dim_v, tile_state, HAS_SUMMARY, CHECK_N, EVEN_D)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc, input_precision=PRECISION)
+        if BLOCK_DV2 > 0:
+            v2 = _load_kv(v_tile + v_offs2, offs_n, k_len, offs_dv2, head_dim_v, tile_state, HAS_SUMMARY, CHECK_N,
+                          EVEN_D)
+            acc2 = tl.dot(p, v2, acc2, input_precision=PRECISION)
         k_tile += BLOCK_N * stride_kn
         v_tile += BLOCK_N * stride_vn
-    return acc, m_i, o_i, l_i
+    return acc, acc2, m_i, o_i, l_i
 
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
@@ -147,7 +169,8 @@ def _attention_fwd_kernel(
     stride_rb, stride_rh, stride_rm,
     num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
     scale, to_log2, seed, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr,
@@ -161,8 +184,12 @@ def _attention_fwd_kernel(
     rows = q_start + offs_m.to(tl.int64)          # token index in the (packed) sequence
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = load_rows(q_ptrs, offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+    q_rows = Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm
+    q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+    q2 = q
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, EVEN_M, EVEN_D)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
@@ -192,30 +219,41 @@ def _attention_fwd_kernel(
     o_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    acc, m_i, o_i, l_i = _fwd_tiles(
-        acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_lo, t_mid, offs_m, rows, k_start, q_len,
+    acc2 = 0.0      # the second value chunk's accumulator, when there is one
+    if BLOCK_DV2 > 0:
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
+    acc, acc2, m_i, o_i, l_i = _fwd_tiles(
+        acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo, t_mid, offs_m, rows, k_start, q_len,
         k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
-        to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
+        to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND,
+        HAS_SUMMARY, HAS_DROPOUT,
         False, not EVEN_M, False, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
     if IS_CAUSAL or not EVEN_N:
-        acc, m_i, o_i, l_i = _fwd_tiles(
-            acc, m_i, o_i, l_i, q, k_base, v_base, mask_base, state_base, t_mid, t_hi, offs_m, rows, k_start, q_len,
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(
+            acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_mid, t_hi, offs_m, rows, k_start, q_len,
             k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
-            to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT,
+            to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND,
+            HAS_SUMMARY, HAS_DROPOUT,
             IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
 
     # l == 0 only for a row with no key (its max score gives p = 1 otherwise); a NaN l fails the test and stays.
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    out = acc * (drop_scale / l_safe)[:, None]
+    inv_l = drop_scale / l_safe
+    out = acc * inv_l[:, None]
     # lse = m * scale + ln(sum exp((s - m) * scale)): the offset's own rounding (o = m * c rounded, the residual
     # exact through an FMA) is taken out, so a rounded scale * log2(e) is never multiplied by a large m.
     m_nat = m_i * scale if RAW_MAX else m_i
     lse = tl.where(empty, float("-inf"),
                    m_nat + (tl.math.log2(l_safe) - _fma(m_i, to_log2, -o_i, EMULATE_FMA)) * LN2)
     offs_dv = tl.arange(0, BLOCK_DV)
-    o_ptrs = Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od
-    store_rows(o_ptrs, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+    o_rows = Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
+    store_rows(o_rows + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv,
+               head_dim_v, EVEN_M, EVEN_D)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        store_rows(o_rows + offs_dv2[None, :] * stride_od, (acc2 * inv_l[:, None]).to(Out.dtype.element_ty),
+                   offs_m, q_len, offs_dv2, head_dim_v, EVEN_M, EVEN_D)
     lse_ptrs = Lse + pid_bh.to(tl.int64) * seq_len_q + rows
     if EVEN_M:
         tl.store(lse_ptrs, lse)
@@ -260,7 +298,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if cfg is None:
         cfg = config.forward_config(D, Dv, q.dtype, heavy=mask is not None or dropout_p > 0)
-    block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
+    (block_d, block_d2), (block_dv, block_dv2) = config.head_split(D), config.head_split(Dv)
     varlen = cu_q is not None
     dummy = lse
     if varlen:
@@ -286,10 +324,11 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
             *bs(q), *bs(k), *bs(v), *bs(out), *m_strides, *t_strides, *r_strides,
             Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale * LOG2E_HOST if raw_max else LOG2E_HOST,
             d_seed, d_thr, d_scale)
-    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D2=block_d2,
+                  BLOCK_DV=block_dv, BLOCK_DV2=block_dv2,
                   MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
                   IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
-                  EVEN_D=(D == block_d and Dv == block_dv), RAW_MAX=raw_max, EMULATE_FMA=config.interpreting(),
+                  EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2), RAW_MAX=raw_max, EMULATE_FMA=config.interpreting(),
                   PRECISION=config.input_precision(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return [(_attention_fwd_kernel, (num_m_blocks * B * Hq,), args, kwargs)]

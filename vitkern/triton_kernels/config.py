@@ -48,6 +48,17 @@ def padded_head_dim(d: int) -> int:
     return max(MIN_BLOCK, 1 << (max(d, 1) - 1).bit_length())
 
 
+def head_split(d: int) -> tuple:
+    """(first, second) column chunks a head dim of d is computed in: (padded_head_dim(d), 0) unless d fills
+    at most 3/4 of its padded width and is over 32, then half the padded width plus the rest padded (80 ->
+    64 + 16, 96 -> 64 + 32, 160 -> 128 + 32): tl.dot's operands must have power-of-two shapes, and computing
+    d = 80 or 96 as 128 costs 1.6x / 1.33x the tensor-core work, which bounds the kernel at these widths."""
+    full = padded_head_dim(d)
+    if d <= 32 or 4 * d > 3 * full:
+        return full, 0
+    return full // 2, padded_head_dim(d - full // 2)
+
+
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 

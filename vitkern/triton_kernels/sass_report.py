@@ -12,6 +12,13 @@ is bound by instruction issue). Loop lengths are static counts: a branch skipped
 the "fast path" leaves out the blocks a forward branch skips that hold no MMA (e.g. the mask read of a tile
 the mask summary calls full), the cost of such a tile.
 
+Each loop is also put against the three throughputs of an sm_90 SM that bound it (``cycle_bounds``), per
+128x64 tile: the tensor cores (the loop's wgmma / mma.sync shapes at 2,048 bf16/fp16 FMA per clock per SM),
+the MUFU unit (16 lanes per clock: EX2 of the softmax) and instruction issue (4 warp-instructions per clock).
+The largest is the loop's lower bound in cycles; ``useful`` is the work the variant's head dims need (no
+padding), so ``peak_fraction`` = useful tensor cycles / bound says how close to the tensor-core peak the loop
+can get at best (it assumes perfect overlap; measured kernels reach 60-75% of it on Hopper).
+
     python -m vitkern.triton_kernels.sass_report [--set static|quick|test|candidates] [--json OUT] [--md OUT]
 """
 from __future__ import annotations
@@ -29,6 +36,16 @@ _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH_OPS = ("BRA",)
 _MMA_OPS = ("HGMMA", "HMMA", "IMMA", "QGMMA", "IGMMA", "DMMA")
 _END_OPS = ("EXIT", "RET")
+
+# sm_90 (H100 / H200) per SM per clock: dense fp16/bf16 tensor-core FMAs, MUFU lanes, warp-instructions issued.
+TENSOR_FMA_PER_CLK = 2048
+MUFU_LANES_PER_CLK = 16
+ISSUE_PER_CLK = 4
+# Products of head-dim width per kernel: forward S and P.V; dQ S, dP and dQ; dK/dV S^T, dP^T, dV and dK.
+_PRODUCTS = {"_attention_fwd_kernel": ("d", "dv"), "_bwd_dq_kernel": ("d", "dv", "d"),
+             "_bwd_dkdv_kernel": ("d", "dv", "dv", "d")}
+_HGMMA_SHAPE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)")
+_HMMA_SHAPE = re.compile(r"^HMMA\.(\d\d)(\d)(\d+)")
 
 
 @dataclass
@@ -124,7 +141,38 @@ def per_tile(length: int, num_warps: int, block_m: int, block_n: int) -> float:
     return length * num_warps * 8192 / (block_m * block_n)
 
 
-def analyse(cubin: bytes, num_warps: int, block_m: int, block_n: int) -> dict:
+def mma_fmas(mma: dict, num_warps: int) -> int:
+    """FMAs one loop iteration of a CTA issues to the tensor cores: an HGMMA.MxNxK is one warpgroup's (each of
+    its 4 warps lists it), an HMMA.16816 one warp's."""
+    total = 0
+    for op, count in mma.items():
+        g = _HGMMA_SHAPE.match(op)
+        if g:
+            total += count * int(g[1]) * int(g[2]) * int(g[3]) * (num_warps // 4)
+            continue
+        h = _HMMA_SHAPE.match(op)
+        if h:
+            total += count * int(h[1]) * int(h[2]) * int(h[3]) * num_warps
+    return total
+
+
+def cycle_bounds(loop: Loop, num_warps: int, block_m: int, block_n: int, kernel: str, d: int, dv: int) -> dict:
+    """Cycles per 128x64 tile each sm_90 unit needs for one iteration of ``loop``: tensor (as issued, padding
+    included), mufu, issue, their max (``bound``), ``useful`` (tensor cycles of the unpadded head dims) and
+    ``peak_fraction`` = useful / bound."""
+    tiles = block_m * block_n / 8192
+    widths = {"d": d, "dv": dv}
+    useful = 128 * 64 * sum(widths[w] for w in _PRODUCTS.get(kernel, ())) / TENSOR_FMA_PER_CLK
+    tensor = mma_fmas(loop.mma, num_warps) / TENSOR_FMA_PER_CLK / tiles
+    mufu = loop.ops.get("MUFU", 0) * num_warps * 32 / MUFU_LANES_PER_CLK / tiles
+    issue = loop.length * num_warps / ISSUE_PER_CLK / tiles
+    bound = max(tensor, mufu, issue)
+    return dict(tensor=round(tensor), mufu=round(mufu), issue=round(issue), bound=round(bound),
+                useful=round(useful), peak_fraction=round(useful / bound, 3) if bound and useful else None)
+
+
+def analyse(cubin: bytes, num_warps: int, block_m: int, block_n: int, kernel: str = "", d: int = 0,
+            dv: int = 0) -> dict:
     """Resource use and the main loop (the first innermost MMA loop by address: the kernels run their interior,
     check-free key tiles first) of one compiled kernel."""
     instrs = parse_sass(aot_check.cuobjdump(cubin, "-sass"))
@@ -140,6 +188,7 @@ def analyse(cubin: bytes, num_warps: int, block_m: int, block_n: int) -> dict:
         loop_length=main.length if main else None,
         per_tile=round(per_tile(main.length, num_warps, block_m, block_n)) if main else None,
         fast_per_tile=round(per_tile(main.fast, num_warps, block_m, block_n)) if main else None,
+        cycles=cycle_bounds(main, num_warps, block_m, block_n, kernel, d, dv) if main and main.mma else None,
         loops=[asdict(lp) for lp in loops])
 
 
@@ -153,7 +202,8 @@ def variants(which: str) -> list:
     if which in ("static", "candidates"):
         base = aot_check._variants(False)
         return base + [(torch.bfloat16, 64, 0, False, False, False, 4096),
-                       (torch.bfloat16, 80, 0, False, False, False, 4096)]
+                       (torch.bfloat16, 80, 0, False, False, False, 4096),
+                       (torch.bfloat16, 96, 0, False, False, False, 4096)]
     if which == "quick":
         return aot_check._variants(True)
     b16 = torch.bfloat16
@@ -176,27 +226,33 @@ def report(which: str = "static", arch: int = 90, verbose: bool = False) -> list
         else:
             row["shared"] = compiled.metadata.shared
             bm, bn = kw.get("BLOCK_M") or 1, kw.get("BLOCK_N") or 1
-            row.update(analyse(compiled.asm["cubin"], options["num_warps"], bm, bn))
+            row.update(analyse(compiled.asm["cubin"], options["num_warps"], bm, bn, kernel.__name__, d, d))
         rows.append(row)
         if verbose:
             print(what, {k: row.get(k) for k in ("regs", "stack", "mma_kinds", "per_tile", "error")}, flush=True)
     return rows
 
 
+def _cycles(c) -> str:
+    return f"{c['tensor']}/{c['mufu']}/{c['issue']}" if c else ""
+
+
 def markdown(rows: list[dict]) -> str:
     head = ("| kernel | dtype | d | mask | causal | varlen | dropout | tile | warps | stages | regs | spill B | "
-            "shared B | loop MMA | TMA | loop | per 128x64 tile | fast path per tile |")
+            "shared B | loop MMA | TMA | loop | per 128x64 tile | fast path per tile | cycles tensor/mufu/issue | "
+            "peak fraction |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | | | | | | | | | | | "
-                         f"error: {r['error']} | | | | |")
+                         f"error: {r['error']} | | | | | | |")
             continue
         lines.append(
             f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {r['mask']} | {int(r['causal'])} | "
             f"{int(r['varlen'])} | {int(r['dropout'])} | {r['block_m']}x{r['block_n']} | {r['num_warps']} | "
             f"{r['num_stages']} | {r['regs']} | {r['stack']} | {r['shared']} | {'+'.join(r['mma_kinds']) or '-'} | "
-            f"{'yes' if r['tma'] else 'no'} | {r['loop_length']} | {r['per_tile']} | {r['fast_per_tile']} |")
+            f"{'yes' if r['tma'] else 'no'} | {r['loop_length']} | {r['per_tile']} | {r['fast_per_tile']} | "
+            f"{_cycles(r.get('cycles'))} | {(r.get('cycles') or {}).get('peak_fraction') or ''} |")
     return "\n".join(lines) + "\n"
 
 
