@@ -102,10 +102,14 @@ def _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr):
 
 
 @triton.jit
-def _write_row_stats(o, do, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M: tl.constexpr):
-    """delta = rowsum(o * do) and lse2 = lse (+inf for rows that had no key: P comes out 0 there) of one query
-    tile, stored for the dK/dV kernel and returned."""
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+def _row_dot(o, do):
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+
+
+@triton.jit
+def _write_row_stats(delta, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M: tl.constexpr):
+    """delta (= rowsum(o * do), from the caller) and lse2 = lse (+inf for rows that had no key: P comes out 0
+    there) of one query tile, stored for the dK/dV kernel and returned."""
     if EVEN_M:
         lse = tl.load(Lse + row_ptr)
     else:
@@ -139,20 +143,26 @@ def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
                   offs_m, num_rows, offs_dv, head_dim_v, False, False)
     do = load_rows(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
                    offs_m, num_rows, offs_dv, head_dim_v, False, False)
-    _write_row_stats(o, do, Lse, Lse2, Delta, pid_bh.to(tl.int64) * num_rows + rows, offs_m, num_rows, False)
+    _write_row_stats(_row_dot(o, do), Lse, Lse2, Delta, pid_bh.to(tl.int64) * num_rows + rows, offs_m, num_rows,
+                     False)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base, t_lo, t_hi,
-                offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
-                stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-                HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base, t_lo,
+                t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
+                stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+                MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                 CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) of one query head, on
-    key-major tiles [BLOCK_N, BLOCK_M]."""
+    key-major tiles [BLOCK_N, BLOCK_M]. Second column chunks (k2, v2, dk2, dv2; config.head_split) take part
+    when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
     for t in range(t_lo, t_hi):
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         tile_state = 2
@@ -160,25 +170,39 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base,
             tile_state = tl.load(state_base + t * stride_tm).to(tl.int32)
         if tile_state != 0:
             rows = q_start + offs_m.to(tl.int64)
-            q = load_rows(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                          offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
-            do = load_rows(do_base + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
-                           offs_m, q_len, offs_dv, head_dim_v, not CHECK_M, EVEN_D)
+            q_rows = q_base + rows[:, None] * stride_qm
+            do_rows = do_base + rows[:, None] * stride_dm
+            q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
+            do = load_rows(do_rows + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, not CHECK_M,
+                           EVEN_D)
             lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
             st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, not CHECK_M,
+                               EVEN_D)
+                st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
             pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
                         mask_base + rows[None, :] * stride_mm, tile_state, scale, MASK_KIND, HAS_SUMMARY,
                         CAUSAL, CHECK_M, CHECK_N, False)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if BLOCK_DV2 > 0:
+                do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
+                                not CHECK_M, EVEN_D)
+                dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
             if HAS_DROPOUT:
                 keep = _keep(seed, bh, rows, cols, drop_threshold, True)
-                dv += tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, input_precision=PRECISION)
+                pt_kept = tl.where(keep, pt * drop_scale, 0.0).to(do.dtype)
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
             else:
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
+                pt_kept = pt.to(do.dtype)
+            dv += tl.dot(pt_kept, do, input_precision=PRECISION)
+            if BLOCK_DV2 > 0:
+                dv2 += tl.dot(pt_kept, do2, input_precision=PRECISION)
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                dk2 += tl.dot(dst, q2, input_precision=PRECISION)
+    return dk, dk2, dv, dv2
 
 
 @triton.jit(do_not_specialize=["num_n_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
@@ -195,7 +219,8 @@ def _bwd_dkdv_kernel(
     stride_cb, stride_ch, stride_cn,
     num_heads, num_kv_heads, groups, num_n_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
     scale, seed, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -223,12 +248,22 @@ def _bwd_dkdv_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     cols = k_start + offs_n.to(tl.int64)
     b64 = b.to(tl.int64)
-    k = load_rows(K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kn
-                  + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
-    v = load_rows(V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vn
-                  + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
+    k_rows = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kn
+    v_rows = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vn
+    k = load_rows(k_rows + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
+    v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # Second column chunks (config.head_split); placeholders that the loops leave alone when there are none.
+    k2, v2, dk2, dv2 = k, v, 0.0, 0.0
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, EVEN_N, EVEN_D)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v, EVEN_N, EVEN_D)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_DV2], dtype=tl.float32)
 
     # Query tiles that see this key tile: [t_first, t_end); causal keeps queries >= n_start, and from t_full
     # on every query of the tile is past the key tile's last key (no causal check).
@@ -256,46 +291,59 @@ def _bwd_dkdv_kernel(
         t_full = t_lo
         if IS_CAUSAL:
             t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_lo), t_hi)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
-                                 t_lo, t_full, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
-                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed,
-                                 bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND,
-                                 HAS_SUMMARY, HAS_DROPOUT, True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
+                                           mask_base, state_base, t_lo, t_full, offs_n, cols, q_start, q_len, k_len,
+                                           head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
+                                           stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
+                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, True,
+                                           not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
         # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
         t_mid = t_hi
         if not EVEN_M:
             t_mid = tl.maximum(tl.minimum(t_hi, q_len // BLOCK_M), t_full)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
-                             t_full, t_mid, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
-                             stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
-                             drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY,
-                             HAS_DROPOUT, False, False, not EVEN_N, EVEN_D, PRECISION)
+        dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
+                                       mask_base, state_base, t_full, t_mid, offs_n, cols, q_start, q_len, k_len,
+                                       head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
+                                       stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
+                                       BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, False,
+                                       False, not EVEN_N, EVEN_D, PRECISION)
         if not EVEN_M:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base,
-                                 t_mid, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
-                                 stride_qm, stride_qd, stride_dm, stride_dd, stride_mm, stride_tm, scale, seed,
-                                 bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_DV, MASK_KIND,
-                                 HAS_SUMMARY, HAS_DROPOUT, False, True, not EVEN_N, EVEN_D, PRECISION)
-    dk = dk * scale
-    store_rows(DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
-               + offs_d[None, :] * stride_dkd, dk.to(DK.dtype.element_ty), offs_n, k_len, offs_d, head_dim,
-               EVEN_N, EVEN_D)
-    store_rows(DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
-               + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, k_len, offs_dv, head_dim_v,
-               EVEN_N, EVEN_D)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
+                                           mask_base, state_base, t_mid, t_hi, offs_n, cols, q_start, q_len, k_len,
+                                           head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
+                                           stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
+                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, False,
+                                           True, not EVEN_N, EVEN_D, PRECISION)
+    dk_rows = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
+    dv_rows = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
+    store_rows(dk_rows + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), offs_n, k_len, offs_d,
+               head_dim, EVEN_N, EVEN_D)
+    store_rows(dv_rows + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, k_len, offs_dv,
+               head_dim_v, EVEN_N, EVEN_D)
+    if BLOCK_D2 > 0:
+        store_rows(dk_rows + offs_d2[None, :] * stride_dkd, (dk2 * scale).to(DK.dtype.element_ty), offs_n, k_len,
+                   offs_d2, head_dim, EVEN_N, EVEN_D)
+    if BLOCK_DV2 > 0:
+        store_rows(dv_rows + offs_dv2[None, :] * stride_dvd, dv2.to(DV.dtype.element_ty), offs_n, k_len, offs_dv2,
+                   head_dim_v, EVEN_N, EVEN_D)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_hi, offs_m,
-              rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-              stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale,
-              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_KIND: tl.constexpr,
-              HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_hi,
+              offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+              stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+              MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
               CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
               PRECISION: tl.constexpr):
-    """Accumulate dQ of one query tile over key tiles [t_lo, t_hi); write dMask when asked."""
+    """Accumulate dQ (and dq2, the second column chunk's) of one query tile over key tiles [t_lo, t_hi); write
+    dMask when asked."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
     for t in range(t_lo, t_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         tile_state = 2
@@ -303,23 +351,35 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, sta
             tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
         if tile_state != 0:
             cols = k_start + offs_n.to(tl.int64)
-            k = load_rows(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                          offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
-            v = load_rows(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
-                          offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
+            k_rows = k_base + cols[:, None] * stride_kn
+            v_rows = v_base + cols[:, None] * stride_vn
+            k = load_rows(k_rows + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
+            v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N,
+                          EVEN_D)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, not CHECK_N,
+                               EVEN_D)
+                s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
             p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len,
                        mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale, MASK_KIND,
                        HAS_SUMMARY, CAUSAL, CHECK_M, CHECK_N, True)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            if BLOCK_DV2 > 0:
+                v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v,
+                               not CHECK_N, EVEN_D)
+                dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
             if HAS_DROPOUT:
                 dp = tl.where(_keep(seed, bh, rows, cols, drop_threshold, False), dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             if MASK_GRAD:
                 store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(dmask_base.dtype.element_ty),
                            offs_m, q_len, offs_n, k_len, not CHECK_M, not CHECK_N)
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    return dq
+            ds = ds.to(k.dtype)
+            dq += tl.dot(ds, k, input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                dq2 += tl.dot(ds, k2, input_precision=PRECISION)
+    return dq, dq2
 
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
@@ -338,7 +398,8 @@ def _bwd_dq_kernel(
     stride_rb, stride_rh, stride_rm,
     num_heads, groups, num_m_blocks, seq_len_q, seq_len_k, head_dim, head_dim_v,
     scale, seed, drop_threshold, drop_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_STATS: tl.constexpr,
@@ -352,17 +413,31 @@ def _bwd_dq_kernel(
     rows = q_start + offs_m.to(tl.int64)
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
-    q = load_rows(Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                  offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
-    do = load_rows(DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm
-                   + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+    q_rows = Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm
+    do_rows = DOut + b64 * stride_db + h64 * stride_dh + rows[:, None] * stride_dm
+    o_rows = Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
+    q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+    do = load_rows(do_rows + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
+    # Second column chunks (config.head_split); placeholders the loops leave alone when there are none.
+    q2, do2, dq2 = q, do, 0.0
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, EVEN_M, EVEN_D)
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v, EVEN_M,
+                        EVEN_D)
 
     # Row statistics, for this tile's loop and for the dK/dV kernel after it (or read from the pre-pass).
     row_ptr = pid_bh.to(tl.int64) * seq_len_q + rows
     if FUSED_STATS:
-        o = load_rows(Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
-                      + offs_dv[None, :] * stride_od, offs_m, q_len, offs_dv, head_dim_v, EVEN_M, EVEN_D)
-        lse2, delta = _write_row_stats(o, do, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M)
+        delta = _row_dot(load_rows(o_rows + offs_dv[None, :] * stride_od, offs_m, q_len, offs_dv, head_dim_v,
+                                   EVEN_M, EVEN_D), do)
+        if BLOCK_DV2 > 0:
+            delta += _row_dot(load_rows(o_rows + offs_dv2[None, :] * stride_od, offs_m, q_len, offs_dv2,
+                                        head_dim_v, EVEN_M, EVEN_D), do2)
+        lse2, delta = _write_row_stats(delta, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M)
     else:
         lse2, delta = _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, not EVEN_M)
 
@@ -392,20 +467,23 @@ def _bwd_dq_kernel(
     t_mid = tl.maximum(t_mid, t_lo)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_mid, offs_m,
-                   rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-                   stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold, drop_scale,
-                   BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
-                   False, not EVEN_M, False, EVEN_D, PRECISION)
+    dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo,
+                        t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
+                        stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,
+                        drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY,
+                        HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION)
     if IS_CAUSAL or not EVEN_N:
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_mid, t_hi,
-                       offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
-                       stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,
-                       drop_scale, BLOCK_N, BLOCK_D, BLOCK_DV, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD,
-                       IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
-    dq = dq * scale
-    store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-               dq.to(DQ.dtype.element_ty), offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base,
+                            t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
+                            stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh,
+                            drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND,
+                            HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+    dq_rows = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm
+    store_rows(dq_rows + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), offs_m, q_len, offs_d,
+               head_dim, EVEN_M, EVEN_D)
+    if BLOCK_D2 > 0:
+        store_rows(dq_rows + offs_d2[None, :] * stride_dqd, (dq2 * scale).to(DQ.dtype.element_ty), offs_m, q_len,
+                   offs_d2, head_dim, EVEN_M, EVEN_D)
 
 
 def _tiling(cfg, resident_keys, mask, cu_q, cu_k, Nq, Nk, max_q, max_k, dummy):
@@ -455,13 +533,14 @@ class _BackwardCall:
         self.mk = mask_for_kernel(mask) if mask is not None else self.lse2
         self.m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
         self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
-        block_d, block_dv = config.padded_head_dim(D), config.padded_head_dim(Dv)
         # Fusing the row statistics into the dQ kernel spills there for fp32 at head dims > 128.
-        self.fused_stats = not (q.dtype == torch.float32 and max(block_d, block_dv) > 128)
-        self.block_dv = block_dv
-        self.common = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, MASK_KIND=mask_kind(mask),
-                           IS_CAUSAL=bool(is_causal), IS_VARLEN=self.varlen, HAS_DROPOUT=dropout_p > 0,
-                           EVEN_D=(D == block_d and Dv == block_dv), PRECISION=config.input_precision(q.dtype))
+        self.block_dv = config.padded_head_dim(Dv)
+        self.fused_stats = not (q.dtype == torch.float32 and max(config.padded_head_dim(D), self.block_dv) > 128)
+        (block_d, block_d2), (block_dv, block_dv2) = config.head_split(D), config.head_split(Dv)
+        self.common = dict(BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2,
+                           MASK_KIND=mask_kind(mask), IS_CAUSAL=bool(is_causal), IS_VARLEN=self.varlen,
+                           HAS_DROPOUT=dropout_p > 0, EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2),
+                           PRECISION=config.input_precision(q.dtype))
 
     def static_configs(self) -> tuple:
         return config.backward_configs(*self.dims, self.dtype, heavy=self.heavy)

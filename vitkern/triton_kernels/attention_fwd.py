@@ -68,14 +68,13 @@ def _load_kv(ptrs, rows, n_rows, cols, n_cols, tile_state, HAS_SUMMARY: tl.const
 
 
 @triton.jit
-def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows, k_start,
-               q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn,
-               scale, to_log2, seed, bh, drop_threshold,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr,
-               HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
-               CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr,
-               EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows,
+               k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+               stride_tn, scale, to_log2, seed, bh, drop_threshold, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr,
+               HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
+               CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr,
+               PRECISION: tl.constexpr):
     """Online-softmax update of (acc, acc2, m_i, o_i, l_i) over key tiles [t_lo, t_hi).
 
     Head dims come in up to two column chunks (config.head_split): q / k columns [0, BLOCK_D) and, when
@@ -222,19 +221,19 @@ def _attention_fwd_kernel(
     acc2 = 0.0      # the second value chunk's accumulator, when there is one
     if BLOCK_DV2 > 0:
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
-    acc, acc2, m_i, o_i, l_i = _fwd_tiles(
-        acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo, t_mid, offs_m, rows, k_start, q_len,
-        k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
-        to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND,
-        HAS_SUMMARY, HAS_DROPOUT,
-        False, not EVEN_M, False, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
+    acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo,
+                                          t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
+                                          stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale, to_log2, seed,
+                                          pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2,
+                                          MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, False, not EVEN_M, False, EVEN_D,
+                                          RAW_MAX, EMULATE_FMA, PRECISION)
     if IS_CAUSAL or not EVEN_N:
-        acc, acc2, m_i, o_i, l_i = _fwd_tiles(
-            acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_mid, t_hi, offs_m, rows, k_start, q_len,
-            k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
-            to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND,
-            HAS_SUMMARY, HAS_DROPOUT,
-            IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base,
+                                              t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
+                                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
+                                              to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2,
+                                              BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, IS_CAUSAL,
+                                              not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
 
     # l == 0 only for a row with no key (its max score gives p = 1 otherwise); a NaN l fails the test and stays.
     empty = l_i == 0.0
@@ -324,12 +323,11 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
             *bs(q), *bs(k), *bs(v), *bs(out), *m_strides, *t_strides, *r_strides,
             Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale * LOG2E_HOST if raw_max else LOG2E_HOST,
             d_seed, d_thr, d_scale)
-    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D2=block_d2,
-                  BLOCK_DV=block_dv, BLOCK_DV2=block_dv2,
-                  MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None, IS_CAUSAL=bool(is_causal),
-                  IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
-                  EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2), RAW_MAX=raw_max, EMULATE_FMA=config.interpreting(),
-                  PRECISION=config.input_precision(q.dtype),
+    kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv,
+                  BLOCK_DV2=block_dv2, MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None,
+                  IS_CAUSAL=bool(is_causal), IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
+                  EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2), RAW_MAX=raw_max,
+                  EMULATE_FMA=config.interpreting(), PRECISION=config.input_precision(q.dtype),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return [(_attention_fwd_kernel, (num_m_blocks * B * Hq,), args, kwargs)]
 
