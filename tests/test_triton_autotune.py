@@ -113,7 +113,7 @@ def test_candidates(monkeypatch):
     monkeypatch.setattr(config, "interpreting", lambda: False)                # the GPU's
     for kernel in TUNED:
         for dtype, bits in ((torch.float16, "16"), (torch.bfloat16, "16"), (torch.float32, "32")):
-            for d, width in ((8, 64), (64, 64), (80, 128), (128, 128), (256, 256)):
+            for d, width in ((8, 64), (64, 64), (80, 96), (96, 96), (112, 128), (128, 128), (256, 256)):
                 for heavy in (False, True):
                     cands = config.candidates(kernel, d, d, dtype, heavy)
                     spills = config.SPILLS.get((kernel, bits, width, heavy), set())

@@ -41,7 +41,7 @@ def test_replaced_table_entry_is_used_everywhere(monkeypatch, on_gpu):
     rec = TritonRecord({HEAVY_128: {tuple(vars(own).values())}}, {HEAVY_128: other})
     monkeypatch.setattr(config, "TRITON_RECORDS", {config.triton_version(): rec})
     for dtype in (torch.float16, torch.bfloat16):
-        assert config.forward_config(96, 96, dtype, heavy=True) == other
+        assert config.forward_config(112, 112, dtype, heavy=True) == other
         assert config.static_config("fwd", 128, 128, dtype, heavy=True) == other
         cands = config.candidates("fwd", 128, 128, dtype, heavy=True)
         assert cands[0] == other and own not in cands
@@ -81,7 +81,7 @@ def test_release_record_replaces_a_spilling_table_entry():
     cands = [table, n1, n2, n3]
     results = [_result("_attention_fwd_kernel", table, 208, cands),
                _result("_attention_fwd_kernel", n1, 0, cands),
-               _result("_attention_fwd_kernel", n1, 16, cands, d=96),   # spills in another variant of the key
+               _result("_attention_fwd_kernel", n1, 16, cands, d=112),   # spills in another variant of the key
                _result("_attention_fwd_kernel", n2, 0, cands),
                _result("_attention_fwd_kernel", n3, 0, cands),
                _result("_bwd_dq_kernel", (128, 32, 8, 2), 0, [(128, 32, 8, 2)], mask=0),
@@ -96,7 +96,7 @@ def test_release_record_counts_a_failed_compile_as_spilling():
     cands = [(64, 64, 8, 2), (32, 64, 8, 2)]
     spills, replaced = aot_check.release_record([_result("_attention_fwd_kernel", cands[0], -1, cands),
                                                  _result("_attention_fwd_kernel", cands[1], 0, cands),
-                                                 _result("_attention_fwd_kernel", cands[1], None, cands, d=96)])
+                                                 _result("_attention_fwd_kernel", cands[1], None, cands, d=112)])
     assert spills == {HEAVY_128: {cands[0]}} and replaced == {HEAVY_128: LaunchConfig(*cands[1])}
 
 

@@ -97,8 +97,10 @@ def _variants(quick: bool):
         for d in (64, 128, 256):
             out.append((dt, d, 0, False, False, False, 256))
             out.append((dt, d, 2, True, False, True, 197))
+    # Head dims 80 / 96 run in two column chunks (config.head_split): their own width class.
     out += [(f32, 64, 0, False, False, False, 256), (b16, 96, 1, False, False, False, 197),
-            (b16, 96, 0, True, True, True, 197), (f16, 128, 0, False, True, False, 197),
+            (b16, 96, 0, True, True, True, 197), (b16, 96, 0, False, False, False, 256),
+            (f16, 80, 2, True, False, True, 197), (f16, 128, 0, False, True, False, 197),
             (f32, 256, 2, True, False, True, 197)]
     return out
 

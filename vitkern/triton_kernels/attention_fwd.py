@@ -4,8 +4,8 @@ Features
 - one kernel for dense [B, H, N, D] batches and packed varlen batches (IS_VARLEN: cu_seqlens with a device-side
   program map, zero-length sequences, Nq != Nk, no host sync);
 - dense masks (MASK_KIND 1 bool / 2 float) read through their strides (stride-0 broadcast dims are never
-  materialized), with a per-tile summary (mask_summary.py) that skips empty tiles, skips the mask load on full
-  tiles and bounds the key loop of each query tile;
+  materialized), with a per-tile summary (mask_summary.py): each query tile walks lists of its full tiles (the
+  unmasked loop body, no mask read, no branch) and then of its partial ones; empty tiles are never visited;
 - causal (top-left aligned, per sequence for varlen), grouped-query attention (Hq a multiple of Hk);
 - fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32x3 / tf32 is opted into
   with VITKERN_TRITON_FP32_PRECISION, see config.py);
@@ -32,9 +32,8 @@ import triton
 import triton.language as tl
 
 from . import autotune, config, varlen_map
-from .mask_summary import tile_summary
-from .tile_ops import (LN2, TILE_EMPTY, TILE_FULL, TILE_PARTIAL, dropout_keep, load_rows, mask_scores,
-                       query_block_of_program, store_rows)
+from .mask_summary import row_lists, tile_summary
+from .tile_ops import LN2, dropout_keep, load_rows, mask_scores, query_block_of_program, store_rows
 
 LOG2E_HOST = 1 / math.log(2)
 
@@ -51,31 +50,17 @@ def _fma(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(ptrs, rows, n_rows, cols, n_cols, tile_state, HAS_SUMMARY: tl.constexpr, CHECK_N: tl.constexpr,
-             EVEN_D: tl.constexpr):
-    """A [BLOCK_N, D] key/value tile; rows past n_rows (CHECK_N), columns past n_cols and every element of an
-    empty tile read as 0."""
-    if HAS_SUMMARY:
-        ok = tile_state != TILE_EMPTY
-        if not EVEN_D:
-            ok = ok & (cols[None, :] < n_cols)
-        if CHECK_N:
-            ok = ok & (rows[:, None] < n_rows)
-        x = tl.load(ptrs, mask=ok, other=0.0)
-    else:
-        x = load_rows(ptrs, rows, n_rows, cols, n_cols, not CHECK_N, EVEN_D)
-    return x
-
-
-@triton.jit
-def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo, t_hi, offs_m, rows,
+def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base, t_lo, t_hi, offs_m, rows,
                k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
                stride_tn, scale, to_log2, seed, bh, drop_threshold, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr,
-               HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
+               LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
                CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr,
                PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, acc2, m_i, o_i, l_i) over key tiles [t_lo, t_hi).
+    """Online-softmax update of (acc, acc2, m_i, o_i, l_i) over key tiles [t_lo, t_hi), or, LISTED, over the key
+    tiles at positions [t_lo, t_hi) of the list at order_base (mask_summary.row_lists). MASK_KIND != 0: read
+    the mask on every tile (the lists hand only partial tiles to such a loop: no branch, whose merged scores
+    would make Triton move the whole score tile through shared memory).
 
     Head dims come in up to two column chunks (config.head_split): q / k columns [0, BLOCK_D) and, when
     BLOCK_D2 > 0, [BLOCK_D, BLOCK_D + BLOCK_D2) in q2 (s sums both products); v / out likewise with acc2.
@@ -90,9 +75,10 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state
     offs_dv = tl.arange(0, BLOCK_DV)
     # One scalar 64-bit base per tensor advances a tile per step; the per-element offsets inside a tile are
     # loop-invariant int32 (rebuilding 64-bit pointers from the indices costs ~5 instructions per load).
-    first = k_start + t_lo * BLOCK_N
-    k_tile = k_base + first * stride_kn
-    v_tile = v_base + first * stride_vn
+    if not LISTED:
+        first = k_start + t_lo * BLOCK_N
+        k_tile = k_base + first * stride_kn
+        v_tile = v_base + first * stride_vn
     offs_j = tl.arange(0, BLOCK_N)
     k_offs = offs_j[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_offs = offs_j[:, None] * stride_vn + offs_dv[None, :] * stride_vd
@@ -102,30 +88,27 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state
     if BLOCK_DV2 > 0:
         offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
         v_offs2 = offs_j[:, None] * stride_vn + offs_dv2[None, :] * stride_vd
-    for t in range(t_lo, t_hi):
+    for i in range(t_lo, t_hi):
+        if LISTED:
+            t = tl.load(order_base + i * stride_tn)
+            first = k_start + t * BLOCK_N
+            k_at = k_base + first * stride_kn
+            v_at = v_base + first * stride_vn
+        else:
+            t = i
+            k_at = k_tile
+            v_at = v_tile
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        # An empty tile (mask summary) is not branched around, which would keep Triton from pipelining the K/V
-        # loads: its loads are predicated off (K, V read as 0, so no NaN of a skipped key leaks in) and its
-        # scores set to -inf (p = 0, alpha = 1: m, l, acc unchanged).
-        tile_state = TILE_PARTIAL
-        if HAS_SUMMARY:
-            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
-        k = _load_kv(k_tile + k_offs, offs_n, k_len, offs_d, head_dim, tile_state, HAS_SUMMARY, CHECK_N, EVEN_D)
+        k = load_rows(k_at + k_offs, offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            k2 = _load_kv(k_tile + k_offs2, offs_n, k_len, offs_d2, head_dim, tile_state, HAS_SUMMARY, CHECK_N,
-                          EVEN_D)
+            k2 = load_rows(k_at + k_offs2, offs_n, k_len, offs_d2, head_dim, not CHECK_N, EVEN_D)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         if not RAW_MAX:
             s = s * scale
-        if HAS_SUMMARY:
-            # A branch, so that a full tile costs what an unmasked one does. (Mask pointers are built per tile:
-            # a [BLOCK_M, BLOCK_N] pointer tile would live in registers.)
-            if tile_state != TILE_FULL:
-                s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
-                                tile_state, MASK_KIND, False, CHECK_M, CHECK_N)
-                s = tl.where(tile_state == TILE_EMPTY, float("-inf"), s)
-        s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base, tile_state, 0, CAUSAL, CHECK_M, CHECK_N)
+        # (Mask pointers are built per tile: a [BLOCK_M, BLOCK_N] pointer tile would live in registers.)
+        s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
+                        MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
         m_i = tl.maximum(m_i, tl.max(s, 1))
         o_new = m_i * to_log2
         # A row with no key so far keeps o = -inf; subtracting 0 instead keeps exp2 from making NaN. Without a
@@ -144,21 +127,21 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state
         if HAS_DROPOUT:
             keep = dropout_keep(seed, bh, rows, k_start + offs_n.to(tl.int64), drop_threshold)
             p = tl.where(keep, p, 0.0)
-        v = _load_kv(v_tile + v_offs, offs_n, k_len, offs_dv, head_dim_v, tile_state, HAS_SUMMARY, CHECK_N, EVEN_D)
+        v = load_rows(v_at + v_offs, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
         p = p.to(v.dtype)
         acc = tl.dot(p, v, acc, input_precision=PRECISION)
         if BLOCK_DV2 > 0:
-            v2 = _load_kv(v_tile + v_offs2, offs_n, k_len, offs_dv2, head_dim_v, tile_state, HAS_SUMMARY, CHECK_N,
-                          EVEN_D)
+            v2 = load_rows(v_at + v_offs2, offs_n, k_len, offs_dv2, head_dim_v, not CHECK_N, EVEN_D)
             acc2 = tl.dot(p, v2, acc2, input_precision=PRECISION)
-        k_tile += BLOCK_N * stride_kn
-        v_tile += BLOCK_N * stride_vn
+        if not LISTED:
+            k_tile += BLOCK_N * stride_kn
+            v_tile += BLOCK_N * stride_vn
     return acc, acc2, m_i, o_i, l_i
 
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _attention_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, TileState, TileLo, TileHi, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, Out, Lse, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -192,7 +175,7 @@ def _attention_fwd_kernel(
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
-    state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
+    order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
 
     # Key tiles this query tile visits: [t_lo, t_hi); those below t_mid hold only in-range keys left of the
     # diagonal and skip the causal / bounds checks.
@@ -203,10 +186,6 @@ def _attention_fwd_kernel(
         n_end = tl.where(m_start < q_len, n_end, 0)   # a program past the last block does nothing
     t_lo = 0
     t_hi = tl.cdiv(n_end, BLOCK_N)
-    if HAS_SUMMARY:
-        r_off = b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
-        t_lo = tl.maximum(tl.load(TileLo + r_off), 0)
-        t_hi = tl.minimum(t_hi, tl.load(TileHi + r_off))
     t_mid = t_hi
     if not EVEN_N:
         t_mid = tl.minimum(t_mid, k_len // BLOCK_N)
@@ -221,19 +200,48 @@ def _attention_fwd_kernel(
     acc2 = 0.0      # the second value chunk's accumulator, when there is one
     if BLOCK_DV2 > 0:
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
-    acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base, t_lo,
-                                          t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
-                                          stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale, to_log2, seed,
-                                          pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2,
-                                          MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, False, not EVEN_M, False, EVEN_D,
-                                          RAW_MAX, EMULATE_FMA, PRECISION)
-    if IS_CAUSAL or not EVEN_N:
-        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, state_base,
-                                              t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
+    if HAS_SUMMARY:
+        # The lists of mask_summary.row_lists: full tiles without checks, full tiles with them, partial tiles.
+        ends = TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
+        e_full = tl.load(ends)
+        e_edge = tl.load(ends + 1)
+        e_part = tl.load(ends + 2)
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base,
+                                              0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
                                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
                                               to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2,
-                                              BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, IS_CAUSAL,
-                                              not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
+                                              BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False, not EVEN_M, False,
+                                              EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
+        if IS_CAUSAL or not EVEN_N:
+            acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base,
+                                                  order_base, e_full, e_edge, offs_m, rows, k_start, q_len, k_len,
+                                                  head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                                                  stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
+                                                  BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True,
+                                                  HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
+                                                  EMULATE_FMA, PRECISION)
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base,
+                                              e_edge, e_part, offs_m, rows, k_start, q_len, k_len, head_dim,
+                                              head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
+                                              stride_tn, scale, to_log2, seed, pid_bh, drop_threshold, BLOCK_N,
+                                              BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT,
+                                              IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX, EMULATE_FMA,
+                                              PRECISION)
+    else:
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base,
+                                              t_lo, t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
+                                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
+                                              to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2,
+                                              BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT, False, not EVEN_M, False,
+                                              EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
+        if IS_CAUSAL or not EVEN_N:
+            acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base,
+                                                  order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len,
+                                                  head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                                                  stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
+                                                  BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False,
+                                                  HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
+                                                  EMULATE_FMA, PRECISION)
 
     # l == 0 only for a row with no key (its max score gives p = 1 otherwise); a NaN l fails the test and stays.
     empty = l_i == 0.0
@@ -307,24 +315,24 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
         block_seq = block_start = cu_q = cu_k = dummy
         num_m_blocks = config.cdiv(Nq, cfg.block_m)
         even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
-    summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
     mk = mask_for_kernel(mask) if mask is not None else dummy
     m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    if summary is not None:
-        st, lo, hi = summary.state, summary.row_lo, summary.row_hi
-        t_strides, r_strides = st.stride(), lo.stride()
+    if mask is not None:
+        order, ends = row_lists(tile_summary(mask, cfg.block_m, cfg.block_n), cfg.block_m, cfg.block_n, Nk,
+                                is_causal)
+        t_strides, r_strides = order.stride(), ends.stride()[:3]
     else:
-        st = lo = hi = dummy
+        order = ends = dummy
         t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
     raw_max = scale > 0 and mask_kind(mask) != 2
     bs = config.batch_strides
-    args = (q, k, v, out, lse, mk, st, lo, hi, cu_q, cu_k, block_seq, block_start,
+    args = (q, k, v, out, lse, mk, order, ends, cu_q, cu_k, block_seq, block_start,
             *bs(q), *bs(k), *bs(v), *bs(out), *m_strides, *t_strides, *r_strides,
             Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale * LOG2E_HOST if raw_max else LOG2E_HOST,
             d_seed, d_thr, d_scale)
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv,
-                  BLOCK_DV2=block_dv2, MASK_KIND=mask_kind(mask), HAS_SUMMARY=summary is not None,
+                  BLOCK_DV2=block_dv2, MASK_KIND=mask_kind(mask), HAS_SUMMARY=mask is not None,
                   IS_CAUSAL=bool(is_causal), IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
                   EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2), RAW_MAX=raw_max,
                   EMULATE_FMA=config.interpreting(), PRECISION=config.input_precision(q.dtype),

@@ -59,6 +59,11 @@ def head_split(d: int) -> tuple:
     return full // 2, padded_head_dim(d - full // 2)
 
 
+def computed_width(d: int, dv: int) -> int:
+    """The widest operand's columns as computed (head_split's chunks summed): what the registers hold."""
+    return max(sum(head_split(d)), sum(head_split(dv)))
+
+
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
@@ -107,17 +112,19 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
     vitkern.triton_kernels.aot_check``); speed is to be tuned on the device."""
     if interpreting():
         return LaunchConfig(32, 16, 1, 1)
-    width = max(padded_head_dim(d), padded_head_dim(dv))
+    width = computed_width(d, dv)
     if dtype == torch.float32:          # "ieee" products run on FMA units: small tiles
         if width <= 128:
             return LaunchConfig(32, 16, 8, 2) if heavy else LaunchConfig(32, 32, 8, 2) if width <= 64 \
                 else LaunchConfig(32, 16, 4, 2)
         return LaunchConfig(16, 16, 8, 2)
     # Dense: 128x128 with 8 warps (two warpgroups of 64 rows, each wgmma 64x128): the fewest issued
-    # instructions per score (sass_report.py). Heavy tiles are smaller: the masked path keeps scores in a
-    # blocked layout and the larger tiles spill.
+    # instructions per score (sass_report.py). Heavy tiles are smaller: the partial-tile loop's mask entries
+    # and dropout's hash need registers, and the larger tiles spill.
     if width <= 64:
         return LaunchConfig(128, 64, 8, 3) if heavy else LaunchConfig(128, 128, 8, 3)
+    if width <= 96:     # 80 = 64 + 16, 96 = 64 + 32 (head_split)
+        return LaunchConfig(128, 64, 8, 1) if heavy else LaunchConfig(128, 128, 8, 2)
     if width <= 128:
         return LaunchConfig(64, 32, 8, 1) if heavy else LaunchConfig(128, 128, 8, 2)
     return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
@@ -130,7 +137,7 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
     varlen and causal (their bounds checks and extra loops cost registers in the dK/dV kernel)."""
     if interpreting():
         return LaunchConfig(16, 32, 1, 1), LaunchConfig(32, 16, 1, 1)
-    width = max(padded_head_dim(d), padded_head_dim(dv))
+    width = computed_width(d, dv)
     if dtype == torch.float32:
         if 64 < width <= 128:
             return LaunchConfig(16, 32, 8, 1), LaunchConfig(16, 16, 8, 1)
@@ -142,6 +149,9 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
     if width <= 64:
         kv = LaunchConfig(32, 128, 8, 1) if heavy else LaunchConfig(64, 128, 8, 1)
         return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
+    if width <= 96:     # dense: 32 query rows a step fit beside 128 keys x 96 (16 at 128); heavy as at 128
+        kv = LaunchConfig(16, 64, 8, 1) if heavy else LaunchConfig(32, 128, 8, 1)
+        return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)
     if width <= 128:
         kv = LaunchConfig(16, 64, 8, 1) if heavy else LaunchConfig(16, 128, 8, 1)
         return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)
@@ -159,7 +169,7 @@ MAX_NEIGHBOURS = 4
 MAX_BLOCK = 128
 # Launch configs that spill registers on sm_90 in some variant of aot_check, recorded per Triton release by
 # ``python -m vitkern.triton_kernels.aot_check --record`` (which compiles every neighbour of _neighbours), by
-# (kernel, "16" or "32" bit, padded width class 64/128/256, heavy) -> {(block_m, block_n, num_warps,
+# (kernel, "16" or "32" bit, computed width class 64/96/128/256, heavy) -> {(block_m, block_n, num_warps,
 # num_stages)}: they are never proposed. Triton 3.8 (the forward's entries re-found after its Hopper rework, the
 # backward's after its key-major dK/dV / fused-statistics dQ rework):
 _SPILLS_3_8 = {
@@ -269,8 +279,8 @@ def static_config(kernel: str, d: int, dv: int, dtype: torch.dtype, heavy: bool 
 
 
 def _width_class(d: int, dv: int) -> int:
-    width = max(padded_head_dim(d), padded_head_dim(dv))
-    return 64 if width <= 64 else 128 if width <= 128 else 256
+    width = computed_width(d, dv)
+    return 64 if width <= 64 else 96 if width <= 96 else 128 if width <= 128 else 256
 
 
 def _neighbours(kernel: str, c: LaunchConfig) -> list:

@@ -12,12 +12,14 @@ For tiles of block_m x block_n it gives:
     row_lo, row_hi  int32 [B, Hq, MT]: the key tiles a query tile has to visit, [lo, hi)
     col_lo, col_hi  int32 [B, Hq, NT]: the query tiles a key tile has to visit (backward dK/dV)
 The ranges make a block-diagonal mask (NaViT's packed images, built from segment ids) visit only the tiles
-near the diagonal, as the varlen path does.
+near the diagonal, as the varlen path does. The forward visits lists instead (``row_lists``): per query tile,
+its full tiles that need no causal or bounds check, then the other full ones, then the partial ones, so that a
+full tile runs the unmasked loop body (no mask code, no branch) and an empty one costs nothing.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -36,6 +38,7 @@ class TileSummary:
     row_hi: Tensor
     col_lo: Tensor
     col_hi: Tensor
+    lists: dict = field(default_factory=dict)   # row_lists' results by (n_k, causal)
 
 
 def _distinct_slice(mask: Tensor) -> Tensor:
@@ -110,6 +113,40 @@ def tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
         if launch is _launch and memo_allowed(root):   # (not while aot_check compiles instead of running)
             _SUMMARIES.put(root, key, hit)
     return hit
+
+
+# Order of the key tiles in a query tile's list (row_lists): full tiles without, then with, checks; then
+# partial tiles; tiles not visited last.
+_FULL_INTERIOR, _FULL_EDGE, _PARTIAL, _SKIPPED = 0, 1, 2, 3
+
+
+def row_lists(summary: TileSummary, block_m: int, block_n: int, n_k: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """(order int32 [B, Hq, MT, NT], ends int32 [B, Hq, MT, 3]): order[..., m, :] lists query tile m's key tiles,
+    full ones that need no causal / key-bounds check first, then the other full ones, then the partial ones
+    (each group ascending); ends holds where each group ends. A key tile needs the checks when it holds keys
+    past n_k or, causal (top-left), keys right of the first query row's diagonal (the forward kernel's t_mid);
+    causal tiles right of the last row's diagonal, and empty ones, are not listed. Computed once per summary."""
+    key = (n_k, bool(causal))
+    if key not in summary.lists:
+        state = summary.state
+        B, H, MT, NT = state.shape
+        dev = state.device
+        t = torch.arange(NT, device=dev, dtype=torch.int32).view(1, NT)
+        m_start = torch.arange(MT, device=dev, dtype=torch.int32).view(MT, 1) * block_m
+        t_mid = torch.full((MT, 1), NT if n_k % block_n == 0 else n_k // block_n, device=dev, dtype=torch.int32)
+        n_end = torch.full((MT, 1), n_k, device=dev, dtype=torch.int32)
+        if causal:
+            t_mid = torch.minimum(t_mid, (m_start + 1) // block_n)
+            n_end = torch.minimum(n_end, m_start + block_m)
+        visited = (t * block_n < n_end) & (state != TILE_EMPTY)
+        full = state == TILE_FULL
+        group = torch.where(full & (t < t_mid), _FULL_INTERIOR, torch.where(full, _FULL_EDGE, _PARTIAL))
+        group = torch.where(visited, group, _SKIPPED)
+        # Sorting group * NT + t keeps each group ascending (stride-0 dims of state broadcast through).
+        order = torch.sort(group * NT + t, dim=-1).values % NT
+        counts = torch.stack([(group == g).sum(-1) for g in (_FULL_INTERIOR, _FULL_EDGE, _PARTIAL)], -1)
+        summary.lists[key] = (order.to(torch.int32).contiguous(), counts.cumsum(-1).to(torch.int32).contiguous())
+    return summary.lists[key]
 
 
 def _tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:

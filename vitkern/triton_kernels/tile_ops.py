@@ -74,14 +74,14 @@ def apply_mask_entries(s, mask_ptrs, read, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
+def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs,
                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
     """s [BM, BN] (scaled scores); offs_m / offs_n are positions inside the sequence (causal is top-left).
 
-    MASK_KIND: 0 none, 1 bool (True = takes part), 2 float (added to the scores). The mask is read only when
-    the tile's state is TILE_PARTIAL; a TILE_FULL tile reads nothing. CAUSAL / CHECK_N say whether this tile
-    can hold pairs above the diagonal / keys past k_len (callers split their loops so most tiles need
-    neither); CHECK_M whether rows past q_len exist (only their mask reads matter).
+    MASK_KIND: 0 none, 1 bool (True = takes part), 2 float (added to the scores): the entries at mask_ptrs
+    are read (the callers hand only tiles the mask summary calls partial to a masked call). CAUSAL / CHECK_N say
+    whether this tile can hold pairs above the diagonal / keys past k_len (callers split their loops so most
+    tiles need neither); CHECK_M whether rows past q_len exist (only their mask reads matter).
     """
     if MASK_KIND != 0:
         read = tl.full(s.shape, 1, tl.int1)
@@ -89,7 +89,6 @@ def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs, tile_state,
             read = read & (offs_m[:, None] < q_len)
         if CHECK_N:
             read = read & (offs_n[None, :] < k_len)
-        read = read & (tile_state == TILE_PARTIAL)
         s = apply_mask_entries(s, mask_ptrs, read, MASK_KIND)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
