@@ -30,7 +30,8 @@ from vitkern.backends import get as get_backend  # noqa: E402
 from vitkern.ops import attention_fwd  # noqa: E402
 from vitkern.triton_kernels import varlen_map  # noqa: E402
 from vitkern.triton_kernels.attention_fwd import dropout_args  # noqa: E402
-from vitkern.triton_kernels.mask_summary import TILE_EMPTY, TILE_FULL, TILE_PARTIAL, tile_summary  # noqa: E402
+from vitkern.triton_kernels.mask_summary import (TILE_EMPTY, TILE_FULL, TILE_PARTIAL, col_lists, row_lists,  # noqa: E402
+                                                 tile_summary)
 from vitkern.triton_kernels.tile_ops import dropout_keep  # noqa: E402
 
 DEV = "cpu" if INTERPRETING else "cuda"
@@ -249,9 +250,50 @@ def test_mask_summary_matches_brute_force():
                 t = mask[h, 16 * i:16 * i + 16, 16 * j:16 * j + 16]
                 want = (TILE_EMPTY if torch.isinf(t).all() else TILE_FULL if (t == 0).all() else TILE_PARTIAL)
                 assert s.state[1, h, i, j] == want, (h, i, j)
-            nonempty = [j for j in range(3) if s.state[0, h, i, j] != TILE_EMPTY]
-            assert (s.row_lo[0, h, i].item(), s.row_hi[0, h, i].item()) == (
-                (min(nonempty), max(nonempty) + 1) if nonempty else (3, 0))
+
+
+def _listed(order, ends, *idx):
+    o, e = order[idx].tolist(), ends[idx].tolist()
+    return o[:e[0]], o[e[0]:e[1]], o[e[1]:e[2]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_lists_match_brute_force(causal):
+    # Per resident tile: full tiles without checks, full with checks, partial; empty and (causal) wholly
+    # masked tiles not listed. Checks are needed on the ragged last tile and, causal, across the diagonal.
+    g = torch.Generator().manual_seed(7)
+    bm, bn, nq, nk = 16, 8, 37, 43
+    mask = torch.where(torch.rand(2, nq, nk, generator=g) > 0.3, 0.0, -math.inf)
+    mask[0, :, :] = 0.0
+    mask[1, :, 10:30] = -math.inf
+    mask[1, 20:, :] = 0.0
+    s = tile_summary(mask.view(1, 2, nq, nk), bm, bn)
+    mt, nt = -(-nq // bm), -(-nk // bn)
+    order, ends = row_lists(s, bm, bn, nk, causal)
+    for h in range(2):
+        for i in range(mt):
+            n_end = min(nk, i * bm + bm) if causal else nk
+            t_mid = min(nt if nk % bn == 0 else nk // bn, (i * bm + 1) // bn if causal else nt)
+            want = ([], [], [])
+            for j in range(nt):
+                st = s.state[0, h, i, j].item()
+                if st == TILE_EMPTY or j * bn >= n_end:
+                    continue
+                want[0 if st == TILE_FULL and j < t_mid else 1 if st == TILE_FULL else 2].append(j)
+            assert _listed(order, ends, 0, h, i) == want, (h, i)
+    order, ends = col_lists(s, bm, bn, nq, causal)
+    for h in range(2):
+        for j in range(nt):
+            first = j * bn // bm if causal else 0
+            t_full = -(-(j * bn + bn - 1) // bm) if causal else 0
+            want = ([], [], [])
+            for i in range(mt):
+                st = s.state[0, h, i, j].item()
+                if st == TILE_EMPTY or i < first:
+                    continue
+                edge = i < t_full or (nq % bm != 0 and i >= nq // bm)
+                want[0 if st == TILE_FULL and not edge else 1 if st == TILE_FULL else 2].append(i)
+            assert _listed(order, ends, 0, h, j) == want, (h, j)
 
 
 def test_block_diagonal_summary_visits_only_the_diagonal():
@@ -260,7 +302,9 @@ def test_block_diagonal_summary_visits_only_the_diagonal():
     seg = torch.arange(512) // 64
     s = tile_summary(_segment_mask(seg).view(1, 1, 512, 512), 16, 16)
     assert (s.state != TILE_EMPTY).sum().item() == 8 * 16
-    assert ((s.row_hi - s.row_lo) == 4).all() and ((s.col_hi - s.col_lo) == 4).all()
+    for lists in (row_lists(s, 16, 16, 512, False), col_lists(s, 16, 16, 512, False)):
+        ends = lists[1]
+        assert (ends[..., 0] == 4).all() and (ends[..., 2] == 4).all()   # 4 full tiles each, nothing else
 
 
 def test_varlen_block_map_covers_each_block_once():

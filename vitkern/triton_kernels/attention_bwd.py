@@ -28,8 +28,8 @@ import triton.language as tl
 
 from . import autotune, config, varlen_map
 from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
-from .mask_summary import tile_summary
-from .tile_ops import (LOG2E, TILE_PARTIAL, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, load_rows,
+from .mask_summary import col_lists, row_lists, tile_summary
+from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, load_rows,
                        query_block_of_program, store_rows)
 
 _INTERPRET = tl.constexpr(config.interpreting())
@@ -46,27 +46,24 @@ def _fma(a, b, c):
 
 
 @triton.jit
-def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_state, scale,
-           MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr,
-           CHECK_K: tl.constexpr, KEY_BOUNDS: tl.constexpr):
+def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, scale,
+           MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
+           KEY_BOUNDS: tl.constexpr):
     """P of a tile in either orientation: s the raw q.k products, lse2 / qi (query positions) / kj (key
     positions) broadcast to s's shape ([BM, 1] and [1, BN] for a query-major tile, the other way round for a
-    key-major one), mask_ptrs the mask entries of the tile (read only on TILE_PARTIAL tiles and in bounds).
+    key-major one), mask_ptrs the mask entries of the tile (read in bounds when MASK_KIND != 0: the tile lists
+    hand only partial tiles to a masked call).
     KEY_BOUNDS: zero P of keys past k_len (the dQ kernel needs it; the dK/dV kernel never stores those rows)."""
     # Natural units first (one rounding, of a number near 0), then log2(e): lse's own rounding is then the
     # only one at the logits' magnitude, and it is the same for every key of the row.
     y = _fma(s, scale, -lse2)
     if MASK_KIND != 0:
-        partial = True
-        if HAS_SUMMARY:
-            partial = tile_state == TILE_PARTIAL
-        if partial:
-            read = tl.full(s.shape, 1, tl.int1)
-            if CHECK_Q:
-                read = read & (qi < q_len)
-            if CHECK_K:
-                read = read & (kj < k_len)
-            y = apply_mask_entries(y, mask_ptrs, read, MASK_KIND)
+        read = tl.full(s.shape, 1, tl.int1)
+        if CHECK_Q:
+            read = read & (qi < q_len)
+        if CHECK_K:
+            read = read & (kj < k_len)
+        y = apply_mask_entries(y, mask_ptrs, read, MASK_KIND)
     if CAUSAL:
         y = tl.where(kj <= qi, y, float("-inf"))
     if KEY_BOUNDS and CHECK_K:
@@ -148,14 +145,16 @@ def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base, mask_base, state_base, t_lo,
+def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base, mask_base, order_base, t_lo,
                 t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                 stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
-                MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+                MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                 CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) of one query head, on
-    key-major tiles [BLOCK_N, BLOCK_M]. Second column chunks (k2, v2, dk2, dv2; config.head_split) take part
+    """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) (LISTED: the tiles at
+    those positions of the list at order_base, mask_summary.col_lists) of one query head, on key-major tiles
+    [BLOCK_N, BLOCK_M]. MASK_KIND != 0 reads the mask on every tile (
+        partial tiles only). Second column chunks (k2, v2, dk2, dv2; config.head_split) take part
     when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -163,51 +162,49 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, ro
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     if BLOCK_DV2 > 0:
         offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
-    for t in range(t_lo, t_hi):
+    for i in range(t_lo, t_hi):
+        t = i
+        if LISTED:
+            t = tl.load(order_base + i * stride_tm)
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        tile_state = 2
-        if HAS_SUMMARY:
-            tile_state = tl.load(state_base + t * stride_tm).to(tl.int32)
-        if tile_state != 0:
-            rows = q_start + offs_m.to(tl.int64)
-            q_rows = q_base + rows[:, None] * stride_qm
-            do_rows = do_base + rows[:, None] * stride_dm
-            q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
-            do = load_rows(do_rows + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, not CHECK_M,
+        rows = q_start + offs_m.to(tl.int64)
+        q_rows = q_base + rows[:, None] * stride_qm
+        do_rows = do_base + rows[:, None] * stride_dm
+        q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
+        do = load_rows(do_rows + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, not CHECK_M,
+                       EVEN_D)
+        lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, not CHECK_M,
                            EVEN_D)
-            lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
-            st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
-            if BLOCK_D2 > 0:
-                q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, not CHECK_M,
-                               EVEN_D)
-                st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
-            pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
-                        mask_base + rows[None, :] * stride_mm, tile_state, scale, MASK_KIND, HAS_SUMMARY,
-                        CAUSAL, CHECK_M, CHECK_N, False)
-            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            if BLOCK_DV2 > 0:
-                do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
-                                not CHECK_M, EVEN_D)
-                dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
-            if HAS_DROPOUT:
-                keep = _keep(seed, bh, rows, cols, drop_threshold, True)
-                pt_kept = tl.where(keep, pt * drop_scale, 0.0).to(do.dtype)
-                dpt = tl.where(keep, dpt * drop_scale, 0.0)
-            else:
-                pt_kept = pt.to(do.dtype)
-            dv += tl.dot(pt_kept, do, input_precision=PRECISION)
-            if BLOCK_DV2 > 0:
-                dv2 += tl.dot(pt_kept, do2, input_precision=PRECISION)
-            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-            dk += tl.dot(dst, q, input_precision=PRECISION)
-            if BLOCK_D2 > 0:
-                dk2 += tl.dot(dst, q2, input_precision=PRECISION)
+            st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
+        pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
+                    mask_base + rows[None, :] * stride_mm, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if BLOCK_DV2 > 0:
+            do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
+                            not CHECK_M, EVEN_D)
+            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            keep = _keep(seed, bh, rows, cols, drop_threshold, True)
+            pt_kept = tl.where(keep, pt * drop_scale, 0.0).to(do.dtype)
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        else:
+            pt_kept = pt.to(do.dtype)
+        dv += tl.dot(pt_kept, do, input_precision=PRECISION)
+        if BLOCK_DV2 > 0:
+            dv2 += tl.dot(pt_kept, do2, input_precision=PRECISION)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            dk2 += tl.dot(dst, q2, input_precision=PRECISION)
     return dk, dk2, dv, dv2
 
 
 @triton.jit(do_not_specialize=["num_n_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse2, Delta, DK, DV, Mask, TileState, ColLo, ColHi, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, DOut, Lse2, Delta, DK, DV, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -277,43 +274,63 @@ def _bwd_dkdv_kernel(
         h = hk * groups + g
         h64 = h.to(tl.int64)
         bh = b * num_heads + h
-        t_lo = t_first
-        t_hi = t_end
-        if HAS_SUMMARY:
-            c_off = b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn
-            t_lo = tl.maximum(t_lo, tl.load(ColLo + c_off))
-            t_hi = tl.minimum(t_hi, tl.load(ColHi + c_off))
-        state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_n * stride_tn
+        order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_n * stride_tn
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DOut + b64 * stride_db + h64 * stride_dh
         row_base = bh.to(tl.int64) * seq_len_q
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64)[:, None] * stride_mn
-        t_full = t_lo
-        if IS_CAUSAL:
-            t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_lo), t_hi)
+        if HAS_SUMMARY:
+            # The lists of mask_summary.col_lists: full tiles without checks, full tiles with them, partial tiles.
+            ends = TileEnds + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn
+            e_full = tl.load(ends)
+            e_edge = tl.load(ends + 1)
+            e_part = tl.load(ends + 2)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                           mask_base, state_base, t_lo, t_full, offs_n, cols, q_start, q_len, k_len,
+                                           mask_base, order_base, 0, e_full, offs_n, cols, q_start, q_len, k_len,
                                            head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
                                            stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
-                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, True,
+                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False, False,
+                                           not EVEN_N, EVEN_D, PRECISION)
+            if IS_CAUSAL or not EVEN_M:
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
+                                               mask_base, order_base, e_full, e_edge, offs_n, cols, q_start, q_len,
+                                               k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
+                                               stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                                               BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT,
+                                               IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
+                                           mask_base, order_base, e_edge, e_part, offs_n, cols, q_start, q_len, k_len,
+                                           head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
+                                           stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
+                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT, IS_CAUSAL,
                                            not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
-        # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
-        t_mid = t_hi
-        if not EVEN_M:
-            t_mid = tl.maximum(tl.minimum(t_hi, q_len // BLOCK_M), t_full)
-        dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                       mask_base, state_base, t_full, t_mid, offs_n, cols, q_start, q_len, k_len,
-                                       head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
-                                       stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
-                                       BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, False,
-                                       False, not EVEN_N, EVEN_D, PRECISION)
-        if not EVEN_M:
+        else:
+            t_full = t_first
+            if IS_CAUSAL:
+                t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_first), t_end)
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
+                                               mask_base, order_base, t_first, t_full, offs_n, cols, q_start, q_len,
+                                               k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
+                                               stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                                               BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
+                                               True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+            # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
+            t_mid = t_end
+            if not EVEN_M:
+                t_mid = tl.maximum(tl.minimum(t_end, q_len // BLOCK_M), t_full)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                           mask_base, state_base, t_mid, t_hi, offs_n, cols, q_start, q_len, k_len,
+                                           mask_base, order_base, t_full, t_mid, offs_n, cols, q_start, q_len, k_len,
                                            head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
                                            stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
-                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY, HAS_DROPOUT, False,
-                                           True, not EVEN_N, EVEN_D, PRECISION)
+                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT, False, False,
+                                           not EVEN_N, EVEN_D, PRECISION)
+            if not EVEN_M:
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
+                                               mask_base, order_base, t_mid, t_end, offs_n, cols, q_start, q_len,
+                                               k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
+                                               stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                                               BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
+                                               False, True, not EVEN_N, EVEN_D, PRECISION)
     dk_rows = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
     dv_rows = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
     store_rows(dk_rows + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), offs_n, k_len, offs_d,
@@ -329,62 +346,62 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo, t_hi,
+def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base, t_lo, t_hi,
               offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
               stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
-              MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
+              MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
               CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
               PRECISION: tl.constexpr):
-    """Accumulate dQ (and dq2, the second column chunk's) of one query tile over key tiles [t_lo, t_hi); write
-    dMask when asked."""
+    """Accumulate dQ (and dq2, the second column chunk's) of one query tile over key tiles [t_lo, t_hi) (LISTED:
+    the tiles at those positions of the list at order_base, mask_summary.row_lists); write dMask when asked.
+    MASK_KIND != 0 reads the mask on every tile (partial tiles only)."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if BLOCK_D2 > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
     if BLOCK_DV2 > 0:
         offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
-    for t in range(t_lo, t_hi):
+    for i in range(t_lo, t_hi):
+        t = i
+        if LISTED:
+            t = tl.load(order_base + i * stride_tn)
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        tile_state = 2
-        if HAS_SUMMARY:
-            tile_state = tl.load(state_base + t * stride_tn).to(tl.int32)
-        if tile_state != 0:
-            cols = k_start + offs_n.to(tl.int64)
-            k_rows = k_base + cols[:, None] * stride_kn
-            v_rows = v_base + cols[:, None] * stride_vn
-            k = load_rows(k_rows + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
-            v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N,
-                          EVEN_D)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-            if BLOCK_D2 > 0:
-                k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, not CHECK_N,
-                               EVEN_D)
-                s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
-            p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len,
-                       mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, tile_state, scale, MASK_KIND,
-                       HAS_SUMMARY, CAUSAL, CHECK_M, CHECK_N, True)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            if BLOCK_DV2 > 0:
-                v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v,
-                               not CHECK_N, EVEN_D)
-                dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
-            if HAS_DROPOUT:
-                dp = tl.where(_keep(seed, bh, rows, cols, drop_threshold, False), dp * drop_scale, 0.0)
-            ds = p * (dp - delta[:, None])
-            if MASK_GRAD:
-                store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(dmask_base.dtype.element_ty),
-                           offs_m, q_len, offs_n, k_len, not CHECK_M, not CHECK_N)
-            ds = ds.to(k.dtype)
-            dq += tl.dot(ds, k, input_precision=PRECISION)
-            if BLOCK_D2 > 0:
-                dq2 += tl.dot(ds, k2, input_precision=PRECISION)
+        cols = k_start + offs_n.to(tl.int64)
+        k_rows = k_base + cols[:, None] * stride_kn
+        v_rows = v_base + cols[:, None] * stride_vn
+        k = load_rows(k_rows + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
+        v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N,
+                      EVEN_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, not CHECK_N,
+                           EVEN_D)
+            s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
+        p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len,
+                   mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
+                   True)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        if BLOCK_DV2 > 0:
+            v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v,
+                           not CHECK_N, EVEN_D)
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
+        if HAS_DROPOUT:
+            dp = tl.where(_keep(seed, bh, rows, cols, drop_threshold, False), dp * drop_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if MASK_GRAD:
+            store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(dmask_base.dtype.element_ty),
+                       offs_m, q_len, offs_n, k_len, not CHECK_M, not CHECK_N)
+        ds = ds.to(k.dtype)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
+        if BLOCK_D2 > 0:
+            dq2 += tl.dot(ds, k2, input_precision=PRECISION)
     return dq, dq2
 
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dq_kernel(
-    Q, K, V, Out, DOut, Lse, Lse2, Delta, DQ, DMask, Mask, TileState, RowLo, RowHi, CuQ, CuK, BlockSeq,
+    Q, K, V, Out, DOut, Lse, Lse2, Delta, DQ, DMask, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq,
     BlockStart,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -445,7 +462,7 @@ def _bwd_dq_kernel(
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
     dmask_base = DMask + b64 * stride_gb + h64 * stride_gh + rows[:, None] * stride_gm
-    state_base = TileState + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
+    order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
 
     # Key tiles as in the forward: [t_lo, t_mid) need no causal / bounds checks, [t_mid, t_hi) do.
     n_end = k_len
@@ -455,10 +472,6 @@ def _bwd_dq_kernel(
         n_end = tl.where(m_start < q_len, n_end, 0)
     t_lo = 0
     t_hi = tl.cdiv(n_end, BLOCK_N)
-    if HAS_SUMMARY:
-        r_off = b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
-        t_lo = tl.maximum(tl.load(RowLo + r_off), 0)
-        t_hi = tl.minimum(t_hi, tl.load(RowHi + r_off))
     t_mid = t_hi
     if not EVEN_N:
         t_mid = tl.minimum(t_mid, k_len // BLOCK_N)
@@ -467,17 +480,42 @@ def _bwd_dq_kernel(
     t_mid = tl.maximum(t_mid, t_lo)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base, t_lo,
-                        t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
-                        stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,
-                        drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, HAS_SUMMARY,
-                        HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION)
-    if IS_CAUSAL or not EVEN_N:
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, state_base,
-                            t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
+    if HAS_SUMMARY:
+        # The lists of mask_summary.row_lists, as in the forward.
+        ends = TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
+        e_full = tl.load(ends)
+        e_edge = tl.load(ends + 1)
+        e_part = tl.load(ends + 2)
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base, 0,
+                            e_full, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
+                            stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,
+                            drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT,
+                            MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION)
+        if IS_CAUSAL or not EVEN_N:
+            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base,
+                                order_base, e_full, e_edge, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
+                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale,
+                                seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                                BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
+                                PRECISION)
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base,
+                            e_edge, e_part, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
                             stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh,
                             drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND,
-                            HAS_SUMMARY, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                            True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+    else:
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base,
+                            t_lo, t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
+                            stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh,
+                            drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False,
+                            HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION)
+        if IS_CAUSAL or not EVEN_N:
+            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base,
+                                order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
+                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale,
+                                seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                                BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
+                                PRECISION)
     dq_rows = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm
     store_rows(dq_rows + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), offs_m, q_len, offs_d,
                head_dim, EVEN_M, EVEN_D)
@@ -486,7 +524,7 @@ def _bwd_dq_kernel(
                    offs_d2, head_dim, EVEN_M, EVEN_D)
 
 
-def _tiling(cfg, resident_keys, mask, cu_q, cu_k, Nq, Nk, max_q, max_k, dummy):
+def _tiling(cfg, resident_keys, mask, causal, cu_q, cu_k, Nq, Nk, max_q, max_k, dummy):
     """What one backward kernel needs for its tiles: the program map along its resident axis (keys for dK/dV,
     queries for dQ), EVEN flags, and the mask summary (state, and the loop range of each resident tile)."""
     varlen = cu_q is not None
@@ -498,16 +536,20 @@ def _tiling(cfg, resident_keys, mask, cu_q, cu_k, Nq, Nk, max_q, max_k, dummy):
         seq = start = dummy
         num_blocks = config.cdiv(total, block)
         even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
-    summary = tile_summary(mask, cfg.block_m, cfg.block_n) if mask is not None else None
-    if summary is not None:
-        lo, hi = (summary.col_lo, summary.col_hi) if resident_keys else (summary.row_lo, summary.row_hi)
-        st, t_strides, r_strides = summary.state, summary.state.stride(), lo.stride()
+    if mask is not None:
+        summary = tile_summary(mask, cfg.block_m, cfg.block_n)
+        lists = col_lists(summary, cfg.block_m, cfg.block_n, Nq, causal) if resident_keys else \
+            row_lists(summary, cfg.block_m, cfg.block_n, Nk, causal)
+        order, ends = lists
+        # The kernels take the tile grid's strides as (b, h, query tile, key tile); col_lists' order is key-major.
+        st = order.stride()
+        t_strides, r_strides = (st[0], st[1], st[3], st[2]) if resident_keys else st, ends.stride()[:3]
     else:
-        st = lo = hi = dummy
+        order = ends = dummy
         t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
-    flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_SUMMARY=summary is not None, EVEN_M=even_m,
+    flags = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HAS_SUMMARY=mask is not None, EVEN_M=even_m,
                  EVEN_N=even_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return seq, start, num_blocks, st, lo, hi, t_strides, r_strides, flags
+    return seq, start, num_blocks, order, ends, t_strides, r_strides, flags
 
 
 class _BackwardCall:
@@ -521,6 +563,7 @@ class _BackwardCall:
         self.dims, self.dtype = (D, Dv), q.dtype
         self.inputs, self.grads, self.dmask = (q, k, v, dout), (dq, dk, dv), dmask
         self.mask, self.hints, self.mask_grad = mask, (max_q, max_k), bool(mask_grad)
+        self.causal = bool(is_causal)
         self.varlen = cu_q is not None
         # heavy: more live registers (mask, dropout, varlen bounds, causal loops), see config.backward_configs
         self.heavy = mask is not None or dropout_p > 0 or self.varlen or bool(is_causal)
@@ -549,12 +592,12 @@ class _BackwardCall:
         """The dK/dV or dQ launch: both take (inputs, row stats, outputs, mask and tile summary, program map,
         strides, head counts, scalars) in the same order; the dQ kernel also reads out and lse."""
         bs = config.batch_strides
-        seq, start, blocks, st, lo, hi, t_str, r_str, flags = _tiling(
-            cfg, resident_keys, self.mask, *self.cu, self.Nq, self.Nk, *self.hints, self.lse2)
+        seq, start, blocks, order, ends, t_str, r_str, flags = _tiling(
+            cfg, resident_keys, self.mask, self.causal, *self.cu, self.Nq, self.Nk, *self.hints, self.lse2)
         q, k, v, dout = self.inputs
         strided = (q, k, v) + head_tensors + (dout,)
         args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.lse2, self.delta,
-                *outs, self.mk, st, lo, hi, *self.cu_args, seq, start,
+                *outs, self.mk, order, ends, *self.cu_args, seq, start,
                 *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
         return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags)
 

@@ -146,9 +146,9 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
         return LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 8, 1)
     # dK/dV computes key-major tiles (S^T = K Q^T), so its M dimension is the key tile: >= 64 keys per
     # warpgroup keeps every product on wgmma (sm_90). One stage: the second one spills at N = 197.
-    if width <= 64:
+    if width <= 64:     # (heavy dK/dV: 64 query rows a step spill with causal or varlen)
         kv = LaunchConfig(32, 128, 8, 1) if heavy else LaunchConfig(64, 128, 8, 1)
-        return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
+        return kv, LaunchConfig(128, 64, 8, 2)
     if width <= 96:     # dense: 32 query rows a step fit beside 128 keys x 96 (16 at 128); heavy as at 128
         kv = LaunchConfig(16, 64, 8, 1) if heavy else LaunchConfig(32, 128, 8, 1)
         return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)

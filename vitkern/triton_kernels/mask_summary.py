@@ -9,12 +9,11 @@ distinct mask once, never B * Hq times.
 For tiles of block_m x block_n it gives:
     state   int8 [B, Hq, MT, NT]: TILE_EMPTY (skip the tile), TILE_FULL (everything takes part with a zero bias:
             no mask load), TILE_PARTIAL (load the mask)
-    row_lo, row_hi  int32 [B, Hq, MT]: the key tiles a query tile has to visit, [lo, hi)
-    col_lo, col_hi  int32 [B, Hq, NT]: the query tiles a key tile has to visit (backward dK/dV)
-The ranges make a block-diagonal mask (NaViT's packed images, built from segment ids) visit only the tiles
-near the diagonal, as the varlen path does. The forward visits lists instead (``row_lists``): per query tile,
-its full tiles that need no causal or bounds check, then the other full ones, then the partial ones, so that a
-full tile runs the unmasked loop body (no mask code, no branch) and an empty one costs nothing.
+and, per kernel orientation, lists of the tiles to visit (``row_lists`` for the forward and dQ, ``col_lists``
+for dK/dV): per resident tile, its full tiles that need no causal or bounds check, then the other full ones,
+then the partial ones. A full tile runs the unmasked loop body (no mask code, no branch) and an empty one costs
+nothing, so a block-diagonal mask (NaViT's packed images, built from segment ids) visits only the tiles near
+the diagonal, as the varlen path does.
 """
 from __future__ import annotations
 
@@ -34,11 +33,7 @@ TILE_EMPTY, TILE_FULL, TILE_PARTIAL = 0, 1, 2
 @dataclass
 class TileSummary:
     state: Tensor
-    row_lo: Tensor
-    row_hi: Tensor
-    col_lo: Tensor
-    col_hi: Tensor
-    lists: dict = field(default_factory=dict)   # row_lists' results by (n_k, causal)
+    lists: dict = field(default_factory=dict)   # row_lists' / col_lists' results
 
 
 def _distinct_slice(mask: Tensor) -> Tensor:
@@ -78,17 +73,6 @@ def _tile_state_kernel(Mask, State, stride_mb, stride_mh, stride_mm, stride_mn,
              state.to(tl.int8))
 
 
-def _first_last(any_ok: Tensor, dim: int) -> tuple[Tensor, Tensor]:
-    """First and one-past-last index along ``dim`` where any_ok is True; (n, 0) when none."""
-    n = any_ok.shape[dim]
-    shape = [1] * any_ok.dim()
-    shape[dim] = n
-    idx = torch.arange(n, device=any_ok.device, dtype=torch.int32).view(shape)
-    lo = torch.where(any_ok, idx, n).amin(dim)
-    hi = torch.where(any_ok, idx + 1, 0).amax(dim)
-    return lo.to(torch.int32), hi.to(torch.int32)
-
-
 def _launch(kernel, grid, args, kwargs):
     kernel[grid](*args, **kwargs)
 
@@ -120,16 +104,28 @@ def tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
 _FULL_INTERIOR, _FULL_EDGE, _PARTIAL, _SKIPPED = 0, 1, 2, 3
 
 
+def _lists(group: Tensor, visited: Tensor) -> tuple[Tensor, Tensor]:
+    """Per resident tile (dim -2), its walked tiles (dim -1) sorted by group, each group ascending, unvisited
+    last; and where each of the three groups ends."""
+    n = group.shape[-1]
+    group = torch.where(visited, group, _SKIPPED)
+    t = torch.arange(n, device=group.device, dtype=torch.int32)
+    order = torch.sort(group * n + t, dim=-1).values % n
+    counts = torch.stack([(group == g).sum(-1) for g in (_FULL_INTERIOR, _FULL_EDGE, _PARTIAL)], -1)
+    return order.to(torch.int32).contiguous(), counts.cumsum(-1).to(torch.int32).contiguous()
+
+
 def row_lists(summary: TileSummary, block_m: int, block_n: int, n_k: int, causal: bool) -> tuple[Tensor, Tensor]:
-    """(order int32 [B, Hq, MT, NT], ends int32 [B, Hq, MT, 3]): order[..., m, :] lists query tile m's key tiles,
-    full ones that need no causal / key-bounds check first, then the other full ones, then the partial ones
-    (each group ascending); ends holds where each group ends. A key tile needs the checks when it holds keys
-    past n_k or, causal (top-left), keys right of the first query row's diagonal (the forward kernel's t_mid);
-    causal tiles right of the last row's diagonal, and empty ones, are not listed. Computed once per summary."""
-    key = (n_k, bool(causal))
+    """(order int32 [B, Hq, MT, NT], ends int32 [B, Hq, MT, 3]) for kernels that keep a query tile and walk
+    key tiles (forward, dQ): order[..., m, :] lists query tile m's key tiles, full ones that need no causal /
+    key-bounds check first, then the other full ones, then the partial ones; ends holds where each group ends.
+    A key tile needs the checks when it holds keys past n_k or, causal (top-left), keys right of the tile's
+    first query row's diagonal (the kernels' t_mid); causal tiles right of its last row's diagonal, and empty
+    ones, are not listed. Computed once per summary."""
+    key = ("rows", n_k, bool(causal))
     if key not in summary.lists:
         state = summary.state
-        B, H, MT, NT = state.shape
+        MT, NT = state.shape[-2:]
         dev = state.device
         t = torch.arange(NT, device=dev, dtype=torch.int32).view(1, NT)
         m_start = torch.arange(MT, device=dev, dtype=torch.int32).view(MT, 1) * block_m
@@ -138,14 +134,33 @@ def row_lists(summary: TileSummary, block_m: int, block_n: int, n_k: int, causal
         if causal:
             t_mid = torch.minimum(t_mid, (m_start + 1) // block_n)
             n_end = torch.minimum(n_end, m_start + block_m)
-        visited = (t * block_n < n_end) & (state != TILE_EMPTY)
         full = state == TILE_FULL
         group = torch.where(full & (t < t_mid), _FULL_INTERIOR, torch.where(full, _FULL_EDGE, _PARTIAL))
-        group = torch.where(visited, group, _SKIPPED)
-        # Sorting group * NT + t keeps each group ascending (stride-0 dims of state broadcast through).
-        order = torch.sort(group * NT + t, dim=-1).values % NT
-        counts = torch.stack([(group == g).sum(-1) for g in (_FULL_INTERIOR, _FULL_EDGE, _PARTIAL)], -1)
-        summary.lists[key] = (order.to(torch.int32).contiguous(), counts.cumsum(-1).to(torch.int32).contiguous())
+        summary.lists[key] = _lists(group, (t * block_n < n_end) & (state != TILE_EMPTY))
+    return summary.lists[key]
+
+
+def col_lists(summary: TileSummary, block_m: int, block_n: int, n_q: int, causal: bool) -> tuple[Tensor, Tensor]:
+    """(order int32 [B, Hq, NT, MT], ends int32 [B, Hq, NT, 3]) for the dK/dV kernel, which keeps a key tile and
+    walks query tiles: as row_lists with the roles swapped. A query tile needs the checks when it holds rows
+    past n_q or, causal, rows above the diagonal of the key tile's last key; query tiles wholly above its first
+    key's diagonal are not listed."""
+    key = ("cols", n_q, bool(causal))
+    if key not in summary.lists:
+        state = summary.state.transpose(-1, -2)
+        NT, MT = state.shape[-2:]
+        dev = state.device
+        m = torch.arange(MT, device=dev, dtype=torch.int32).view(1, MT)
+        n_start = torch.arange(NT, device=dev, dtype=torch.int32).view(NT, 1) * block_n
+        edge = (m >= n_q // block_m) if n_q % block_m else torch.zeros_like(m, dtype=torch.bool)
+        visited = state != TILE_EMPTY
+        if causal:
+            first = n_start // block_m
+            edge = edge | (m < (n_start + block_n - 1 + block_m - 1) // block_m)
+            visited = visited & (m >= first)
+        full = state == TILE_FULL
+        group = torch.where(full & ~edge, _FULL_INTERIOR, torch.where(full, _FULL_EDGE, _PARTIAL))
+        summary.lists[key] = _lists(group, visited)
     return summary.lists[key]
 
 
@@ -161,11 +176,7 @@ def _tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
         launch(_tile_state_kernel, (state.numel(),),
                (base, state, *base.stride(), *state.stride(), hs, mt, nt, nq, nk),
                dict(BLOCK_M=block_m, BLOCK_N=block_n, IS_BOOL=mask.dtype == torch.bool, num_warps=4))
-    # Tile dims broadcast (a key-padding mask has one row of tiles) are expanded before taking the ranges:
-    # every query tile of a key-padding mask must be visited.
+    # Tile dims broadcast (a key-padding mask has one row of tiles) are expanded: every query tile of a
+    # key-padding mask is visited.
     MT, NT = math.ceil(Nq / block_m), math.ceil(Nk / block_n)
-    any_ok = (state != TILE_EMPTY).expand(bs, hs, MT, NT)
-    row_lo, row_hi = _first_last(any_ok, 3)
-    col_lo, col_hi = _first_last(any_ok, 2)
-    return TileSummary(state.expand(B, H, MT, NT), row_lo.expand(B, H, MT), row_hi.expand(B, H, MT),
-                       col_lo.expand(B, H, NT), col_hi.expand(B, H, NT))
+    return TileSummary(state.expand(B, H, MT, NT))
