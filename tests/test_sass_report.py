@@ -35,6 +35,12 @@ def test_loop_finder_takes_the_innermost_mma_loop():
     assert [(lp.start, lp.end, lp.length) for lp in loops] == [(0x30, 0x80, 6)]
     assert loops[0].mma == {"HGMMA.64x64x16.F32.BF16": 1, "HMMA.16816.F32.BF16": 1}
     assert sass_report.per_tile(6, 8, 64, 64) == 6 * 8 * 2
+    # One HGMMA.64x64x16 per warpgroup of 8 warps (2 warpgroups) and one HMMA.16816 per warp, per iteration.
+    assert sass_report.mma_fmas(loops[0].mma, 8) == 2 * 64 * 64 * 16 + 8 * 16 * 8 * 16
+    c = sass_report.cycle_bounds(loops[0], 8, 64, 64, "_attention_fwd_kernel", 64, 64)
+    # 2 of 64x64 tiles per 128x64 tile: tensor 2 * 147456 / 2048, MUFU 2 * 8 * 32 / 16, issue 2 * 6 * 8 / 4.
+    assert (c["tensor"], c["mufu"], c["issue"], c["bound"]) == (144, 32, 24, 144)
+    assert c["useful"] == 512 and c["peak_fraction"] == round(512 / 144, 3)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +93,31 @@ def test_dense_forward_meets_the_hopper_issue_budget(rows):
              and not (r["mask"] or r["causal"] or r["varlen"] or r["dropout"])]
     assert sorted(r["head_dim"] for r in dense) == [64, 128]
     assert all(r["per_tile"] <= 2100 for r in dense), [(r["head_dim"], r["per_tile"]) for r in dense]
+
+
+def _dense_forward(rows, d):
+    sel = [r for r in _family(rows, FWD) if r["dtype"] == "bfloat16" and r["head_dim"] == d
+           and not (r["mask"] or r["causal"] or r["varlen"] or r["dropout"])]
+    assert len(sel) == 1, (d, sel)
+    return sel[0]
+
+
+@pytest.mark.parametrize("d", [80, 96])
+def test_split_head_dims_cost_their_width(rows, d):
+    # Issue 13: head dims 80 / 96 within 20% of head dim 128 per unit of work. They run in two column chunks
+    # (64 + 16, 64 + 32), so the tensor cores do only the head dim's work (no padding to 128), and the loop's
+    # bound (the busiest of tensor cores, MUFU, issue) per unit of head dim stays within 20% of d128's.
+    c, c128 = _dense_forward(rows, d)["cycles"], _dense_forward(rows, 128)["cycles"]
+    assert c["tensor"] == c["useful"], c
+    assert c["bound"] / d <= 1.2 * c128["bound"] / 128, (c, c128)
+
+
+def test_masked_forward_full_tiles_run_the_unmasked_loop(rows):
+    # The main loop of a masked forward walks the summary's full tiles: no mask load, and at d96 (where the
+    # tensor cores bound both) within 15% of the dense forward's bound.
+    masked = [r for r in _family(rows, FWD) if r["mask"] == 1 and not (r["causal"] or r["dropout"])]
+    assert sorted(r["head_dim"] for r in masked) == [64, 96]
+    for r in masked:
+        assert "LDG" not in r["loops"][0]["ops"], r["loops"][0]["ops"]
+    d96 = next(r for r in masked if r["head_dim"] == 96)
+    assert d96["cycles"]["bound"] <= 1.15 * _dense_forward(rows, 96)["cycles"]["bound"]

@@ -125,8 +125,8 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
         return LaunchConfig(128, 64, 8, 3) if heavy else LaunchConfig(128, 128, 8, 3)
     if width <= 96:     # 80 = 64 + 16, 96 = 64 + 32 (head_split)
         return LaunchConfig(128, 64, 8, 1) if heavy else LaunchConfig(128, 128, 8, 2)
-    if width <= 128:
-        return LaunchConfig(64, 32, 8, 1) if heavy else LaunchConfig(128, 128, 8, 2)
+    if width <= 128:    # heavy: one warpgroup (8 warps on 64 rows would compute every score twice)
+        return LaunchConfig(64, 32, 4, 1) if heavy else LaunchConfig(128, 128, 8, 2)
     return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
 
 
@@ -150,10 +150,10 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
         kv = LaunchConfig(32, 128, 8, 1) if heavy else LaunchConfig(64, 128, 8, 1)
         return kv, LaunchConfig(128, 64, 8, 2)
     if width <= 96:     # dense: 32 query rows a step fit beside 128 keys x 96 (16 at 128); heavy as at 128
-        kv = LaunchConfig(16, 64, 8, 1) if heavy else LaunchConfig(32, 128, 8, 1)
+        kv = LaunchConfig(16, 128, 8, 1) if heavy else LaunchConfig(32, 128, 8, 1)
         return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)
-    if width <= 128:
-        kv = LaunchConfig(16, 64, 8, 1) if heavy else LaunchConfig(16, 128, 8, 1)
+    if width <= 128:    # 128 keys: two full warpgroups (64 keys with 8 warps compute every score twice)
+        kv = LaunchConfig(16, 128, 8, 1)
         return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)
     # Head dim 256: a 64-key tile spills (dK, dV and K, V of 64 x 256 each), so 32 keys (mma.sync, not wgmma).
     if heavy:

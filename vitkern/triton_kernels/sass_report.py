@@ -197,7 +197,8 @@ VARIANT_SETS = ("static", "quick", "test", "candidates")
 
 def variants(which: str) -> list:
     """aot_check's variant tuples (dtype, d, mask kind, causal, varlen, dropout, n) of a named set; "test" is a
-    small set covering each kernel family with dense, masked, varlen+dropout forward and head dims 64..128."""
+    small set covering each kernel family with dense, masked, varlen+dropout forward and head dims 64..128
+    (80 and 96 in two column chunks)."""
     import torch
     if which in ("static", "candidates"):
         base = aot_check._variants(False)
@@ -208,8 +209,9 @@ def variants(which: str) -> list:
         return aot_check._variants(True)
     b16 = torch.bfloat16
     return [(b16, 64, 0, False, False, False, 256), (b16, 128, 0, False, False, False, 256),
-            (b16, 96, 1, False, False, False, 197), (b16, 128, 2, True, False, True, 197),
-            (b16, 64, 0, True, True, True, 197)]
+            (b16, 80, 0, False, False, False, 256), (b16, 96, 0, False, False, False, 256),
+            (b16, 64, 1, False, False, False, 197), (b16, 96, 1, False, False, False, 197),
+            (b16, 128, 2, True, False, True, 197), (b16, 64, 0, True, True, True, 197)]
 
 
 def report(which: str = "static", arch: int = 90, verbose: bool = False) -> list[dict]:
