@@ -125,3 +125,13 @@ def test_interpreter_numpy_problem_is_named(monkeypatch, source, numpy_version, 
     if bad:
         assert "numpy below 2.4" in problem and numpy_version in problem
     monkeypatch.setattr(triton_backend, "_INTERP_PROBLEM", None)
+
+
+def test_release_record_prefers_the_table_tiles_at_another_depth():
+    # A spilling table entry is replaced by the same tiles and warps with another pipeline depth when that
+    # compiles clean, before candidates with other tiles (which change the work per instruction).
+    table, other_tiles, deeper = (128, 128, 8, 2), (64, 128, 8, 2), (128, 128, 8, 3)
+    cands = [table, other_tiles, deeper]
+    spills, replaced = aot_check.release_record([_result("_attention_fwd_kernel", c, s, cands)
+                                                 for c, s in ((table, 16), (other_tiles, 0), (deeper, 0))])
+    assert spills == {HEAVY_128: {table}} and replaced == {HEAVY_128: LaunchConfig(*deeper)}

@@ -142,8 +142,11 @@ def _note(results, name, variant, cfg, stack) -> None:
 def release_record(results) -> tuple:
     """(spills, table) for config.TRITON_RECORDS from check()'s results: a launch config spills for a key
     (kernel, bits, width class, heavy) when it spills in any variant of the key; a table entry that spills is
-    replaced by the first candidate (in config.candidates' order) that compiled clean in every variant. A
-    config that failed to compile (stack -1) counts as spilling."""
+    replaced by a candidate that compiled clean in every variant: one with the entry's tiles and warps (only
+    the pipeline depth differs) if there is one, else the first in config.candidates' order (other tiles change
+    the work per instruction far more than stages do: under Triton 3.6 the d128 forward's 128x128 / 8 warps
+    spills 16 B with 2 stages and none with 3, while the first other candidate, 64x128, computes every score
+    twice). A config that failed to compile (stack -1) counts as spilling."""
     spills, clean, order = {}, {}, {}
     for r in results:
         kernel = _TUNED.get(r["kernel"])
@@ -159,6 +162,7 @@ def release_record(results) -> tuple:
         first = tuple(order[key][0])
         if first in bad:
             ok = [c for c in order[key] if tuple(c) not in bad and tuple(c) in clean.get(key, ())]
+            ok.sort(key=lambda c: tuple(c[:3]) != first[:3])    # stable: candidates' order otherwise
             if ok:
                 table[key] = config.LaunchConfig(*ok[0])
     return spills, table

@@ -170,56 +170,101 @@ MAX_BLOCK = 128
 # Launch configs that spill registers on sm_90 in some variant of aot_check, recorded per Triton release by
 # ``python -m vitkern.triton_kernels.aot_check --record`` (which compiles every neighbour of _neighbours), by
 # (kernel, "16" or "32" bit, computed width class 64/96/128/256, heavy) -> {(block_m, block_n, num_warps,
-# num_stages)}: they are never proposed. Triton 3.8 (the forward's entries re-found after its Hopper rework, the
-# backward's after its key-major dK/dV / fused-statistics dQ rework):
+# num_stages)}: they are never proposed. Regenerated for both releases on 2026-12-03 after the head-dim chunks,
+# the tile lists and the one-warpgroup heavy tiles (aot_check --record in a scratch venv for 3.6.0), in two
+# passes: a replaced table entry (below) has neighbours of its own, which the second pass compiles; the spills
+# are the union of both.
 _SPILLS_3_8 = {
-    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
-    ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
-    ('fwd', '16', 128, False): {(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 4, 2)},
-    ('fwd', '16', 128, True): {(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 1)},
-    ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 3)},
-    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 3)},
-    ('fwd', '32', 64, True): {(32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2), (32, 32, 8, 2)},
-    ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
-    ('fwd', '32', 128, True): {(32, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 2), (32, 32, 8, 2), (32, 16, 8, 3)},
-    ('fwd', '32', 256, True): {(16, 16, 4, 2), (16, 32, 8, 2), (16, 16, 8, 3)},
     ('bwd_dkdv', '16', 64, False): {(64, 128, 4, 1), (128, 128, 8, 1)},
     ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 96, False): {(32, 128, 4, 1), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1)},
-    ('bwd_dkdv', '16', 128, True): {(16, 32, 8, 1), (16, 64, 4, 1), (16, 128, 8, 1), (32, 64, 8, 1)},
+    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 256, False): {(16, 16, 8, 1), (16, 32, 4, 1), (16, 64, 8, 1)},
-    ('bwd_dkdv', '16', 256, True): {(16, 16, 8, 1), (16, 32, 4, 1), (16, 64, 8, 1)},
-    ('bwd_dkdv', '32', 64, True): {(16, 32, 8, 1), (32, 16, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(16, 16, 8, 1), (16, 64, 8, 1)},
+    ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (16, 16, 8, 3), (32, 16, 8, 2)},
     ('bwd_dkdv', '32', 128, False): {(16, 16, 8, 1), (16, 32, 4, 1)},
-    ('bwd_dkdv', '32', 128, True): {(32, 32, 8, 1)},
+    ('bwd_dkdv', '32', 128, True): {(16, 16, 8, 2), (16, 32, 8, 1)},
     ('bwd_dkdv', '32', 256, False): {(16, 16, 8, 1)},
-    ('bwd_dkdv', '32', 256, True): {(16, 32, 4, 1), (32, 16, 4, 1)},
-    ('bwd_dq', '16', 64, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
+    ('bwd_dq', '16', 64, True): {(128, 64, 4, 2), (128, 128, 8, 2)},
+    ('bwd_dq', '16', 96, False): {(128, 64, 4, 1)},
+    ('bwd_dq', '16', 96, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
     ('bwd_dq', '16', 128, False): {(128, 64, 4, 1)},
     ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
-    ('bwd_dq', '16', 256, True): {(32, 32, 4, 1), (64, 32, 8, 1)},
+    ('bwd_dq', '16', 256, False): {(64, 16, 8, 1)},
+    ('bwd_dq', '16', 256, True): {(64, 32, 8, 1)},
+    ('bwd_dq', '32', 64, True): {(16, 16, 8, 1)},
     ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
     ('bwd_dq', '32', 256, True): {(32, 16, 8, 1)},
+    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
+    ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ('fwd', '16', 96, False): {(128, 128, 4, 2)},
+    ('fwd', '16', 96, True): {(128, 64, 4, 1), (128, 128, 8, 1)},
+    ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 8, 3)},
+    ('fwd', '16', 128, True): {(64, 64, 4, 1), (128, 32, 4, 1)},
+    ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
+    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
+    ('fwd', '32', 64, False): {(64, 32, 8, 2)},
+    ('fwd', '32', 64, True): {(32, 16, 8, 3)},
+    ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
+    ('fwd', '32', 128, True): {(32, 16, 4, 2)},
+    ('fwd', '32', 256, True): {(16, 16, 4, 1), (16, 16, 8, 2), (16, 16, 8, 3), (16, 32, 8, 1)},
+}
+# Static table entries that spill under the release, replaced (aot_check.release_record's choice).
+_TABLE_3_8 = {
+    ('bwd_dkdv', '32', 64, True): LaunchConfig(16, 16, 8, 2),
+    ('bwd_dkdv', '32', 128, True): LaunchConfig(16, 32, 8, 2),
+    ('bwd_dq', '32', 64, True): LaunchConfig(16, 16, 8, 2),
+    ('fwd', '32', 256, True): LaunchConfig(16, 16, 8, 1),
 }
 
-
-def _merged(*records: dict) -> dict:
-    out: dict = {}
-    for rec in records:
-        for key, cfgs in rec.items():
-            out[key] = out.get(key, set()) | set(cfgs)
-    return out
-
-
-# Triton 3.6.0 (torch 2.11's: the lent GPU machines'). Measured: the autotuner's candidates (aot_check without
-# --record) compiled with 3.6; the neighbours 3.6 was not asked to compile keep 3.8's verdict. (32, 128, 8, 2)
-# is the forward's mask summary kernel's (8 B with a float mask).
-_SPILLS_3_6 = _merged(_SPILLS_3_8, {
-    ('fwd', '16', 128, True): {(64, 64, 8, 1), (64, 64, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (32, 128, 8, 2)},
-    ('bwd_dq', '32', 128, True): {(16, 32, 4, 1)},
-})
+# Triton 3.6.0 (torch 2.11's: the lent GPU machines'). The d128 forward's 128x128 / 8 warps spills 16 B with 2
+# stages (fp16 varlen) and none with 3.
+_SPILLS_3_6 = {
+    ('bwd_dkdv', '16', 64, False): {(64, 128, 4, 1), (128, 128, 8, 1)},
+    ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 96, False): {(32, 128, 4, 1), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1)},
+    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 256, False): {(16, 16, 8, 1), (16, 32, 4, 1), (16, 64, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(16, 32, 4, 1), (16, 64, 8, 1)},
+    ('bwd_dkdv', '32', 64, False): {(32, 16, 8, 1)},
+    ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (32, 16, 8, 1)},
+    ('bwd_dkdv', '32', 128, False): {(32, 32, 8, 1)},
+    ('bwd_dkdv', '32', 128, True): {(16, 32, 4, 1)},
+    ('bwd_dkdv', '32', 256, False): {(16, 16, 8, 1)},
+    ('bwd_dkdv', '32', 256, True): {(16, 16, 4, 2), (16, 32, 4, 1)},
+    ('bwd_dq', '16', 64, True): {(128, 64, 4, 2), (128, 128, 8, 2)},
+    ('bwd_dq', '16', 96, False): {(128, 64, 4, 1)},
+    ('bwd_dq', '16', 96, True): {(128, 32, 4, 2)},
+    ('bwd_dq', '16', 128, False): {(128, 64, 4, 1)},
+    ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
+    ('bwd_dq', '16', 256, False): {(64, 16, 8, 1)},
+    ('bwd_dq', '16', 256, True): {(64, 32, 8, 1)},
+    ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
+    ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
+    ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
+    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
+    ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ('fwd', '16', 96, False): {(128, 128, 4, 2)},
+    ('fwd', '16', 96, True): {(128, 64, 4, 1), (128, 128, 8, 1)},
+    ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 1), (128, 128, 8, 2), (128, 128, 8, 4)},
+    ('fwd', '16', 128, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 1), (64, 64, 8, 2), (128, 32, 4, 1)},
+    ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
+    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
+    ('fwd', '32', 64, False): {(64, 32, 8, 2)},
+    ('fwd', '32', 64, True): {(32, 16, 8, 3)},
+    ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
+    ('fwd', '32', 128, True): {(32, 16, 4, 2), (32, 16, 8, 3), (32, 32, 8, 2)},
+}
+_TABLE_3_6 = {
+    ('bwd_dkdv', '32', 64, True): LaunchConfig(16, 16, 8, 2),
+    ('fwd', '16', 128, False): LaunchConfig(128, 128, 8, 3),
+}
 
 
 @dataclass(frozen=True)
@@ -234,12 +279,8 @@ class TritonRecord:
 # Per Triton (major, minor). The register allocation moves between releases (a tile that fits in one spills in
 # another), so each release the package supports has its own record; aot_check --record prints one.
 TRITON_RECORDS = {
-    (3, 6): TritonRecord(_SPILLS_3_6, {
-        # 64x64 / 8 warps spills 208-240 B per thread under 3.6 (255 registers; head dims 96-128 with a
-        # mask or dropout), at any num_stages.
-        ('fwd', '16', 128, True): LaunchConfig(32, 64, 8, 2),
-    }),
-    (3, 8): TritonRecord(_SPILLS_3_8),
+    (3, 6): TritonRecord(_SPILLS_3_6, _TABLE_3_6),
+    (3, 8): TritonRecord(_SPILLS_3_8, _TABLE_3_8),
 }
 
 
