@@ -113,11 +113,13 @@ def test_split_head_dims_cost_their_width(rows, d):
 
 
 def test_masked_forward_full_tiles_run_the_unmasked_loop(rows):
-    # The main loop of a masked forward walks the summary's full tiles: no mask load, and at d96 (where the
-    # tensor cores bound both) within 15% of the dense forward's bound.
+    # The main loop of a masked forward walks the summary's full tiles: no mask load (one LDG per tile at most:
+    # the next tile's index in the list; K/V come by cp.async), and at d96 (where the tensor cores bound both)
+    # within 15% of the dense forward's bound.
     masked = [r for r in _family(rows, FWD) if r["mask"] == 1 and not (r["causal"] or r["dropout"])]
     assert sorted(r["head_dim"] for r in masked) == [64, 96]
     for r in masked:
-        assert "LDG" not in r["loops"][0]["ops"], r["loops"][0]["ops"]
+        ops = r["loops"][0]["ops"]
+        assert ops.get("LDG", 0) <= 1 and ops.get("LDGSTS", 0) > 0, ops
     d96 = next(r for r in masked if r["head_dim"] == 96)
     assert d96["cycles"]["bound"] <= 1.15 * _dense_forward(rows, 96)["cycles"]["bound"]

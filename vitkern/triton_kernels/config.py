@@ -123,10 +123,11 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
     # and dropout's hash need registers, and the larger tiles spill.
     if width <= 64:
         return LaunchConfig(128, 64, 8, 3) if heavy else LaunchConfig(128, 128, 8, 3)
+    # Two stages at least: with one, K/V are plain loads waited for on every tile (no cp.async pipelining).
     if width <= 96:     # 80 = 64 + 16, 96 = 64 + 32 (head_split)
-        return LaunchConfig(128, 64, 8, 1) if heavy else LaunchConfig(128, 128, 8, 2)
+        return LaunchConfig(128, 64, 8, 2) if heavy else LaunchConfig(128, 128, 8, 2)
     if width <= 128:    # heavy: one warpgroup (8 warps on 64 rows would compute every score twice)
-        return LaunchConfig(64, 32, 4, 1) if heavy else LaunchConfig(128, 128, 8, 2)
+        return LaunchConfig(64, 32, 4, 2) if heavy else LaunchConfig(128, 128, 8, 2)
     return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
 
 
@@ -202,9 +203,9 @@ _SPILLS_3_8 = {
     ('fwd', '16', 64, False): {(128, 128, 4, 3)},
     ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
     ('fwd', '16', 96, False): {(128, 128, 4, 2)},
-    ('fwd', '16', 96, True): {(128, 64, 4, 1), (128, 128, 8, 1)},
+    ('fwd', '16', 96, True): {(128, 64, 4, 1), (128, 64, 4, 2), (128, 128, 8, 1), (128, 128, 8, 2)},
     ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 8, 3)},
-    ('fwd', '16', 128, True): {(64, 64, 4, 1), (128, 32, 4, 1)},
+    ('fwd', '16', 128, True): {(64, 64, 4, 1), (64, 64, 4, 2), (128, 32, 4, 1), (128, 32, 4, 2)},
     ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
     ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
     ('fwd', '32', 64, False): {(64, 32, 8, 2)},
@@ -251,9 +252,9 @@ _SPILLS_3_6 = {
     ('fwd', '16', 64, False): {(128, 128, 4, 3)},
     ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
     ('fwd', '16', 96, False): {(128, 128, 4, 2)},
-    ('fwd', '16', 96, True): {(128, 64, 4, 1), (128, 128, 8, 1)},
+    ('fwd', '16', 96, True): {(128, 64, 4, 1), (128, 64, 4, 2), (128, 128, 8, 1), (128, 128, 8, 2)},
     ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 1), (128, 128, 8, 2), (128, 128, 8, 4)},
-    ('fwd', '16', 128, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 1), (64, 64, 8, 2), (128, 32, 4, 1)},
+    ('fwd', '16', 128, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 4, 1), (128, 32, 4, 2)},
     ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
     ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
     ('fwd', '32', 64, False): {(64, 32, 8, 2)},
