@@ -29,7 +29,7 @@ import triton.language as tl
 from . import autotune, config, varlen_map
 from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
 from .mask_summary import col_lists, row_lists, tile_summary
-from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, load_rows,
+from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, list_ends, load_rows,
                        query_block_of_program, store_rows)
 
 _INTERPRET = tl.constexpr(config.interpreting())
@@ -153,9 +153,8 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, ro
                 CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) (LISTED: the tiles at
     those positions of the list at order_base, mask_summary.col_lists) of one query head, on key-major tiles
-    [BLOCK_N, BLOCK_M]. MASK_KIND != 0 reads the mask on every tile (
-        partial tiles only). Second column chunks (k2, v2, dk2, dv2; config.head_split) take part
-    when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward."""
+    [BLOCK_N, BLOCK_M]. MASK_KIND != 0 reads the mask on every tile (partial tiles only). Second column chunks
+    (k2, v2, dk2, dv2; config.head_split) take part when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     if BLOCK_D2 > 0:
@@ -281,10 +280,7 @@ def _bwd_dkdv_kernel(
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64)[:, None] * stride_mn
         if HAS_SUMMARY:
             # The lists of mask_summary.col_lists: full tiles without checks, full tiles with them, partial tiles.
-            ends = TileEnds + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn
-            e_full = tl.load(ends)
-            e_edge = tl.load(ends + 1)
-            e_part = tl.load(ends + 2)
+            e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
                                            mask_base, order_base, 0, e_full, offs_n, cols, q_start, q_len, k_len,
                                            head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
@@ -482,10 +478,7 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_SUMMARY:
         # The lists of mask_summary.row_lists, as in the forward.
-        ends = TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
-        e_full = tl.load(ends)
-        e_edge = tl.load(ends + 1)
-        e_part = tl.load(ends + 2)
+        e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
         dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base, 0,
                             e_full, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
                             stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,

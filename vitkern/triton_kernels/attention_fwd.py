@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import autotune, config, varlen_map
 from .mask_summary import row_lists, tile_summary
-from .tile_ops import LN2, dropout_keep, load_rows, mask_scores, query_block_of_program, store_rows
+from .tile_ops import LN2, dropout_keep, list_ends, load_rows, mask_scores, query_block_of_program, store_rows
 
 LOG2E_HOST = 1 / math.log(2)
 
@@ -202,10 +202,7 @@ def _attention_fwd_kernel(
         acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
     if HAS_SUMMARY:
         # The lists of mask_summary.row_lists: full tiles without checks, full tiles with them, partial tiles.
-        ends = TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm
-        e_full = tl.load(ends)
-        e_edge = tl.load(ends + 1)
-        e_part = tl.load(ends + 2)
+        e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
         acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base,
                                               0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
                                               stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,

@@ -74,6 +74,13 @@ def apply_mask_entries(s, mask_ptrs, read, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def list_ends(ends):
+    """Where a resident tile's three tile lists end (mask_summary.row_lists / col_lists: full tiles without
+    checks, full tiles with them, partial tiles): positions [0, e_full), [e_full, e_edge), [e_edge, e_part)."""
+    return tl.load(ends), tl.load(ends + 1), tl.load(ends + 2)
+
+
+@triton.jit
 def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs,
                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
     """s [BM, BN] (scaled scores); offs_m / offs_n are positions inside the sequence (causal is top-left).
