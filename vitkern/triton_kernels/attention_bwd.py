@@ -29,8 +29,8 @@ import triton.language as tl
 from . import autotune, config, varlen_map
 from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
 from .mask_summary import col_lists, row_lists, tile_summary
-from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, list_ends, load_rows,
-                       query_block_of_program, store_rows)
+from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, chunk_columns, list_ends, load_rows,
+                       query_block_of_program, store_rows, tile_at)
 
 _INTERPRET = tl.constexpr(config.interpreting())
 
@@ -155,16 +155,10 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, ro
     those positions of the list at order_base, mask_summary.col_lists) of one query head, on key-major tiles
     [BLOCK_N, BLOCK_M]. MASK_KIND != 0 reads the mask on every tile (partial tiles only). Second column chunks
     (k2, v2, dk2, dv2; config.head_split) take part when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-    if BLOCK_DV2 > 0:
-        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+    offs_d, offs_d2 = chunk_columns(BLOCK_D, BLOCK_D2)
+    offs_dv, offs_dv2 = chunk_columns(BLOCK_DV, BLOCK_DV2)
     for i in range(t_lo, t_hi):
-        t = i
-        if LISTED:
-            t = tl.load(order_base + i * stride_tm)
+        t = tile_at(order_base, i, stride_tm, LISTED)
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = q_start + offs_m.to(tl.int64)
         q_rows = q_base + rows[:, None] * stride_qm
@@ -352,16 +346,10 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, d
     """Accumulate dQ (and dq2, the second column chunk's) of one query tile over key tiles [t_lo, t_hi) (LISTED:
     the tiles at those positions of the list at order_base, mask_summary.row_lists); write dMask when asked.
     MASK_KIND != 0 reads the mask on every tile (partial tiles only)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-    if BLOCK_DV2 > 0:
-        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+    offs_d, offs_d2 = chunk_columns(BLOCK_D, BLOCK_D2)
+    offs_dv, offs_dv2 = chunk_columns(BLOCK_DV, BLOCK_DV2)
     for i in range(t_lo, t_hi):
-        t = i
-        if LISTED:
-            t = tl.load(order_base + i * stride_tn)
+        t = tile_at(order_base, i, stride_tn, LISTED)
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = k_start + offs_n.to(tl.int64)
         k_rows = k_base + cols[:, None] * stride_kn

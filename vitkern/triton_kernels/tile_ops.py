@@ -74,6 +74,26 @@ def apply_mask_entries(s, mask_ptrs, read, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def chunk_columns(BLOCK: tl.constexpr, BLOCK2: tl.constexpr):
+    """Column offsets of a head dim's two chunks (config.head_split): [0, BLOCK) and [BLOCK, BLOCK + BLOCK2);
+    the second is a placeholder (the first again) when BLOCK2 == 0, for code that uses it only when > 0."""
+    cols = tl.arange(0, BLOCK)
+    cols2 = cols
+    if BLOCK2 > 0:
+        cols2 = BLOCK + tl.arange(0, BLOCK2)
+    return cols, cols2
+
+
+@triton.jit
+def tile_at(order_base, i, stride, LISTED: tl.constexpr):
+    """The tile a loop visits at step i: i itself, or (LISTED) the i-th entry of a mask_summary tile list."""
+    t = i
+    if LISTED:
+        t = tl.load(order_base + i * stride)
+    return t
+
+
+@triton.jit
 def list_ends(ends):
     """Where a resident tile's three tile lists end (mask_summary.row_lists / col_lists: full tiles without
     checks, full tiles with them, partial tiles): positions [0, e_full), [e_full, e_edge), [e_edge, e_part)."""
