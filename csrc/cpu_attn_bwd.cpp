@@ -21,6 +21,7 @@
 #include "cpu_blas.h"
 #include "cpu_dropout.h"
 #include "cpu_features.h"
+#include "cpu_lowp_softmax.h"
 #include "cpu_softmax_math.h"
 #include "cpu_tile_products.h"
 
@@ -61,6 +62,46 @@ void store_mask_grad_row(const MaskView& m, char* dst, const T* ds, int64_t n) {
   }
 }
 
+// One (key tile, query tile) pair on the bf16 paths without dropout or mask gradient: each row of P and
+// scale·dS is computed in one pass from the score and dP rows and written as bf16 (no float32 P or dS tile,
+// no separate scaling, exp, dS and rounding passes). The scale folds into the exp's FMA unless an additive mask
+// needs scaled scores. Returns whether any row had keys.
+template <typename Products>
+bool lowp_pair(const BackwardArgs<float>& a, Products& prod, const KeyRange& w, int64_t h, int64_t i0, int64_t mq,
+               int64_t j0, int64_t nb, uint8_t code, bool causal_cut, float* s_buf, float* dp_buf, float* dq) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  const Problem& p = *a.p;
+  const int64_t ld = a.tiles.ld();
+  const bool raw = !(code == kTilePartial && a.mask.kind == MaskView::kFloat);
+  const float c = raw ? float(p.scale) * kLog2e : kLog2e;
+  const float* lse = a.lse + (w.b * p.Hq + h) * p.Nq;
+  const float* delta = a.delta + (w.b * p.Hq + h) * p.Nq;
+  prod.scores(w, h, i0, mq, j0, nb, s_buf, ld, /*scaled=*/!raw);
+  prod.dprobs(w, h, i0, mq, j0, nb, dp_buf, ld);
+  bool any_row = false;
+  for (int64_t r = 0; r < mq; ++r) {
+    float* s = s_buf + r * ld;
+    const int64_t i = i0 + r;
+    const float l = lse[i];
+    if (l == -std::numeric_limits<float>::infinity()) {  // a row with no key: P = dS = 0 (a NaN lse goes on)
+      fill_row(prod.p_row(r), prod.row_ld, bf16(0.0f));
+      fill_row(prod.ds_row(r), prod.row_ld, bf16(0.0f));
+      continue;
+    }
+    any_row = true;
+    if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, h, i, j0);
+    if (causal_cut) {
+      const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
+      fill_row(s + allowed, nb - allowed, -std::numeric_limits<float>::infinity());
+    }
+    softmax_grad_row_to_bf16(s, dp_buf + r * ld, nb, prod.row_ld, c, l * kLog2e, delta[i], float(p.scale),
+                             prod.p_row(r), prod.ds_row(r));
+  }
+  if (!any_row) return false;
+  prod.add_from_rows(mq, nb, dq, a.dq_in_part.sn);
+  return true;
+}
+
 template <typename T, typename Products>
 void backward_keys(const BackwardArgs<T>& a, Products& prod, const KeyRange& w, T* p_buf, T* dp_buf, T* pd_buf) {
   const Problem& p = *a.p;
@@ -92,6 +133,13 @@ void backward_keys(const BackwardArgs<T>& a, Products& prod, const KeyRange& w, 
         if (code == kTileSkip) continue;
         const bool causal_cut = p.causal && j0 + nb - 1 > i0 + w.causal_shift;
         prod.start_queries(w, h, i0, mq);
+        T* dqp = dq_part + w.b * a.dq_in_part.sb + h * a.dq_in_part.sh + i0 * a.dq_in_part.sn;
+        if constexpr (Products::kLowp) {
+          if (prod.fused_rows) {
+            if (lowp_pair(a, prod, w, h, i0, mq, j0, nb, code, causal_cut, p_buf, dp_buf, dqp)) live = true;
+            continue;
+          }
+        }
         prod.scores(w, h, i0, mq, j0, nb, p_buf, ld);
         bool any_row = false;
         for (int64_t r = 0; r < mq; ++r) {
@@ -142,7 +190,6 @@ void backward_keys(const BackwardArgs<T>& a, Products& prod, const KeyRange& w, 
         }
         prod.add_dk(w, h, i0, mq, j0, nb, dp_buf, ld, live);
         live = true;
-        T* dqp = dq_part + w.b * a.dq_in_part.sb + h * a.dq_in_part.sh + i0 * a.dq_in_part.sn;
         prod.add_dq(w, mq, j0, nb, dp_buf, ld, dqp, a.dq_in_part.sn);
       }
     }
@@ -219,7 +266,7 @@ void run_backward_on_path(const BackwardArgs<T>& a, const std::vector<KeyRange>&
       return run_backward<float>(a, items, [&] {
         return LowpBackwardProducts(strided<const bf16>(qb), strided<const bf16>(kb), strided<const bf16>(vb),
                                     strided<const bf16>(dob), strided<bf16>(dk), strided<bf16>(dv), p, tiles,
-                                    path);
+                                    path, /*fused_rows=*/!a.dropout.active && !a.dmask);
       });
     }
   }

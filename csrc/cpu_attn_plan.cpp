@@ -61,6 +61,12 @@ Tiles backward_tiles(const Problem& p, bool masked) {
   if (masked) return tiles_from_env({64, 64});
   if (p.varlen) return tiles_from_env({std::min<int64_t>(128, std::max<int64_t>(p.Nq, 1)),
                                        std::min<int64_t>(128, round_up16(std::max<int64_t>(p.Nk, 1)))});
+  // A short sequence (ViT, CCT) with enough heads for the threads (backward_work's 4 items per thread) is one
+  // tile per head: Q, dO, K and V packed once, dQ written once. Measured on a 2-core Zen 4, bf16, ViT-B/16
+  // (197 tokens): 8% faster than 99 x 112; long sequences gained nothing clear from larger tiles (128 x 256,
+  // 256 x 256 within 0-5% of 128 x 128 at 784 and 4,096 tokens).
+  if (p.Nq <= 256 && p.Nk <= 256 && p.B * p.Hk >= 4 * at::get_num_threads())
+    return tiles_from_env({std::max<int64_t>(p.Nq, 1), round_up16(std::max<int64_t>(p.Nk, 1))});
   return tiles_from_env({balanced(p.Nq, 128), round_up16(balanced(p.Nk, 128))});
 }
 

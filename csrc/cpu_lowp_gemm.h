@@ -42,5 +42,7 @@ void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst, fl
 // dst[c * ld_dst + r] = bf16(src[r * ld_src + c]) for r < rows, c < cols, and 0 for rows <= r < ld_dst (even):
 // a float32 tile rounded and transposed into the A operand of a product reducing over its rows (Pᵀ·dO, dSᵀ·Q).
 void round_transpose_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst);
+// The same for a tile already in bf16 (the backward's P and dS rows): dst[c * ld_dst + r] = src[r * ld_src + c].
+void transpose_bf16(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst);
 
 }  // namespace vitkern_cpu

@@ -43,6 +43,16 @@ float exp2_row_scalar(const float* s, int64_t n, int64_t n_padded, float c, floa
   return part[0];
 }
 
+void softmax_grad_row_scalar(const float* s, const float* dp, int64_t n, int64_t n_padded, float c, float b,
+                             float delta, float ds_factor, c10::BFloat16* p_dst, c10::BFloat16* ds_dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp2_scalar(std::fma(s[i], c, -b));
+    p_dst[i] = c10::BFloat16(e);
+    ds_dst[i] = c10::BFloat16(ds_factor * (e * (dp[i] - delta)));
+  }
+  for (int64_t i = n; i < n_padded; ++i) p_dst[i] = ds_dst[i] = c10::BFloat16(0.0f);
+}
+
 #if defined(VITKERN_LOWP_KERNELS)
 
 // 16 lanes of 2^(s·c - b). Lanes under kMinArg (-inf included) are zeroed by the write mask of the final
@@ -88,6 +98,30 @@ VITKERN_BF16_TARGET float exp2_row_avx512(const float* s, int64_t n, int64_t n_p
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
+
+VITKERN_BF16_TARGET void softmax_grad_row_avx512(const float* s, const float* dp, int64_t n, int64_t n_padded,
+                                                 float c, float b, float delta, float ds_factor,
+                                                 c10::BFloat16* p_dst, c10::BFloat16* ds_dst) {
+  const __m512 cv = _mm512_set1_ps(c), nbv = _mm512_set1_ps(-b), dl = _mm512_set1_ps(delta),
+               f = _mm512_set1_ps(ds_factor);
+  const auto ds16 = [&](__m512 e, __m512 d) { return _mm512_mul_ps(f, _mm512_mul_ps(e, _mm512_sub_ps(d, dl))); };
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 e0 = exp2_16(_mm512_loadu_ps(s + i), cv, nbv);
+    const __m512 e1 = exp2_16(_mm512_loadu_ps(s + i + 16), cv, nbv);
+    const __m512 d0 = ds16(e0, _mm512_loadu_ps(dp + i)), d1 = ds16(e1, _mm512_loadu_ps(dp + i + 16));
+    _mm512_storeu_si512(reinterpret_cast<void*>(p_dst + i), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    _mm512_storeu_si512(reinterpret_cast<void*>(ds_dst + i), (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
+  }
+  for (; i < n_padded; i += 16) {  // lanes past n are written as 0 whatever delta is
+    const __mmask16 live = static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, n - i))) - 1);
+    const __mmask16 width = static_cast<__mmask16>((1u << std::min<int64_t>(16, n_padded - i)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(live, exp2_16(_mm512_maskz_loadu_ps(live, s + i), cv, nbv));
+    const __m512 d = _mm512_maskz_mov_ps(live, ds16(e, _mm512_maskz_loadu_ps(live, dp + i)));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p_dst + i), width, (__m256i)_mm512_cvtneps_pbh(e));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(ds_dst + i), width, (__m256i)_mm512_cvtneps_pbh(d));
+  }
+}
 #endif
 
 }  // namespace
@@ -97,6 +131,14 @@ float exp2_row_to_bf16(const float* s, int64_t n, int64_t n_padded, float c, flo
   if (cpu_has_avx512_bf16()) return exp2_row_avx512(s, n, n_padded, c, b, dst);
 #endif
   return exp2_row_scalar(s, n, n_padded, c, b, dst);
+}
+
+void softmax_grad_row_to_bf16(const float* s, const float* dp, int64_t n, int64_t n_padded, float c, float b,
+                              float delta, float ds_factor, c10::BFloat16* p_dst, c10::BFloat16* ds_dst) {
+#if defined(VITKERN_LOWP_KERNELS)
+  if (cpu_has_avx512_bf16()) return softmax_grad_row_avx512(s, dp, n, n_padded, c, b, delta, ds_factor, p_dst, ds_dst);
+#endif
+  softmax_grad_row_scalar(s, dp, n, n_padded, c, b, delta, ds_factor, p_dst, ds_dst);
 }
 
 }  // namespace vitkern_cpu

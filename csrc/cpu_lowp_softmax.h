@@ -14,4 +14,10 @@ namespace vitkern_cpu {
 // rounding of P (2^-9) that follows it.
 float exp2_row_to_bf16(const float* s, int64_t n, int64_t n_padded, float c, float b, c10::BFloat16* dst);
 
+// The backward's row of P and dS in one pass over the score row s and the dP row dp, for the bf16 paths:
+// P = 2^(s·c - b) (b = lse·log2(e)), p_dst = bf16(P), ds_dst = bf16(ds_factor · P · (dp - delta)) with the
+// unrounded P, as GPU flash kernels do; both rows zero in [n, n_padded). Same 2^x and special values as above.
+void softmax_grad_row_to_bf16(const float* s, const float* dp, int64_t n, int64_t n_padded, float c, float b,
+                              float delta, float ds_factor, c10::BFloat16* p_dst, c10::BFloat16* ds_dst);
+
 }  // namespace vitkern_cpu

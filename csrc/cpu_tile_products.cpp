@@ -99,10 +99,10 @@ const bf16* even_rows(const bf16* src, int64_t ld_src, int64_t rows, int64_t n, 
 
 LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
                                            Strided<const bf16> dout_, Strided<bf16> dk_, Strided<bf16> dv_,
-                                           const Problem& p, Tiles t, TilePath path_)
+                                           const Problem& p, Tiles t, TilePath path_, bool fused_rows_)
     : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), Dp(round_up(p.D, 2)),
       Dvp(round_up(p.Dv, 2)), Dk16(round_up(p.D, 16)), Dv16(round_up(p.Dv, 16)), scale(float(p.scale)),
-      path(path_), kpad(reduction_pad(path_)) {
+      path(path_), kpad(reduction_pad(path_)), fused_rows(fused_rows_) {
   const int64_t bn16 = round_up(t.bn, 16), bnk = round_up(t.bn, kpad), bmk = round_up(t.bm, kpad);
   kt_pack.resize(Dp * bn16);
   vt_pack.resize(Dvp * bn16);
@@ -113,6 +113,7 @@ LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const
   if (Dvp != Dv) do_pad.resize(t.bm * Dvp);
   lowp_a.resize(t.bm * bnk);
   lowp_t.resize(t.bn * bmk);
+  if (fused_rows) p_lowp.resize(t.bm * bnk);
   dk_acc.resize(t.bn * Dk16);
   dv_acc.resize(t.bn * Dv16);
   dq_tile.resize(t.bm * Dk16);
@@ -138,8 +139,10 @@ void LowpBackwardProducts::start_queries(const KeyRange& w, int64_t h, int64_t i
 }
 
 void LowpBackwardProducts::scores(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb, float* s,
-                                  int64_t ld) {
+                                  int64_t ld, bool scaled) {
   lowp_gemm(path, mq, round_up(nb, 16), Dp, qa, lda_q, kt_pack.data(), s, ld, false);
+  row_ld = round_up(nb, kpad);
+  if (!scaled) return;
   for (int64_t r = 0; r < mq; ++r) {
     float* row = s + r * ld;
 #pragma omp simd
@@ -169,17 +172,32 @@ void LowpBackwardProducts::add_dk(const KeyRange&, int64_t, int64_t, int64_t mq,
   add_transposed(ds, ld, mq, nb, q_pack.data(), Dk16, dk_acc.data());
 }
 
-void LowpBackwardProducts::add_dq(const KeyRange&, int64_t mq, int64_t, int64_t nb, const float* ds, int64_t ld,
-                                  float* dq, int64_t ldq) {
-  const int64_t nbk = round_up(nb, kpad);
-  for (int64_t r = 0; r < mq; ++r) round_row_bf16(ds + r * ld, nb, nbk, lowp_a.data() + r * nbk);
-  lowp_gemm(path, mq, Dk16, nbk, lowp_a.data(), nbk, k_pack.data(), dq_tile.data(), Dk16, false);
+// dQ[mq, D] += factor · dS · K with dS as bf16 rows of nbk (the key count padded to kpad): straight into dQ when
+// the head dim fills whole 16-column vectors, else through dq_tile.
+void LowpBackwardProducts::dq_from(const bf16* ds, int64_t mq, int64_t nbk, float factor, float* dq, int64_t ldq) {
+  if (Dk16 == D && factor == 1.0f) return lowp_gemm(path, mq, Dk16, nbk, ds, nbk, k_pack.data(), dq, ldq, true);
+  lowp_gemm(path, mq, Dk16, nbk, ds, nbk, k_pack.data(), dq_tile.data(), Dk16, false);
   for (int64_t r = 0; r < mq; ++r) {
     float* dst = dq + r * ldq;
     const float* src = dq_tile.data() + r * Dk16;
 #pragma omp simd
-    for (int64_t c = 0; c < D; ++c) dst[c] += scale * src[c];
+    for (int64_t c = 0; c < D; ++c) dst[c] += factor * src[c];
   }
+}
+
+void LowpBackwardProducts::add_dq(const KeyRange&, int64_t mq, int64_t, int64_t nb, const float* ds, int64_t ld,
+                                  float* dq, int64_t ldq) {
+  const int64_t nbk = round_up(nb, kpad);
+  for (int64_t r = 0; r < mq; ++r) round_row_bf16(ds + r * ld, nb, nbk, lowp_a.data() + r * nbk);
+  dq_from(lowp_a.data(), mq, nbk, scale, dq, ldq);
+}
+
+void LowpBackwardProducts::add_from_rows(int64_t mq, int64_t nb, float* dq, int64_t ldq) {
+  transpose_bf16(p_lowp.data(), row_ld, mq, nb, lowp_t.data(), mqk);
+  lowp_gemm(path, nb, Dv16, mqk, lowp_t.data(), mqk, do_pack.data(), dv_acc.data(), Dv16, true);
+  transpose_bf16(lowp_a.data(), row_ld, mq, nb, lowp_t.data(), mqk);
+  lowp_gemm(path, nb, Dk16, mqk, lowp_t.data(), mqk, q_pack.data(), dk_acc.data(), Dk16, true);
+  dq_from(lowp_a.data(), mq, row_ld, 1.0f, dq, ldq);
 }
 
 void LowpBackwardProducts::finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live) {
@@ -191,7 +209,7 @@ void LowpBackwardProducts::finish_keys(const KeyRange& w, int64_t j0, int64_t nb
       std::fill(dvr, dvr + Dv, bf16(0.0f));
       continue;
     }
-    round_row_bf16(dk_acc.data() + c * Dk16, D, D, dkr, scale);
+    round_row_bf16(dk_acc.data() + c * Dk16, D, D, dkr, fused_rows ? 1.0f : scale);  // fused dS rows: scaled
     round_row_bf16(dv_acc.data() + c * Dv16, Dv, Dv, dvr);
   }
 }

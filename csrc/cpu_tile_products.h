@@ -109,8 +109,10 @@ struct BlasBackwardProducts {
 
 // bf16 backward: K and V of the key tile are packed once (Kᵀ and Vᵀ for S and dP, K for dQ), Q and dO once per
 // query tile; P and dS are rounded to bf16 (and transposed for dV, dK). dK and dV accumulate in fp32 tiles of
-// 16-padded width owned by the thread and are stored (rounded to bf16) when the key tile is done; dQ goes through a tile too, so
-// padded columns never touch a neighbouring head's rows.
+// 16-padded width owned by the thread and are stored (rounded to bf16) when the key tile is done. dQ goes through
+// a tile too unless the head dim is a multiple of 16, so padded columns never touch a neighbouring head's rows.
+// Two ways in: float32 P and dS tiles (add_dv / add_dk / add_dq: dropout and the mask gradient need them), or,
+// with fused_rows, bf16 rows the kernel writes through p_row / ds_row in one pass (ds already times the scale).
 struct LowpBackwardProducts {
   static constexpr bool kLowp = true;  // finish_keys stores bf16 dK/dV rows, zeros where no query reached them
   Strided<const bf16> q, k, v, dout;
@@ -119,17 +121,21 @@ struct LowpBackwardProducts {
   float scale;
   TilePath path;
   int64_t kpad;  // reduction lengths over keys or queries are padded to a multiple of this
-  std::vector<bf16> kt_pack, vt_pack, k_pack, q_pack, do_pack, q_pad, do_pad, lowp_a, lowp_t;
+  bool fused_rows;  // the kernel writes bf16 P and scale·dS rows (p_row, ds_row) instead of float32 tiles
+  std::vector<bf16> kt_pack, vt_pack, k_pack, q_pack, do_pack, q_pad, do_pad, lowp_a, lowp_t, p_lowp;
   std::vector<float> dk_acc, dv_acc, dq_tile;
   const bf16 *qa = nullptr, *doa = nullptr;
   int64_t lda_q = 0, lda_do = 0, mqk = 0;  // mqk: the query count rounded up to the k-pair padding
+  int64_t row_ld = 0;  // row stride of the bf16 P and dS rows: the key tile's count padded to kpad
 
   LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
                        Strided<const bf16> dout_, Strided<bf16> dk_, Strided<bf16> dv_, const Problem& p, Tiles t,
-                       TilePath path_);
+                       TilePath path_, bool fused_rows_);
   void start_keys(const KeyRange& w, int64_t j0, int64_t nb);
   void start_queries(const KeyRange& w, int64_t h, int64_t i0, int64_t mq);
-  void scores(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, float* s, int64_t ld);
+  // S = Q·Kᵀ, times scale when `scaled` (else the raw dot products: the fused rows fold the scale into the exp).
+  void scores(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, float* s, int64_t ld,
+              bool scaled = true);
   void dprobs(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, float* dp, int64_t ld);
   void add_dv(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const float* pr,
               int64_t ld, bool add);
@@ -137,11 +143,17 @@ struct LowpBackwardProducts {
               int64_t ld, bool add);
   void add_dq(const KeyRange& w, int64_t mq, int64_t j0, int64_t nb, const float* ds, int64_t ld, float* dq,
               int64_t ldq);
+  // The fused rows of the current pair: row_ld entries each, those past the key count zero.
+  bf16* p_row(int64_t r) { return p_lowp.data() + r * row_ld; }
+  bf16* ds_row(int64_t r) { return lowp_a.data() + r * row_ld; }
+  // dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K from the fused rows of mq queries and nb keys.
+  void add_from_rows(int64_t mq, int64_t nb, float* dq, int64_t ldq);
   void finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live);
   void finish() { lowp_release(path); }
 
  private:
   void add_transposed(const float* x, int64_t ld, int64_t mq, int64_t nb, const bf16* b, int64_t np, float* acc);
+  void dq_from(const bf16* ds, int64_t mq, int64_t nbk, float factor, float* dq, int64_t ldq);
 };
 
 }  // namespace vitkern_cpu
