@@ -62,6 +62,17 @@ void store_mask_grad_row(const MaskView& m, char* dst, const T* ds, int64_t n) {
   }
 }
 
+// Score row s of query i over keys [j0, j0 + nb): the mask where the tile is partial, -inf past the causal edge.
+template <typename T>
+void mask_scores(const BackwardArgs<T>& a, const KeyRange& w, int64_t h, uint8_t code, bool causal_cut, T* s,
+                 int64_t nb, int64_t i, int64_t j0) {
+  if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, h, i, j0);
+  if (causal_cut) {
+    const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
+    fill_row(s + allowed, nb - allowed, -std::numeric_limits<T>::infinity());
+  }
+}
+
 // One (key tile, query tile) pair on the bf16 paths without dropout or mask gradient: each row of P and
 // scale·dS is computed in one pass from the score and dP rows and written as bf16 (no float32 P or dS tile,
 // no separate scaling, exp, dS and rounding passes). The scale folds into the exp's FMA unless an additive mask
@@ -89,11 +100,7 @@ bool lowp_pair(const BackwardArgs<float>& a, Products& prod, const KeyRange& w, 
       continue;
     }
     any_row = true;
-    if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, h, i, j0);
-    if (causal_cut) {
-      const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
-      fill_row(s + allowed, nb - allowed, -std::numeric_limits<float>::infinity());
-    }
+    mask_scores(a, w, h, code, causal_cut, s, nb, i, j0);
     softmax_grad_row_to_bf16(s, dp_buf + r * ld, nb, prod.row_ld, c, l * kLog2e, delta[i], float(p.scale),
                              prod.p_row(r), prod.ds_row(r));
   }
@@ -151,11 +158,7 @@ void backward_keys(const BackwardArgs<T>& a, Products& prod, const KeyRange& w, 
             continue;
           }
           any_row = true;
-          if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, h, i, j0);
-          if (causal_cut) {
-            const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
-            fill_row(s + allowed, nb - allowed, ninf);
-          }
+          mask_scores(a, w, h, code, causal_cut, s, nb, i, j0);
           exp_shift(s, nb, l);
         }
         if (!any_row) continue;
