@@ -80,7 +80,6 @@ void mask_scores(const BackwardArgs<T>& a, const KeyRange& w, int64_t h, uint8_t
 template <typename Products>
 bool lowp_pair(const BackwardArgs<float>& a, Products& prod, const KeyRange& w, int64_t h, int64_t i0, int64_t mq,
                int64_t j0, int64_t nb, uint8_t code, bool causal_cut, float* s_buf, float* dp_buf, float* dq) {
-  constexpr float kLog2e = 1.44269504088896341f;
   const Problem& p = *a.p;
   const int64_t ld = a.tiles.ld();
   const bool raw = !(code == kTilePartial && a.mask.kind == MaskView::kFloat);

@@ -91,7 +91,6 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
           a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
           round_row_bf16(s, nb, prod.p_ld, prod.p_row(r));
         } else {
-          constexpr float kLog2e = 1.44269504088896341f;
           sum = exp2_row_to_bf16(s, nb, prod.p_ld, raw ? float(p.scale) * kLog2e : kLog2e, m_new * kLog2e,
                                  prod.p_row(r));
         }

@@ -8,6 +8,9 @@
 
 namespace vitkern_cpu {
 
+// log2(e): the exp passes below take 2^(s·c - b), so callers fold scale·log2(e) into c and m·log2(e) into b.
+constexpr float kLog2e = 1.44269504088896341f;
+
 // dst[i] = bf16(2^(s[i]·c - b)) for i < n (nearest even; -inf and anything under 2^-126 give exactly 0, NaN stays
 // NaN) and dst[n, n_padded) = 0. Returns the float32 sum of the unrounded values, in 32 interleaved partial sums.
 // 2^x comes from a degree-5 polynomial on the reduced argument: relative error under 3e-7, far below the bf16

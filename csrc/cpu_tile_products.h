@@ -110,7 +110,8 @@ struct BlasBackwardProducts {
 // bf16 backward: K and V of the key tile are packed once (Kᵀ and Vᵀ for S and dP, K for dQ), Q and dO once per
 // query tile; P and dS are rounded to bf16 (and transposed for dV, dK). dK and dV accumulate in fp32 tiles of
 // 16-padded width owned by the thread and are stored (rounded to bf16) when the key tile is done. dQ goes through
-// a tile too unless the head dim is a multiple of 16, so padded columns never touch a neighbouring head's rows.
+// a tile too (padded columns never touch a neighbouring head's rows) unless the head dim is a multiple of 16 and
+// dS already carries the scale (the fused rows): then it accumulates straight into dQ.
 // Two ways in: float32 P and dS tiles (add_dv / add_dk / add_dq: dropout and the mask gradient need them), or,
 // with fused_rows, bf16 rows the kernel writes through p_row / ds_row in one pass (ds already times the scale).
 struct LowpBackwardProducts {
