@@ -358,7 +358,7 @@ Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.seed = seed;
   p.dtype = dt;
   p.compute = dt == at::kDouble ? at::kDouble : at::kFloat;
-  p.own_sgemm = p.compute == at::kFloat && chosen_fp32_gemm() == Fp32Gemm::kAvx2;
+  p.fp32_gemm = p.compute == at::kFloat ? chosen_fp32_gemm() : Fp32Gemm::kBlas;
   return p;
 }
 

@@ -10,6 +10,8 @@
 #include <optional>
 #include <vector>
 
+#include "cpu_blas.h"
+
 namespace vitkern_cpu {
 
 constexpr int64_t kMaxHeadDim = 256;
@@ -103,7 +105,7 @@ struct Problem {
   int64_t seed;
   bool varlen;
   at::ScalarType dtype, compute;
-  bool own_sgemm = false;  // float32 products on cpu_sgemm_avx2 rather than the BLAS (chosen_fp32_gemm())
+  Fp32Gemm fp32_gemm = Fp32Gemm::kBlas;  // the GEMM of float32 tile products (chosen_fp32_gemm())
 };
 Problem check_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& cu_q,

@@ -3,6 +3,7 @@
 // each helper calls the column-major routine with the operands swapped.
 #include "cpu_blas.h"
 #include "cpu_sgemm_avx2.h"
+#include "cpu_sgemm_avx512.h"
 
 #include <dlfcn.h>
 
@@ -88,6 +89,24 @@ void loops(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t a_si, i
   }
 }
 
+void own_sgemm(Fp32Gemm gemm, bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, float alpha,
+               const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  // The kernels take m, n, k > 0 and beta 0 or 1.
+  if (m <= 0 || n <= 0) return;
+  if (beta != 0.0f && beta != 1.0f) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] *= beta;
+    beta = 1.0f;
+  }
+  if (k <= 0) {
+    if (beta == 0.0f)
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
+    return;
+  }
+  if (gemm == Fp32Gemm::kAvx512) return sgemm_avx512(a_trans, b_trans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  sgemm_avx2(a_trans, b_trans, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 }  // namespace
 
 bool have_blas() { return blas().sgemm != nullptr && blas().dgemm != nullptr; }
@@ -103,35 +122,38 @@ BlasSingleThreadScope::~BlasSingleThreadScope() {
 
 template <typename T>
 void gemm_nt(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
-             T* c, int64_t ldc, bool own_sgemm) {
+             T* c, int64_t ldc, Fp32Gemm gemm) {
   if constexpr (std::is_same_v<T, float>)
-    if (own_sgemm) return sgemm_avx2(false, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (gemm != Fp32Gemm::kBlas) return own_sgemm(gemm, false, true, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   if (use_blas<T>(lda, ldb, ldc)) return call_colmajor<T>('T', 'N', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
   loops<T>(m, n, k, alpha, a, lda, 1, b, 1, ldb, beta, c, ldc);
 }
 
 template <typename T>
 void gemm_nn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
-             T* c, int64_t ldc, bool own_sgemm) {
+             T* c, int64_t ldc, Fp32Gemm gemm) {
   if constexpr (std::is_same_v<T, float>)
-    if (own_sgemm) return sgemm_avx2(false, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (gemm != Fp32Gemm::kBlas) return own_sgemm(gemm, false, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   if (use_blas<T>(lda, ldb, ldc)) return call_colmajor<T>('N', 'N', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
   loops<T>(m, n, k, alpha, a, lda, 1, b, ldb, 1, beta, c, ldc);
 }
 
 template <typename T>
 void gemm_tn(int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b, int64_t ldb, T beta,
-             T* c, int64_t ldc, bool own_sgemm) {
+             T* c, int64_t ldc, Fp32Gemm gemm) {
   if constexpr (std::is_same_v<T, float>)
-    if (own_sgemm) return sgemm_avx2(true, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (gemm != Fp32Gemm::kBlas) return own_sgemm(gemm, true, false, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   if (use_blas<T>(lda, ldb, ldc)) return call_colmajor<T>('N', 'T', n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
   loops<T>(m, n, k, alpha, a, 1, lda, b, ldb, 1, beta, c, ldc);
 }
 
-#define VITKERN_GEMM_INSTANTIATE(T)                                                                              \
-  template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, bool); \
-  template void gemm_nn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, bool); \
-  template void gemm_tn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, bool);
+#define VITKERN_GEMM_INSTANTIATE(T)                                                                         \
+  template void gemm_nt<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, \
+                           Fp32Gemm);                                                                         \
+  template void gemm_nn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, \
+                           Fp32Gemm);                                                                         \
+  template void gemm_tn<T>(int64_t, int64_t, int64_t, T, const T*, int64_t, const T*, int64_t, T, T*, int64_t, \
+                           Fp32Gemm);
 VITKERN_GEMM_INSTANTIATE(float)
 VITKERN_GEMM_INSTANTIATE(double)
 #undef VITKERN_GEMM_INSTANTIATE

@@ -6,6 +6,8 @@
 
 #include <string>
 
+#include "cpu_blas.h"
+
 namespace vitkern_cpu {
 
 struct CpuFeatures {
@@ -32,16 +34,17 @@ enum class TilePath { kFp32Blas, kAvx512Bf16, kAmxBf16 };
 
 const char* path_name(TilePath p);
 
-// The float32 GEMM under kFp32Blas's tile products:
-//   kBlas  libtorch's sgemm (MKL or OpenBLAS);
-//   kAvx2  vitkern's own 6×16 AVX2+FMA micro-kernel (cpu_sgemm_avx2.h). On one Zen 3 core it runs the
-//          attention tile shapes alone at 75–88 GFLOP/s where MKL gives 54–64, but inside the kernel the two
-//          measured the same within noise (benchmarks/NOTES.md), so it is not the default where a BLAS exists.
-// VITKERN_CPU_SGEMM=blas|avx2 forces one (an error if avx2 cannot run here); by default kBlas, or kAvx2 when
-// libtorch exports no sgemm and the CPU has AVX2+FMA (the plain loops are the last resort).
-enum class Fp32Gemm { kBlas, kAvx2 };
+// The float32 GEMM under kFp32Blas's tile products (Fp32Gemm, cpu_blas.h):
+//   kBlas    libtorch's sgemm (MKL or OpenBLAS);
+//   kAvx2    vitkern's own 6×16 AVX2+FMA micro-kernel (cpu_sgemm_avx2.h). On one Zen 3 core it runs the
+//            attention tile shapes alone at 75–88 GFLOP/s where MKL gives 54–64, but inside the kernel the two
+//            measured the same within noise (benchmarks/NOTES.md);
+//   kAvx512  vitkern's own 6×64 AVX-512 micro-kernel (cpu_sgemm_avx512.h): the default where the CPU has
+//            AVX-512F (21-28% faster than MKL inside the kernel on a 2-core Zen 4, benchmarks/NOTES.md).
+// VITKERN_CPU_SGEMM=blas|avx2|avx512 forces one (an error if it cannot run here). Without AVX-512 the default is
+// kBlas, or kAvx2 when libtorch exports no sgemm and the CPU has AVX2+FMA (the plain loops are the last resort).
 Fp32Gemm chosen_fp32_gemm();
-// The float32 path's name as reported: fp32_blas or fp32_avx2.
+// The float32 path's name as reported: fp32_blas, fp32_avx2 or fp32_avx512.
 const char* fp32_path_name(Fp32Gemm g);
 // Whether this CPU and this build can run the path for the dtype; if not, *why says why.
 bool path_runs(TilePath p, at::ScalarType dt, std::string* why);

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "cpu_avx512_transpose.h"
 #include "cpu_bf16_target.h"
 
 namespace vitkern_cpu {
@@ -79,50 +80,12 @@ void pack_vnni_scalar(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int
 #if defined(VITKERN_LOWP_KERNELS)
 namespace {
 
-// In-register transpose of a 16 x 16 block of 32-bit words: r[i] holds row i on entry, column i on return.
-// Three stages: 32-bit and 64-bit interleaves within 128-bit lanes, then two rounds of lane shuffles.
-VITKERN_BF16_TARGET inline void transpose16x16_epi32(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  // u[4i + c], lane L: column 4L + c of rows 4i .. 4i + 3.
-  for (int i = 0; i < 4; ++i) {
-    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int c = 0; c < 4; ++c) {
-    const __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
-    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44),
-                  w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_i32x4(v0, w0, 0x88);
-    r[4 + c] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
-    r[8 + c] = _mm512_shuffle_i32x4(v1, w1, 0x88);
-    r[12 + c] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
-  }
-}
-
-inline __mmask16 first16(int64_t n) { return static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1); }
 inline __mmask32 first32(int64_t n) { return n >= 32 ? 0xFFFFFFFFu : (1u << n) - 1; }
 
-// Even K: blocks of 16 rows x 16 k-pairs, transposed in registers; rows past N load as zero (the padding).
+// Even K: a k-pair is one 32-bit word, so the packing is a transpose of words [N][K/2] -> [K/2][Np].
 VITKERN_BF16_TARGET void pack_vnni_transposed_avx512(const bf16* src, int64_t ld_src, int64_t K, int64_t N,
                                                      bf16* dst) {
-  const int64_t np = round_up(N, 16), pairs = K / 2;
-  uint32_t* d = reinterpret_cast<uint32_t*>(dst);
-  __m512i r[16];
-  for (int64_t n0 = 0; n0 < np; n0 += 16)
-    for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-      const __mmask16 cols = first16(pairs - p0);
-      for (int i = 0; i < 16; ++i)
-        r[i] = n0 + i < N ? _mm512_maskz_loadu_epi32(cols, src + (n0 + i) * ld_src + 2 * p0) : _mm512_setzero_si512();
-      transpose16x16_epi32(r);
-      for (int64_t c = 0; c < std::min<int64_t>(16, pairs - p0); ++c)
-        _mm512_storeu_si512(reinterpret_cast<void*>(d + (p0 + c) * np + n0), r[c]);
-    }
+  transpose_words(src, ld_src * int64_t(sizeof(bf16)), K / 2, N, reinterpret_cast<uint32_t*>(dst), round_up(N, 16));
 }
 
 // Row pairs (2p, 2p + 1) interleaved element by element, 32 columns per step; missing rows and columns are 0.

@@ -179,15 +179,6 @@ VITKERN_AVX2_TARGET void blocked(bool b_trans, int64_t m, int64_t n, int64_t k, 
 
 void sgemm_avx2(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  if (beta != 0.0f && beta != 1.0f)
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] *= beta;
-  if (k <= 0) {
-    if (beta == 0.0f)
-      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, 0.0f);
-    return;
-  }
   const bool add_c = beta != 0.0f;
   if (a_trans) return blocked<true>(b_trans, m, n, k, alpha, a, lda, b, ldb, add_c, c, ldc);
   blocked<false>(b_trans, m, n, k, alpha, a, lda, b, ldb, add_c, c, ldc);

@@ -9,8 +9,9 @@
 namespace vitkern_cpu {
 
 // Row-major C[m, n] = alpha · op(A) · op(B) + beta · C on the calling thread, where op(A)(i, p) is
-// a[i·lda + p] (a_trans: a[p·lda + i]) and op(B)(p, j) is b[p·ldb + j] (b_trans: b[j·ldb + p]). With beta = 0,
-// C is never read. Only call when the CPU has AVX2 and FMA (cpu_features()).
+// a[i·lda + p] (a_trans: a[p·lda + i]) and op(B)(p, j) is b[p·ldb + j] (b_trans: b[j·ldb + p]). Takes m, n, k > 0
+// and beta 0 (C is never read) or 1; cpu_blas.cpp's caller handles the rest. Only call when the CPU has AVX2 and FMA
+// (cpu_features()).
 void sgemm_avx2(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 

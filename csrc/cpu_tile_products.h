@@ -20,10 +20,10 @@ struct BlasProducts {
   Strided<const T> q, k, v;
   int64_t D, Dv;
   T scale;
-  bool own;  // p.own_sgemm
+  Fp32Gemm own;  // p.fp32_gemm
 
   BlasProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, const Problem& p, Tiles)
-      : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)), own(p.own_sgemm) {}
+      : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)), own(p.fp32_gemm) {}
   int64_t o_ld() const { return Dv; }
   void start(const QueryTile&) {}
   // S[mq, nb] = scale · Q[q0:q1] · K[j0:j0+nb]ᵀ of query head w.h, kv head hk.
@@ -77,12 +77,12 @@ struct BlasBackwardProducts {
   Strided<T> dk, dv;
   int64_t D, Dv;
   T scale;
-  bool own;  // p.own_sgemm
+  Fp32Gemm own;  // p.fp32_gemm
 
   BlasBackwardProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, Strided<const T> dout_,
                        Strided<T> dk_, Strided<T> dv_, const Problem& p, Tiles)
       : q(q_), k(k_), v(v_), dout(dout_), dk(dk_), dv(dv_), D(p.D), Dv(p.Dv), scale(T(p.scale)),
-        own(p.own_sgemm) {}
+        own(p.fp32_gemm) {}
   void start_keys(const KeyRange&, int64_t, int64_t) {}
   void start_queries(const KeyRange&, int64_t, int64_t, int64_t) {}
   void scores(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, T* s, int64_t ld) {

@@ -16,7 +16,7 @@ from contract import check_against_truth, max_err, qkv
 pytestmark = pytest.mark.skipif(not vitkern.backends.get("cpu").available(), reason="the C++ extension is not built")
 
 PATHS = {"fp32": "fp32_blas", "avx512_bf16": "avx512_bf16", "amx": "amx_bf16"}
-FP32_NAMES = ("fp32_blas", "fp32_avx2")  # the fp32 path under either float32 GEMM (tests/test_cpu_sgemm.py)
+FP32_NAMES = ("fp32_blas", "fp32_avx2", "fp32_avx512")  # the fp32 path under either float32 GEMM (tests/test_cpu_sgemm.py)
 
 
 def features():

@@ -1,7 +1,7 @@
-"""The CPU kernel's two float32 GEMMs under the fp32 path (csrc/cpu_features.h: VITKERN_CPU_SGEMM=blas|avx2):
+"""The CPU kernel's float32 GEMMs under the fp32 path (csrc/cpu_features.h: VITKERN_CPU_SGEMM=blas|avx2|avx512):
 each one that runs here against float64 math, forward and backward, at sizes and head dims that are not multiples
-of its 6×16 register block or its 256-deep k slices, with masks, causal and varlen; the one that cannot run is
-skipped with the kernel's reason, and a bad setting is an error naming the variable."""
+of its register blocks (6×16 AVX2, 6×64 AVX-512) or the AVX2 kernel's 256-deep k slices, with masks, causal and
+varlen; one that cannot run is skipped with the kernel's reason, and a bad setting is an error naming the variable."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ from contract import check_against_truth, qkv, rand
 
 pytestmark = pytest.mark.skipif(not vitkern.backends.get("cpu").available(), reason="the C++ extension is not built")
 
-NAMES = {"blas": "fp32_blas", "avx2": "fp32_avx2"}
+NAMES = {"blas": "fp32_blas", "avx2": "fp32_avx2", "avx512": "fp32_avx512"}
 
 
 def chosen_float32():
@@ -33,19 +33,26 @@ def gemm(request, monkeypatch):
 
 
 
-def test_default_is_the_blas_where_libtorch_has_one(monkeypatch):
-    """In-kernel the two GEMMs measured the same (benchmarks/NOTES.md), so the BLAS stays the default."""
+def test_default_gemm(monkeypatch):
+    """The own AVX-512 kernel where the CPU has AVX-512F (faster than MKL in-kernel, benchmarks/NOTES.md), else
+    the BLAS where libtorch has one (the own AVX2 kernel measured the same as MKL), else the AVX2 kernel."""
     monkeypatch.delenv("VITKERN_CPU_SGEMM", raising=False)
+    info = json.loads(torch.ops.vitkern_cpu.cpu_features())
     config = torch.__config__.show()
-    if "BLAS_INFO=mkl" not in config and "BLAS_INFO=open" not in config:
-        pytest.skip("this torch was built without MKL or OpenBLAS: the default is then fp32_avx2 where it runs")
-    assert chosen_float32() == "fp32_blas"
+    has_blas = "BLAS_INFO=mkl" in config or "BLAS_INFO=open" in config
+    if info["cpu"]["avx512f"] and "fp32_avx512" in info["compiled"]:
+        want = "fp32_avx512"
+    elif has_blas:
+        want = "fp32_blas"
+    else:
+        want = "fp32_avx2" if info["cpu"]["avx2"] and info["cpu"]["fma"] else "fp32_blas"
+    assert chosen_float32() == want
 
 
 def test_bad_setting_is_an_error(monkeypatch):
     monkeypatch.setenv("VITKERN_CPU_SGEMM", "mkl")
     q, k, v = qkv(1, 1, 4, 4, 8)
-    with pytest.raises(RuntimeError, match="VITKERN_CPU_SGEMM: expected blas or avx2, got 'mkl'"):
+    with pytest.raises(RuntimeError, match="VITKERN_CPU_SGEMM: expected blas, avx2 or avx512, got 'mkl'"):
         sdpa(q, k, v)
 
 
