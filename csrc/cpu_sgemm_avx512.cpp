@@ -91,9 +91,9 @@ void sgemm_avx512(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, f
                   int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (b_trans) {  // Bᵀ rows [n][k] into a [k][np] panel, once per call
     thread_local std::vector<float> panel;
-    const int64_t np = (n + 15) / 16 * 16;
+    const int64_t np = panel_ld(n);
     if (int64_t(panel.size()) < k * np) panel.resize(k * np);
-    transpose_words(b, ldb * int64_t(sizeof(float)), k, n, reinterpret_cast<uint32_t*>(panel.data()), np);
+    transpose_panel_f32(b, ldb, k, n, panel.data(), np);
     b = panel.data();
     ldb = np;
   }
@@ -106,8 +106,16 @@ void sgemm_avx512(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, f
   blocked<false, false>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
 }
 
+void transpose_panel_f32(const float* src, int64_t ld_src, int64_t k, int64_t n, float* dst, int64_t ld_dst) {
+  transpose_words(src, ld_src * int64_t(sizeof(float)), k, n, reinterpret_cast<uint32_t*>(dst), ld_dst);
+}
+
 #else
 bool sgemm_avx512_compiled() { return false; }
+
+void transpose_panel_f32(const float*, int64_t, int64_t, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "vitkern_cpu: this build has no AVX-512 float32 GEMM (compiler without the target)");
+}
 
 void sgemm_avx512(bool, bool, int64_t, int64_t, int64_t, float, const float*, int64_t, const float*, int64_t, float,
                   float*, int64_t) {

@@ -17,4 +17,15 @@ bool sgemm_avx512_compiled();
 void sgemm_avx512(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                   int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// The row stride of a Bᵀ panel of n columns: n rounded up to 16, plus 16 when that is a multiple of 128 floats,
+// so that the k rows a micro-kernel walks down do not all fall in the same L1 sets (1,024 keys: 4 KB apart).
+inline int64_t panel_ld(int64_t n) {
+  const int64_t np = (n + 15) / 16 * 16;
+  return np % 128 == 0 ? np + 16 : np;
+}
+
+// dst[p · ld_dst + j] = src[j · ld_src + p] for p < k, j < n, and 0 for n <= j < round_up(n, 16): rows of Kᵀ
+// (or Vᵀ) laid out as the row-major B that sgemm_avx512 reads in place. AVX-512F only, like the GEMM.
+void transpose_panel_f32(const float* src, int64_t ld_src, int64_t k, int64_t n, float* dst, int64_t ld_dst);
+
 }  // namespace vitkern_cpu

@@ -5,14 +5,39 @@
 //                    B operands packed per tile into VNNI, P rounded to bf16 before P·V, fp32 accumulators.
 // Products write fp32 (fp64) score tiles at row stride ld and an output accumulator at row stride o_ld().
 #pragma once
+#include <type_traits>
 #include <vector>
 
 #include "cpu_attn_plan.h"
 #include "cpu_attn_work.h"
 #include "cpu_blas.h"
 #include "cpu_lowp_gemm.h"
+#include "cpu_sgemm_avx512.h"
 
 namespace vitkern_cpu {
+
+// Rows [lo, hi) of K (or V) of (b, h) transposed into one [D][ld] panel for the own AVX-512 GEMM, which then reads
+// it in place as B; kept until another (b, h, lo, hi) is asked for.
+template <typename T>
+struct KeysTransposed {
+  std::vector<T> panel;
+  int64_t b = -1, h = -1, lo = -1, hi = -1, ld = 0;
+  // The panel's column j0 - lo, or nullptr when the products do not run on the own AVX-512 GEMM.
+  const T* columns(Fp32Gemm gemm, Strided<const T> x, int64_t b_, int64_t h_, int64_t lo_, int64_t hi_, int64_t d,
+                   int64_t j0) {
+    if constexpr (!std::is_same_v<T, float>) return nullptr;
+    else {
+      if (gemm != Fp32Gemm::kAvx512) return nullptr;
+      if (b_ != b || h_ != h || lo_ != lo || hi_ != hi) {
+        ld = panel_ld(hi_ - lo_);
+        if (int64_t(panel.size()) < d * ld) panel.resize(d * ld);
+        transpose_panel_f32(x.row(b_, h_, lo_), x.sn, d, hi_ - lo_, panel.data(), ld);
+        b = b_, h = h_, lo = lo_, hi = hi_;
+      }
+      return panel.data() + (j0 - lo);
+    }
+  }
+};
 
 template <typename T>
 struct BlasProducts {
@@ -21,6 +46,9 @@ struct BlasProducts {
   int64_t D, Dv;
   T scale;
   Fp32Gemm own;  // p.fp32_gemm
+  // With the own AVX-512 GEMM, Kᵀ of keys [k_lo, k_hi) of (b, hk) as one panel (transpose_panel_f32), made when a
+  // query tile of another key range starts: the query tiles of a long sequence reuse it.
+  KeysTransposed<T> kt;
 
   BlasProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, const Problem& p, Tiles)
       : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)), own(p.fp32_gemm) {}
@@ -28,7 +56,10 @@ struct BlasProducts {
   void start(const QueryTile&) {}
   // S[mq, nb] = scale · Q[q0:q1] · K[j0:j0+nb]ᵀ of query head w.h, kv head hk.
   void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, T* s, int64_t ld) {
-    gemm_nt<T>(w.q1 - w.q0, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k.row(w.b, hk, j0), k.sn, T(0), s, ld, own);
+    const int64_t mq = w.q1 - w.q0;
+    if (const T* panel = kt.columns(own, k, w.b, hk, w.k_lo, w.k_hi, D, j0))
+      return gemm_nn<T>(mq, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, panel, kt.ld, T(0), s, ld, own);
+    gemm_nt<T>(mq, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k.row(w.b, hk, j0), k.sn, T(0), s, ld, own);
   }
   // O[mq, Dv] (+)= P[mq, nb] · V[j0:j0+nb].
   void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const T* s, int64_t ld, T* o, bool add) {
@@ -78,6 +109,7 @@ struct BlasBackwardProducts {
   int64_t D, Dv;
   T scale;
   Fp32Gemm own;  // p.fp32_gemm
+  KeysTransposed<T> kt, vt;  // Kᵀ and Vᵀ of the key tile for the own AVX-512 GEMM, made once per key tile
 
   BlasBackwardProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, Strided<const T> dout_,
                        Strided<T> dk_, Strided<T> dv_, const Problem& p, Tiles)
@@ -86,9 +118,13 @@ struct BlasBackwardProducts {
   void start_keys(const KeyRange&, int64_t, int64_t) {}
   void start_queries(const KeyRange&, int64_t, int64_t, int64_t) {}
   void scores(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, T* s, int64_t ld) {
+    if (const T* panel = kt.columns(own, k, w.b, w.hk, j0, j0 + nb, D, j0))
+      return gemm_nn<T>(mq, nb, D, scale, q.row(w.b, h, i0), q.sn, panel, kt.ld, T(0), s, ld, own);
     gemm_nt<T>(mq, nb, D, scale, q.row(w.b, h, i0), q.sn, k.row(w.b, w.hk, j0), k.sn, T(0), s, ld, own);
   }
   void dprobs(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, T* dp, int64_t ld) {
+    if (const T* panel = vt.columns(own, v, w.b, w.hk, j0, j0 + nb, Dv, j0))
+      return gemm_nn<T>(mq, nb, Dv, T(1), dout.row(w.b, h, i0), dout.sn, panel, vt.ld, T(0), dp, ld, own);
     gemm_nt<T>(mq, nb, Dv, T(1), dout.row(w.b, h, i0), dout.sn, v.row(w.b, w.hk, j0), v.sn, T(0), dp, ld, own);
   }
   void add_dv(const KeyRange& w, int64_t h, int64_t i0, int64_t mq, int64_t j0, int64_t nb, const T* pr,
