@@ -133,7 +133,7 @@ VITKERN_BF16_TARGET inline void transpose_pairs(RowPair row_pair, int64_t cols, 
 VITKERN_BF16_TARGET void round_transpose_avx512(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
                                                 bf16* dst, int64_t ld_dst) {
   transpose_pairs(
-      [&](int64_t ra, int64_t c0, __mmask16 live) {
+      [&](int64_t ra, int64_t c0, __mmask16 live) VITKERN_BF16_TARGET {
         const __m512 a = ra < rows ? _mm512_maskz_loadu_ps(live, src + ra * ld_src + c0) : _mm512_setzero_ps();
         const __m512 b = ra + 1 < rows ? _mm512_maskz_loadu_ps(live, src + (ra + 1) * ld_src + c0) : _mm512_setzero_ps();
         return (__m512i)_mm512_cvtne2ps_pbh(b, a);
@@ -144,7 +144,7 @@ VITKERN_BF16_TARGET void round_transpose_avx512(const float* src, int64_t ld_src
 VITKERN_BF16_TARGET void transpose_avx512(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst,
                                           int64_t ld_dst) {
   transpose_pairs(
-      [&](int64_t ra, int64_t c0, __mmask16 live) {
+      [&](int64_t ra, int64_t c0, __mmask16 live) VITKERN_BF16_TARGET {
         const __m256i a = ra < rows ? _mm256_maskz_loadu_epi16(live, src + ra * ld_src + c0) : _mm256_setzero_si256();
         const __m256i b =
             ra + 1 < rows ? _mm256_maskz_loadu_epi16(live, src + (ra + 1) * ld_src + c0) : _mm256_setzero_si256();

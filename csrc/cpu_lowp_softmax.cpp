@@ -104,7 +104,11 @@ VITKERN_BF16_TARGET void softmax_grad_row_avx512(const float* s, const float* dp
                                                  c10::BFloat16* p_dst, c10::BFloat16* ds_dst) {
   const __m512 cv = _mm512_set1_ps(c), nbv = _mm512_set1_ps(-b), dl = _mm512_set1_ps(delta),
                f = _mm512_set1_ps(ds_factor);
-  const auto ds16 = [&](__m512 e, __m512 d) { return _mm512_mul_ps(f, _mm512_mul_ps(e, _mm512_sub_ps(d, dl))); };
+  // A lambda does not inherit the function's target attribute: it needs its own, or a build without
+  // -march=native support for AVX-512 cannot inline the intrinsics into it.
+  const auto ds16 = [&](__m512 e, __m512 d) VITKERN_BF16_TARGET {
+    return _mm512_mul_ps(f, _mm512_mul_ps(e, _mm512_sub_ps(d, dl)));
+  };
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     const __m512 e0 = exp2_16(_mm512_loadu_ps(s + i), cv, nbv);
