@@ -15,6 +15,7 @@ struct CpuFeatures {
        avx512_fp16 = false, amx_tile = false, amx_bf16 = false, amx_fp16 = false;
   bool avx512_os_enabled = false;  // XCR0 has the opmask and zmm state
   bool amx_os_enabled = false;     // XCR0 has the tile state and the kernel granted this process its use
+  bool amd = false;                // vendor "AuthenticAMD": MKL runs its generic kernels there (fp32 GEMM choice)
 };
 
 // Detected once per process (the AMX permission request is made then).
@@ -37,12 +38,14 @@ const char* path_name(TilePath p);
 // The float32 GEMM under kFp32Blas's tile products (Fp32Gemm, cpu_blas.h):
 //   kBlas    libtorch's sgemm (MKL or OpenBLAS);
 //   kAvx2    vitkern's own 6×16 AVX2+FMA micro-kernel (cpu_sgemm_avx2.h). On one Zen 3 core it runs the
-//            attention tile shapes alone at 75–88 GFLOP/s where MKL gives 54–64, but inside the kernel the two
-//            measured the same within noise (benchmarks/NOTES.md);
+//            attention tile shapes alone at 75–88 GFLOP/s where MKL gives 54–64; inside the kernel, round-robin
+//            on a 2-core Zen 3, 0-22% faster than MKL in two of three sessions, the same in the third
+//            (benchmarks/NOTES.md);
 //   kAvx512  vitkern's own 6×64 AVX-512 micro-kernel (cpu_sgemm_avx512.h): the default where the CPU has
 //            AVX-512F (21-28% faster than MKL inside the kernel on a 2-core Zen 4, benchmarks/NOTES.md).
 // VITKERN_CPU_SGEMM=blas|avx2|avx512 forces one (an error if it cannot run here). Without AVX-512 the default is
-// kBlas, or kAvx2 when libtorch exports no sgemm and the CPU has AVX2+FMA (the plain loops are the last resort).
+// kAvx2 on an AMD CPU with AVX2+FMA, kBlas on others (MKL's own kernels for Intel CPUs; not measured against
+// kAvx2), and kAvx2 wherever libtorch exports no sgemm (the plain loops are the last resort).
 Fp32Gemm chosen_fp32_gemm();
 // The float32 path's name as reported: fp32_blas, fp32_avx2 or fp32_avx512.
 const char* fp32_path_name(Fp32Gemm g);

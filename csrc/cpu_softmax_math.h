@@ -161,14 +161,17 @@ inline void exp_shift<float>(float* x, int64_t n, float shift) {
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 // 8 lanes of exp(x), x = score - row max <= 0 or -inf: exp16's reduction and polynomial, with 2^n built in the
-// exponent field (AVX2 has no vscalefps). Lanes below -87.3 (-inf included) are zeroed; NaN propagates (the
-// unordered compare keeps the lane, max/min return x, and p is NaN whatever 2^n's bits are).
+// exponent field (AVX2 has no vscalefps). n comes from one FMA against 1.5·2^23 + 127, whose sum keeps
+// round(x·log2e) + 127 in its low mantissa bits: shifted by 23 they are 2^n, so no round, convert or integer add
+// (15% off the exp pass on Zen 3, same 1.02 ulp worst case over every float in [-90, -1] and 4M random in
+// [-1, 0]). Lanes below -87.3 (-inf included) are zeroed by the mask, which is also why x needs no clamp: their
+// garbage exponent is never kept. Valid for x <= 88 (no caller comes near: x <= 0). NaN propagates (the unordered
+// compare keeps the lane, and p is NaN whatever 2^n's bits are).
 inline __m256 exp8(__m256 x) {
   const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_NLT_UQ);
-  x = _mm256_max_ps(_mm256_set1_ps(-87.33654f), x);
-  x = _mm256_min_ps(_mm256_set1_ps(88.37626f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 shifter = _mm256_set1_ps(12582912.0f + 127.0f);
+  const __m256 t = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 n = _mm256_sub_ps(t, shifter);
   __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
   f = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), f);
   __m256 p = _mm256_set1_ps(1.9875691500e-4f);
@@ -179,7 +182,7 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.0000001201e-1f));
   // (p·f·f + f) + 1, as exp_poly's contraction groups it: adding 1 last keeps f's low bits (1.08 -> 0.87 ulp).
   p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, f), f, f), _mm256_set1_ps(1.0f));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256i bits = _mm256_slli_epi32(_mm256_castps_si256(t), 23);
   return _mm256_and_ps(live, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
 }
 

@@ -34,19 +34,32 @@ def gemm(request, monkeypatch):
 
 
 def test_default_gemm(monkeypatch):
-    """The own AVX-512 kernel where the CPU has AVX-512F (faster than MKL in-kernel, benchmarks/NOTES.md), else
-    the BLAS where libtorch has one (the own AVX2 kernel measured the same as MKL), else the AVX2 kernel."""
+    """The own AVX-512 kernel where the CPU has AVX-512F (faster than MKL in-kernel, benchmarks/NOTES.md), else the
+    own AVX2 kernel on an AMD CPU (MKL's generic kernels there) or without a BLAS, else the BLAS."""
     monkeypatch.delenv("VITKERN_CPU_SGEMM", raising=False)
     info = json.loads(torch.ops.vitkern_cpu.cpu_features())
     config = torch.__config__.show()
     has_blas = "BLAS_INFO=mkl" in config or "BLAS_INFO=open" in config
     if info["cpu"]["avx512f"] and "fp32_avx512" in info["compiled"]:
         want = "fp32_avx512"
-    elif has_blas:
-        want = "fp32_blas"
+    elif info["cpu"]["avx2"] and info["cpu"]["fma"] and (info["cpu"]["amd"] or not has_blas):
+        want = "fp32_avx2"
     else:
-        want = "fp32_avx2" if info["cpu"]["avx2"] and info["cpu"]["fma"] else "fp32_blas"
+        want = "fp32_blas"
     assert chosen_float32() == want
+
+
+def test_vendor_matches_the_os():
+    """The AMD flag (it picks the fp32 GEMM) is cpuid's vendor string, as the OS reports it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendors = {line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    if len(vendors) != 1:
+        pytest.skip(f"/proc/cpuinfo names {len(vendors)} vendors")
+    info = json.loads(torch.ops.vitkern_cpu.cpu_features())
+    assert info["cpu"]["amd"] == (vendors.pop() == "AuthenticAMD")
 
 
 def test_bad_setting_is_an_error(monkeypatch):
