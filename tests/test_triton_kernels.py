@@ -28,7 +28,7 @@ import vitkern  # noqa: E402
 from vitkern import dropout as vk_dropout  # noqa: E402
 from vitkern.backends import get as get_backend  # noqa: E402
 from vitkern.ops import attention_fwd  # noqa: E402
-from vitkern.triton_kernels import varlen_map  # noqa: E402
+from vitkern.triton_kernels import config, varlen_map  # noqa: E402
 from vitkern.triton_kernels.attention_fwd import dropout_args  # noqa: E402
 from vitkern.triton_kernels.mask_summary import (TILE_EMPTY, TILE_FULL, TILE_PARTIAL, col_lists, row_lists,  # noqa: E402
                                                  tile_summary)
@@ -445,8 +445,20 @@ def test_everything_at_once(dtype, d, dv):
     assert (out[:, 2, 5] == 0).all()
 
 
+def test_split_dkdv_matches(monkeypatch):
+    # config.split_dkdv: dV and dK from two launches of the dK/dV kernel (16-bit head dim 256 on a GPU).
+    # Forced here on the hardest case (GQA, float-mask gradient, causal, dropout, two column chunks), then at
+    # 16-bit head dim 256, where the table itself splits.
+    assert config.split_dkdv(256, 256, torch.float16) and not config.split_dkdv(256, 256, torch.float32)
+    assert not config.split_dkdv(128, 128, torch.float16)
+    monkeypatch.setattr(config, "split_dkdv", lambda d, dv, dtype: True)
+    test_everything_at_once(torch.float16, 48, 40)
+    monkeypatch.undo()
+    q, k, v = qkv(1, 2, 17, 20, 256, dtype=torch.float16)
+    check(sdpa(is_causal=True), lambda q, k, v: math_attention(q, k, v, causal=True), (q, k, v), "fp16 d=256")
+
+
 def test_fp32_precision_setting(monkeypatch):
-    from vitkern.triton_kernels import config
     assert config.input_precision(torch.float32) == "ieee" and config.input_precision(torch.float16) is None
     monkeypatch.setenv("VITKERN_TRITON_FP32_PRECISION", "tf32x3")
     assert config.input_precision(torch.float32) == "tf32x3"

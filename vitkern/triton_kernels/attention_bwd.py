@@ -33,6 +33,9 @@ from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, chu
                        query_block_of_program, store_rows, tile_at)
 
 _INTERPRET = tl.constexpr(config.interpreting())
+# Which gradients a dK/dV launch accumulates (its GRADS argument; config.split_dkdv says when it is one each).
+GRAD_DV = tl.constexpr(1)
+GRAD_DK = tl.constexpr(2)
 
 
 
@@ -150,11 +153,13 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, ro
                 stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
                 MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
-                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                GRADS: tl.constexpr):
     """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) (LISTED: the tiles at
     those positions of the list at order_base, mask_summary.col_lists) of one query head, on key-major tiles
     [BLOCK_N, BLOCK_M]. MASK_KIND != 0 reads the mask on every tile (partial tiles only). Second column chunks
-    (k2, v2, dk2, dv2; config.head_split) take part when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward."""
+    (k2, v2, dk2, dv2; config.head_split) take part when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward. GRADS
+    (GRAD_DK | GRAD_DV bits) says which of dK / dV are accumulated; the other comes back as it went in."""
     offs_d, offs_d2 = chunk_columns(BLOCK_D, BLOCK_D2)
     offs_dv, offs_dv2 = chunk_columns(BLOCK_DV, BLOCK_DV2)
     for i in range(t_lo, t_hi):
@@ -166,6 +171,9 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, ro
         q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
         do = load_rows(do_rows + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, not CHECK_M,
                        EVEN_D)
+        if BLOCK_DV2 > 0:
+            do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
+                            not CHECK_M, EVEN_D)
         lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if BLOCK_D2 > 0:
@@ -174,24 +182,26 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, ro
             st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
         pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
                     mask_base + rows[None, :] * stride_mm, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-        if BLOCK_DV2 > 0:
-            do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
-                            not CHECK_M, EVEN_D)
-            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
+        if GRAD_DK & GRADS:
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            if BLOCK_DV2 > 0:
+                dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=PRECISION)
         if HAS_DROPOUT:
             keep = _keep(seed, bh, rows, cols, drop_threshold, True)
             pt_kept = tl.where(keep, pt * drop_scale, 0.0).to(do.dtype)
-            dpt = tl.where(keep, dpt * drop_scale, 0.0)
+            if GRAD_DK & GRADS:
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
         else:
             pt_kept = pt.to(do.dtype)
-        dv += tl.dot(pt_kept, do, input_precision=PRECISION)
-        if BLOCK_DV2 > 0:
-            dv2 += tl.dot(pt_kept, do2, input_precision=PRECISION)
-        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
-        dk += tl.dot(dst, q, input_precision=PRECISION)
-        if BLOCK_D2 > 0:
-            dk2 += tl.dot(dst, q2, input_precision=PRECISION)
+        if GRAD_DV & GRADS:
+            dv += tl.dot(pt_kept, do, input_precision=PRECISION)
+            if BLOCK_DV2 > 0:
+                dv2 += tl.dot(pt_kept, do2, input_precision=PRECISION)
+        if GRAD_DK & GRADS:
+            dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+            dk += tl.dot(dst, q, input_precision=PRECISION)
+            if BLOCK_D2 > 0:
+                dk2 += tl.dot(dst, q2, input_precision=PRECISION)
     return dk, dk2, dv, dv2
 
 
@@ -213,7 +223,7 @@ def _bwd_dkdv_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, GRADS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -241,7 +251,9 @@ def _bwd_dkdv_kernel(
     k_rows = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh + cols[:, None] * stride_kn
     v_rows = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh + cols[:, None] * stride_vn
     k = load_rows(k_rows + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, EVEN_N, EVEN_D)
-    v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
+    v = k   # a placeholder: only dK needs V (dP^T = V dO^T)
+    if GRAD_DK & GRADS:
+        v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, EVEN_N, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     # Second column chunks (config.head_split); placeholders that the loops leave alone when there are none.
@@ -252,7 +264,9 @@ def _bwd_dkdv_kernel(
         dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
     if BLOCK_DV2 > 0:
         offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
-        v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v, EVEN_N, EVEN_D)
+        if GRAD_DK & GRADS:
+            v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v, EVEN_N,
+                           EVEN_D)
         dv2 = tl.zeros([BLOCK_N, BLOCK_DV2], dtype=tl.float32)
 
     # Query tiles that see this key tile: [t_first, t_end); causal keeps queries >= n_start, and from t_full
@@ -280,20 +294,20 @@ def _bwd_dkdv_kernel(
                                            head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
                                            stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
                                            BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False, False,
-                                           not EVEN_N, EVEN_D, PRECISION)
+                                           not EVEN_N, EVEN_D, PRECISION, GRADS)
             if IS_CAUSAL or not EVEN_M:
                 dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
                                                mask_base, order_base, e_full, e_edge, offs_n, cols, q_start, q_len,
                                                k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
                                                stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                                                BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT,
-                                               IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                                               IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
                                            mask_base, order_base, e_edge, e_part, offs_n, cols, q_start, q_len, k_len,
                                            head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
                                            stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
                                            BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT, IS_CAUSAL,
-                                           not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                                           not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS)
         else:
             t_full = t_first
             if IS_CAUSAL:
@@ -303,7 +317,7 @@ def _bwd_dkdv_kernel(
                                                k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
                                                stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                                                BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
-                                               True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                                               True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS)
             # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
             t_mid = t_end
             if not EVEN_M:
@@ -313,26 +327,28 @@ def _bwd_dkdv_kernel(
                                            head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
                                            stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
                                            BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT, False, False,
-                                           not EVEN_N, EVEN_D, PRECISION)
+                                           not EVEN_N, EVEN_D, PRECISION, GRADS)
             if not EVEN_M:
                 dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
                                                mask_base, order_base, t_mid, t_end, offs_n, cols, q_start, q_len,
                                                k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
                                                stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                                                BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
-                                               False, True, not EVEN_N, EVEN_D, PRECISION)
+                                               False, True, not EVEN_N, EVEN_D, PRECISION, GRADS)
     dk_rows = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
     dv_rows = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
-    store_rows(dk_rows + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), offs_n, k_len, offs_d,
-               head_dim, EVEN_N, EVEN_D)
-    store_rows(dv_rows + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, k_len, offs_dv,
-               head_dim_v, EVEN_N, EVEN_D)
-    if BLOCK_D2 > 0:
-        store_rows(dk_rows + offs_d2[None, :] * stride_dkd, (dk2 * scale).to(DK.dtype.element_ty), offs_n, k_len,
-                   offs_d2, head_dim, EVEN_N, EVEN_D)
-    if BLOCK_DV2 > 0:
-        store_rows(dv_rows + offs_dv2[None, :] * stride_dvd, dv2.to(DV.dtype.element_ty), offs_n, k_len, offs_dv2,
+    if GRAD_DK & GRADS:
+        store_rows(dk_rows + offs_d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty), offs_n, k_len,
+                   offs_d, head_dim, EVEN_N, EVEN_D)
+        if BLOCK_D2 > 0:
+            store_rows(dk_rows + offs_d2[None, :] * stride_dkd, (dk2 * scale).to(DK.dtype.element_ty), offs_n,
+                       k_len, offs_d2, head_dim, EVEN_N, EVEN_D)
+    if GRAD_DV & GRADS:
+        store_rows(dv_rows + offs_dv[None, :] * stride_dvd, dv.to(DV.dtype.element_ty), offs_n, k_len, offs_dv,
                    head_dim_v, EVEN_N, EVEN_D)
+        if BLOCK_DV2 > 0:
+            store_rows(dv_rows + offs_dv2[None, :] * stride_dvd, dv2.to(DV.dtype.element_ty), offs_n, k_len,
+                       offs_dv2, head_dim_v, EVEN_N, EVEN_D)
 
 
 @triton.jit
@@ -582,11 +598,14 @@ class _BackwardCall:
                 *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
         return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags)
 
-    def dkdv(self, cfg):
+    def dkdv(self, cfg) -> list:
+        """The dK/dV launch, or two (dV, then dK) where config.split_dkdv says both accumulators spill."""
         bs = config.batch_strides
         dk, dv = self.grads[1:]
-        return self._launch(_bwd_dkdv_kernel, cfg, True, (), (dk, dv), (*bs(dk), *bs(dv), *self.m_strides),
-                            (self.Hq, self.Hk, self.Hq // self.Hk))
+        grads = (GRAD_DV.value, GRAD_DK.value) if config.split_dkdv(*self.dims, self.dtype) else \
+            (GRAD_DV.value | GRAD_DK.value,)
+        return [self._launch(_bwd_dkdv_kernel, cfg, True, (), (dk, dv), (*bs(dk), *bs(dv), *self.m_strides),
+                             (self.Hq, self.Hk, self.Hq // self.Hk), GRADS=g) for g in grads]
 
     def dq(self, cfg):
         dq = self.grads[0]
@@ -615,7 +634,7 @@ def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, s
     call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
                          dropout_p, mask_grad, dq, dk, dv, dmask)
     static_kv, static_q = call.static_configs()
-    return call.row_stats(static_q.block_m) + [call.dq(q_cfg or static_q), call.dkdv(kv_cfg or static_kv)]
+    return call.row_stats(static_q.block_m) + [call.dq(q_cfg or static_q)] + call.dkdv(kv_cfg or static_kv)
 
 
 def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
@@ -635,5 +654,5 @@ def attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, 
     # are left as they are), so it is zeroed again before the chosen config runs when tuning ran.
     autotune.launch_tuned("bwd_dq", q, v.shape[3], *flags, lambda cfg: [call.dq(cfg)],
                           reset=dmask.zero_ if mask_grad else None, mask_grad=bool(mask_grad))
-    autotune.launch_tuned("bwd_dkdv", q, v.shape[3], *flags, lambda cfg: [call.dkdv(cfg)])
+    autotune.launch_tuned("bwd_dkdv", q, v.shape[3], *flags, call.dkdv)
     return dq, dk, dv, dmask

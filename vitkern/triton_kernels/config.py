@@ -128,7 +128,17 @@ def forward_config(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> 
         return LaunchConfig(128, 64, 8, 2) if heavy else LaunchConfig(128, 128, 8, 2)
     if width <= 128:    # heavy: one warpgroup (8 warps on 64 rows would compute every score twice)
         return LaunchConfig(64, 32, 4, 2) if heavy else LaunchConfig(128, 128, 8, 2)
-    return LaunchConfig(32, 64, 8, 2) if heavy else LaunchConfig(128, 64, 8, 2)
+    # Head dim 256, heavy: 16 keys a step keep 128 query rows (two warpgroups, wgmma) beside the 128 x 256
+    # accumulator; 32 keys spill, and 32 query rows run mma.sync.
+    return LaunchConfig(128, 16, 8, 3) if heavy else LaunchConfig(128, 64, 8, 2)
+
+
+def split_dkdv(d: int, dv: int, dtype: torch.dtype) -> bool:
+    """Whether the dK/dV kernel runs as two launches, dV then dK (each recomputes S^T; dK also dP^T: 5 products
+    instead of 4, 1.25x the tensor work). At 16-bit head dim 256 a warpgroup's 64 keys hold dK and dV of 64 x 256
+    fp32 (256 registers a thread): every key tile of >= 64 keys spills, so the fused kernel had to run 32-key
+    tiles on mma.sync; one accumulator a launch fits with 64 keys a warpgroup, every product on wgmma."""
+    return dtype != torch.float32 and computed_width(d, dv) > 128
 
 
 @_release_table(("bwd_dkdv", "bwd_dq"))
@@ -156,10 +166,10 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
     if width <= 128:    # 128 keys: two full warpgroups (64 keys with 8 warps compute every score twice)
         kv = LaunchConfig(16, 128, 8, 1)
         return kv, LaunchConfig(128, 32, 8, 2) if heavy else LaunchConfig(128, 64, 8, 1)
-    # Head dim 256: a 64-key tile spills (dK, dV and K, V of 64 x 256 each), so 32 keys (mma.sync, not wgmma).
-    if heavy:
-        return LaunchConfig(16, 32, 8, 1), LaunchConfig(32, 32, 8, 1)
-    return LaunchConfig(16, 32, 8, 1), LaunchConfig(64, 16, 8, 2)
+    # Head dim 256: dV and dK in two launches (split_dkdv), 128 keys (two warpgroups) a launch; dQ keeps 128
+    # query rows (wgmma), 16 keys a step when heavy (32 spill there).
+    kv = LaunchConfig(16, 128, 8, 1)
+    return kv, LaunchConfig(128, 16, 8, 2) if heavy else LaunchConfig(128, 32, 8, 2)
 
 
 # ------------------------------------------------------------------------------------------ autotuning

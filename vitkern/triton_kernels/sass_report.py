@@ -42,8 +42,17 @@ TENSOR_FMA_PER_CLK = 2048
 MUFU_LANES_PER_CLK = 16
 ISSUE_PER_CLK = 4
 # Products of head-dim width per kernel: forward S and P.V; dQ S, dP and dQ; dK/dV S^T, dP^T, dV and dK.
+# A dK/dV launch split by config.split_dkdv (GRADS 1: dV, 2: dK) computes S^T, dV or S^T, dP^T, dK.
 _PRODUCTS = {"_attention_fwd_kernel": ("d", "dv"), "_bwd_dq_kernel": ("d", "dv", "d"),
-             "_bwd_dkdv_kernel": ("d", "dv", "dv", "d")}
+             "_bwd_dkdv_kernel": ("d", "dv", "dv", "d"), "_bwd_dkdv_kernel:dV": ("d", "dv"),
+             "_bwd_dkdv_kernel:dK": ("d", "dv", "d")}
+_GRAD_NAMES = {1: "dV", 2: "dK"}
+
+
+def kernel_label(name: str, kwargs: dict) -> str:
+    """The kernel's name, with the gradient it computes when a dK/dV launch is split (config.split_dkdv)."""
+    grads = kwargs.get("GRADS", 3)
+    return f"{name}:{_GRAD_NAMES[grads]}" if grads in _GRAD_NAMES else name
 _HGMMA_SHAPE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)")
 _HMMA_SHAPE = re.compile(r"^HMMA\.(\d\d)(\d)(\d+)")
 
@@ -157,7 +166,7 @@ def mma_fmas(mma: dict, num_warps: int) -> int:
 
 
 def cycle_bounds(loop: Loop, num_warps: int, block_m: int, block_n: int, kernel: str, d: int, dv: int) -> dict:
-    """Cycles per 128x64 tile each sm_90 unit needs for one iteration of ``loop``: tensor (as issued, padding
+    """Cycles per 128x64 tile each sm_90 unit needs for one iteration of ``loop`` (``kernel``: kernel_label): tensor (as issued, padding
     included), mufu, issue, their max (``bound``), ``useful`` (tensor cycles of the unpadded head dims) and
     ``peak_fraction`` = useful / bound."""
     tiles = block_m * block_n / 8192
@@ -197,8 +206,8 @@ VARIANT_SETS = ("static", "quick", "test", "candidates")
 
 def variants(which: str) -> list:
     """aot_check's variant tuples (dtype, d, mask kind, causal, varlen, dropout, n) of a named set; "test" is a
-    small set covering each kernel family with dense, masked, varlen+dropout forward and head dims 64..128
-    (80 and 96 in two column chunks)."""
+    small set covering each kernel family with dense, masked, varlen+dropout forward and head dims 64..256
+    (80 and 96 in two column chunks; 256 with dK/dV in two launches)."""
     import torch
     if which in ("static", "candidates"):
         base = aot_check._variants(False)
@@ -211,7 +220,8 @@ def variants(which: str) -> list:
     return [(b16, 64, 0, False, False, False, 256), (b16, 128, 0, False, False, False, 256),
             (b16, 80, 0, False, False, False, 256), (b16, 96, 0, False, False, False, 256),
             (b16, 64, 1, False, False, False, 197), (b16, 96, 1, False, False, False, 197),
-            (b16, 128, 2, True, False, True, 197), (b16, 64, 0, True, True, True, 197)]
+            (b16, 128, 2, True, False, True, 197), (b16, 64, 0, True, True, True, 197),
+            (b16, 256, 0, False, False, False, 256), (b16, 256, 2, True, False, True, 197)]
 
 
 def report(which: str = "static", arch: int = 90, verbose: bool = False) -> list[dict]:
@@ -220,7 +230,7 @@ def report(which: str = "static", arch: int = 90, verbose: bool = False) -> list
     for what, variant, kernel, kw, options, compiled in aot_check.compile_variants(
             variants(which), arch, candidates=which == "candidates"):
         dtype, d, mk, causal, varlen, dropout, n = variant
-        row = dict(kernel=kernel.__name__, dtype=str(dtype)[6:], head_dim=d, mask=mk, causal=causal,
+        row = dict(kernel=kernel_label(kernel.__name__, kw), dtype=str(dtype)[6:], head_dim=d, mask=mk, causal=causal,
                    varlen=varlen, dropout=dropout, n=n, block_m=kw.get("BLOCK_M"), block_n=kw.get("BLOCK_N"),
                    num_warps=options["num_warps"], num_stages=options["num_stages"])
         if isinstance(compiled, Exception):
@@ -228,7 +238,7 @@ def report(which: str = "static", arch: int = 90, verbose: bool = False) -> list
         else:
             row["shared"] = compiled.metadata.shared
             bm, bn = kw.get("BLOCK_M") or 1, kw.get("BLOCK_N") or 1
-            row.update(analyse(compiled.asm["cubin"], options["num_warps"], bm, bn, kernel.__name__, d, d))
+            row.update(analyse(compiled.asm["cubin"], options["num_warps"], bm, bn, row["kernel"], d, d))
         rows.append(row)
         if verbose:
             print(what, {k: row.get(k) for k in ("regs", "stack", "mma_kinds", "per_tile", "error")}, flush=True)
