@@ -10,7 +10,8 @@ With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout appli
   every query head of its group (GQA sums in registers), so dK/dV are written once: deterministic. It computes
   the transposed tile (S^T = K Q^T, dP^T = V dO^T), whose M dimension is the key tile (>= 64 rows on a GPU):
   every product is a wgmma on sm_90, P^T and dS^T stay in registers as the A operand of dV += P^T dO and
-  dK += dS^T Q (no shared-memory round trip of P / dS).
+  dK += dS^T Q (no shared-memory round trip of P / dS). Where one warpgroup cannot hold both accumulators
+  (16-bit head dim 256, config.split_dkdv) it runs twice, GRADS = dV then dK: 5 products instead of 4, all wgmma.
 P = exp2(fma(dot, scale, -lse) * log2 e): at 1e4 logits nothing is rounded at the scores' magnitude but the
 saved lse (one rounding per row, the same for every key of the row; folding log2 e into the FMA would round
 lse * log2 e once more, measured 1.2x -> 1.5x the naive fp32 error of dK); the interpreter, whose fma rounds
