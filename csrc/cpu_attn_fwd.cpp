@@ -79,7 +79,7 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
       const T m_new = std::max(m_buf[r], raw ? T(p.scale) * row_max(s, nb) : row_max(s, nb));
       if (m_new == ninf) {  // nothing taken part in this row so far, unless a score is NaN
         if (has_nan(s, nb)) l_buf[r] = std::numeric_limits<T>::quiet_NaN();  // stays NaN: l * alpha + sum
-        if constexpr (Products::kLowp) fill_row(prod.p_row(r), prod.p_ld, bf16(0.0f));
+        if constexpr (Products::kLowp) fill_row(prod.p_row(r), prod.p_k, bf16(0.0f));
         else fill_row(s, nb, T(0));
         continue;
       }
@@ -89,9 +89,9 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
         if (a.dropout.active) {
           sum = exp_shift_sum(s, nb, m_new);
           a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
-          round_row_bf16(s, nb, prod.p_ld, prod.p_row(r));
+          round_row_bf16(s, nb, prod.p_k, prod.p_row(r));
         } else {
-          sum = exp2_row_to_bf16(s, nb, prod.p_ld, raw ? float(p.scale) * kLog2e : kLog2e, m_new * kLog2e,
+          sum = exp2_row_to_bf16(s, nb, prod.p_k, raw ? float(p.scale) * kLog2e : kLog2e, m_new * kLog2e,
                                  prod.p_row(r));
         }
       } else {

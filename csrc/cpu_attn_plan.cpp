@@ -1,6 +1,7 @@
 // Argument checks, operand preparation, mask tile summaries and varlen blocks for the fused CPU kernels.
 #include "cpu_attn_plan.h"
 #include "cpu_features.h"
+#include "cpu_lowp_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -22,13 +23,20 @@ at::Tensor gemm_operand(const at::Tensor& t, at::ScalarType compute) {
 
 namespace {
 
-Tiles tiles_from_env(Tiles fallback) {
-  const char* env = std::getenv("VITKERN_CPU_TILES");
+// VITKERN_CPU_TILES sets both passes' tiles; `own` (VITKERN_CPU_FWD_TILES / VITKERN_CPU_BWD_TILES) one pass's,
+// ahead of it: for tuning the two passes apart.
+Tiles tiles_from_env(Tiles fallback, const char* own) {
+  const char* name = own;
+  const char* env = std::getenv(own);
+  if (!env) env = std::getenv(name = "VITKERN_CPU_TILES");
   if (!env) return fallback;
   long bm = 0, bn = 0;
   if (std::sscanf(env, "%ldx%ld", &bm, &bn) == 2 && bm >= 1 && bn >= 1 && bm <= 4096 && bn <= 4096) return {bm, bn};
-  TORCH_CHECK(false, "VITKERN_CPU_TILES: expected 'BMxBN' with both in [1, 4096], got '", env, "'");
+  TORCH_CHECK(false, name, ": expected 'BMxBN' with both in [1, 4096], got '", env, "'");
 }
+
+Tiles fwd_tiles(Tiles t) { return tiles_from_env(t, "VITKERN_CPU_FWD_TILES"); }
+Tiles bwd_tiles(Tiles t) { return tiles_from_env(t, "VITKERN_CPU_BWD_TILES"); }
 
 }  // namespace
 
@@ -40,34 +48,49 @@ int64_t balanced(int64_t n, int64_t cap) {
   return (n + parts - 1) / parts;
 }
 
+namespace {
+// Unmasked dense bf16 on the own AMX kernel past 256 queries: its score tiles stay near L1, 64 queries (a whole
+// number of 32-row tile strips) by every key up to 1,024, else 512; backward 64 x every key up to 1,024, else
+// 128 x 512. Measured round-robin on a 2-core AMX Xeon (benchmarks/NOTES.md), both threads: forward PiT-28
+// (784 tokens) 566 -> 798 GFLOP/s against 256 x 784, PiT-64 (4,096) 711 -> 846 against 256 x 1,024;
+// forward+backward PiT-28 455 -> 575, PiT-64 667 -> 812. Short sequences keep the rules below (ViT-B/16:
+// one 197 x 208 tile per head, 381 GFLOP/s against 338 at 64 x 208).
+bool amx_long(const Problem& p) {
+  return p.Nq > 256 && p.dtype == at::kBFloat16 && chosen_path(p.dtype) == TilePath::kAmxBf16 &&
+         b_in_panels(TilePath::kAmxBf16);
+}
+}  // namespace
+
 Tiles forward_tiles(const Problem& p, bool masked) {
-  if (masked) return tiles_from_env({32, 64});
+  if (masked) return fwd_tiles({32, 64});
   // Varlen blocks are split into equal query tiles of at most 256 (forward_work); the key tile only caps.
   // Capped by the packed lengths: a small pack must not pay for zeroing a 256 x 512 score tile per call.
-  if (p.varlen) return tiles_from_env({std::min<int64_t>(256, std::max<int64_t>(p.Nq, 1)),
+  if (p.varlen) return fwd_tiles({std::min<int64_t>(256, std::max<int64_t>(p.Nq, 1)),
                                        std::min<int64_t>(512, round_up16(std::max<int64_t>(p.Nk, 1)))});
   // Unmasked: big tiles. A short sequence is one tile per head (every key in one BLAS call, no rescaling, K
   // packed once); a long one 256 x 1024, which keeps the BLAS calls near peak while the score tile (1 MB) still
   // sits in L2. Smaller query tiles only when there are too few (batch, head, tile) items to keep every
   // thread busy. Measured on a 2-core AVX-512 Xeon: N = 197 runs 10% faster as 1 x 197 than as 4 x 50.
   const int64_t heads = p.B * p.Hq, want = 4 * at::get_num_threads();
+  if (amx_long(p)) return fwd_tiles({64, p.Nk <= 1024 ? round_up16(p.Nk) : round_up16(balanced(p.Nk, 512))});
   int64_t bm = balanced(p.Nq, 256);
   while (bm > 32 && heads * ((p.Nq + bm - 1) / bm) < want) bm = balanced(p.Nq, bm / 2);
   // Key tiles a multiple of 16 (the BLAS panels and the vector loops have no ragged tails): 784 -> 784.
-  return tiles_from_env({bm, round_up16(balanced(p.Nk, 1024))});
+  return fwd_tiles({bm, round_up16(balanced(p.Nk, 1024))});
 }
 
 Tiles backward_tiles(const Problem& p, bool masked) {
-  if (masked) return tiles_from_env({64, 64});
-  if (p.varlen) return tiles_from_env({std::min<int64_t>(128, std::max<int64_t>(p.Nq, 1)),
+  if (masked) return bwd_tiles({64, 64});
+  if (p.varlen) return bwd_tiles({std::min<int64_t>(128, std::max<int64_t>(p.Nq, 1)),
                                        std::min<int64_t>(128, round_up16(std::max<int64_t>(p.Nk, 1)))});
   // A short sequence (ViT, CCT) with enough heads for the threads (backward_work's 4 items per thread) is one
   // tile per head: Q, dO, K and V packed once, dQ written once. Measured on a 2-core Zen 4, bf16, ViT-B/16
   // (197 tokens): 8% faster than 99 x 112; long sequences gained nothing clear from larger tiles (128 x 256,
   // 256 x 256 within 0-5% of 128 x 128 at 784 and 4,096 tokens).
   if (p.Nq <= 256 && p.Nk <= 256 && p.B * p.Hk >= 4 * at::get_num_threads())
-    return tiles_from_env({std::max<int64_t>(p.Nq, 1), round_up16(std::max<int64_t>(p.Nk, 1))});
-  return tiles_from_env({balanced(p.Nq, 128), round_up16(balanced(p.Nk, 128))});
+    return bwd_tiles({std::max<int64_t>(p.Nq, 1), round_up16(std::max<int64_t>(p.Nk, 1))});
+  if (amx_long(p)) return bwd_tiles(p.Nk <= 1024 ? Tiles{64, round_up16(p.Nk)} : Tiles{128, round_up16(balanced(p.Nk, 512))});
+  return bwd_tiles({balanced(p.Nq, 128), round_up16(balanced(p.Nk, 128))});
 }
 
 MaskView MaskView::of(const std::optional<at::Tensor>& mask) {

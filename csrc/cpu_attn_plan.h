@@ -38,11 +38,17 @@ inline at::Tensor empty_bhnd(int64_t b, int64_t h, int64_t n, int64_t d, at::Sca
 // least the row length. Already-fitting float32/float64 tensors are used in place (no copy).
 at::Tensor gemm_operand(const at::Tensor& t, at::ScalarType compute);
 
-// Tile sizes (queries x keys). VITKERN_CPU_TILES="BMxBN" overrides them, for tuning and tests.
+// Tile sizes (queries x keys). VITKERN_CPU_TILES="BMxBN" overrides them, for tuning and tests;
+// VITKERN_CPU_FWD_TILES / VITKERN_CPU_BWD_TILES one pass's only, ahead of it.
 struct Tiles {
   int64_t bm, bn;
-  // Row stride of score tiles: rounded up to 16 floats so every row starts on a 64-byte vector boundary.
-  int64_t ld() const { return (bn + 15) / 16 * 16; }
+  // Row stride of score tiles: rounded up to 16 floats so every row starts on a 64-byte vector boundary, and to
+  // an odd number of 64-byte lines: at 1,024 keys (4 KB) every row would start in the same L1 set, and the 16
+  // rows of one AMX tile store (or of a GEMM's C block) would evict each other.
+  int64_t ld() const {
+    const int64_t ld16 = (bn + 15) / 16 * 16;
+    return (ld16 / 16) % 2 ? ld16 : ld16 + 16;
+  }
 };
 // Unmasked inputs take large tiles (fewer BLAS calls and softmax rescales); masked and varlen ones smaller
 // tiles, so skipping is finer. Declared after Problem below.

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include "cpu_blas.h"
+#include "cpu_amx_gemm.h"
 #include "cpu_lowp_gemm.h"
 #include "cpu_sgemm_avx512.h"
 
@@ -106,7 +107,9 @@ bool path_runs(TilePath p, at::ScalarType dt, std::string* why) {
       return no("the CPU (or the OS) lacks AVX512F/BW/VL + AVX512_BF16");
     return true;
   }
-  if (!brgemm_available()) return no("libtorch's oneDNN brgemm ukernel is not usable for bfloat16 here");
+  if (!b_in_panels(TilePath::kAmxBf16) && !brgemm_available())
+    return no("neither the own AMX kernel (compiler without amx-tile/amx-bf16, or VITKERN_CPU_AMX_GEMM=brgemm) nor "
+              "libtorch's oneDNN brgemm ukernel is usable for bfloat16 here");
   if (!(f.amx_bf16 && f.amx_os_enabled)) return no("the CPU lacks AMX-BF16 or the OS did not grant tile use");
   return true;
 }
@@ -167,8 +170,8 @@ std::string cpu_features_json() {
   o << "{\"compiled\": [\"fp32_blas\", \"fp32_avx2\"";
   if (sgemm_avx512_compiled()) o << ", \"fp32_avx512\"";
   if (lowp_kernels_compiled()) o << ", \"avx512_bf16\"";
-  if (brgemm_available()) o << ", \"amx_bf16\"";
-  o << "], \"cpu\": {";
+  if (amx_kernel_compiled() || brgemm_available()) o << ", \"amx_bf16\"";
+  o << "], \"amx_gemm\": \"" << (b_in_panels(TilePath::kAmxBf16) ? "own" : "brgemm") << "\", \"cpu\": {";
   const std::pair<const char*, bool> flags[] = {
       {"avx2", f.avx2}, {"fma", f.fma}, {"avx512f", f.avx512f}, {"avx512bw", f.avx512bw},
       {"avx512vl", f.avx512vl}, {"avx512_bf16", f.avx512_bf16}, {"avx512_fp16", f.avx512_fp16},

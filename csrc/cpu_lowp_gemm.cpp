@@ -6,8 +6,10 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
+#include "cpu_amx_gemm.h"
 #include "cpu_avx512_transpose.h"
 #include "cpu_bf16_target.h"
 
@@ -37,6 +39,18 @@ bool brgemm_available() {
 }
 
 namespace {
+
+// Which AMX product runs where both can (Kp a multiple of 32): VITKERN_CPU_AMX_GEMM=brgemm|own, default own
+// (benchmarks/NOTES.md: the measurement that chose it).
+bool own_amx_kernel() {
+  static const bool own = [] {
+    const char* env = std::getenv("VITKERN_CPU_AMX_GEMM");
+    if (!env || !std::strcmp(env, "own")) return true;
+    TORCH_CHECK(!std::strcmp(env, "brgemm"), "VITKERN_CPU_AMX_GEMM: expected 'own' or 'brgemm', got '", env, "'");
+    return false;
+  }();
+  return own;
+}
 
 void pack_vnni_transposed_scalar(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst) {
   // A pair of consecutive k of one row of src is one 32-bit word: the packing is a transpose of 32-bit words,
@@ -156,18 +170,47 @@ VITKERN_BF16_TARGET void transpose_avx512(const bf16* src, int64_t ld_src, int64
 }  // namespace
 #endif
 
-void pack_vnni_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst) {
+namespace {
+
+// One [Kp/2][Np][2] block (Kp >= K, even) of the transposed packing: the K/2 whole pairs, then zero pairs.
+void pack_block_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t Kp, int64_t N, bf16* dst) {
+  const int64_t np = round_up(N, 16);
 #if defined(VITKERN_LOWP_KERNELS)
-  if (K % 2 == 0 && cpu_has_avx512_bf16()) return pack_vnni_transposed_avx512(src, ld_src, K, N, dst);
-#endif
+  if (K % 2 == 0 && cpu_has_avx512_bf16()) pack_vnni_transposed_avx512(src, ld_src, K, N, dst);
+  else pack_vnni_transposed_scalar(src, ld_src, K, N, dst);
+#else
   pack_vnni_transposed_scalar(src, ld_src, K, N, dst);
+#endif
+  const int64_t pairs = (K + 1) / 2;
+  std::memset(dst + pairs * np * 2, 0, (Kp / 2 - pairs) * np * 2 * sizeof(bf16));
 }
 
-void pack_vnni(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst) {
+void pack_block(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst) {
 #if defined(VITKERN_LOWP_KERNELS)
   if (cpu_has_avx512_bf16()) return pack_vnni_avx512(src, ld_src, K, N, kp_multiple, dst);
 #endif
   pack_vnni_scalar(src, ld_src, K, N, kp_multiple, dst);
+}
+
+}  // namespace
+
+bool b_in_panels(TilePath path) { return path == TilePath::kAmxBf16 && amx_kernel_compiled() && own_amx_kernel(); }
+
+int64_t head_pad(TilePath path) { return b_in_panels(path) ? 32 : 2; }
+
+void pack_vnni_transposed(TilePath path, const bf16* src, int64_t ld_src, int64_t K, int64_t Kp, int64_t N,
+                          bf16* dst) {
+  if (!b_in_panels(path)) return pack_block_transposed(src, ld_src, K, Kp, N, dst);
+  for (int64_t n0 = 0; n0 < N; n0 += 32)  // panel n0 is the block of keys [n0, n0 + 32)
+    pack_block_transposed(src + n0 * ld_src, ld_src, K, Kp, std::min<int64_t>(32, N - n0), dst + n0 * Kp);
+}
+
+void pack_vnni(TilePath path, const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple,
+               bf16* dst) {
+  if (!b_in_panels(path)) return pack_block(src, ld_src, K, N, kp_multiple, dst);
+  const int64_t kp = round_up(K, kp_multiple);
+  for (int64_t n0 = 0; n0 < N; n0 += 32)
+    pack_block(src + n0, ld_src, K, std::min<int64_t>(32, N - n0), kp_multiple, dst + n0 * kp);
 }
 
 #if defined(VITKERN_LOWP_KERNELS)
@@ -305,10 +348,12 @@ void lowp_gemm(TilePath path, int64_t M, int64_t Np, int64_t Kp, const bf16* a, 
       for (int64_t r = 0; r < M; ++r) std::memset(c + r * ldc, 0, Np * sizeof(float));
     return;
   }
+  if (path == TilePath::kAmxBf16) {
+    if (b_in_panels(path)) return amx_gemm(M, Np, Kp, a, lda, b, c, ldc, add);
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
-  if (path == TilePath::kAmxBf16)
     return at::native::cpublas::brgemm(M, Np, Kp, lda, Np, ldc, add, a, b, c, /*is_vnni=*/true);
 #endif
+  }
 #if defined(VITKERN_LOWP_KERNELS)
   if (path == TilePath::kAvx512Bf16) return gemm_avx512_bf16(M, Np, Kp, a, lda, b, c, ldc, add);
 #endif
@@ -316,6 +361,7 @@ void lowp_gemm(TilePath path, int64_t M, int64_t Np, int64_t Kp, const bf16* a, 
 }
 
 void lowp_release(TilePath path) {
+  if (path == TilePath::kAmxBf16) amx_release();
 #if defined(CPUBLAS_BRGEMM_BF16BF16F32)
   if (path == TilePath::kAmxBf16) at::native::cpublas::brgemm_release(true);
 #endif

@@ -20,15 +20,24 @@ bool brgemm_available();
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// Whether `path`'s B operands are packed in column panels (the own AMX kernel, cpu_amx_gemm.h): panel s of
+// w = min(32, Np - s) columns is [Kp/2][w][2] at element s * Kp. Otherwise one [Kp/2][Np][2] block (oneDNN's
+// brgemm, the vdpbf16ps kernels). Both take Kp * Np elements.
+bool b_in_panels(TilePath path);
+// What a reduction over the head dim is padded to on `path` (the A operand and B's k-pairs zero past D): 32, a
+// whole AMX tile row, on the own AMX kernel; else 2, one k-pair.
+int64_t head_pad(TilePath path);
+
 // Packs B[k, n] = src[n * ld_src + k] (B is the transpose of row-major src [N, K], e.g. K tile rows for Q·Kᵀ)
-// into VNNI dst [ceil(K/2)][Np][2], Np = round_up(N, 16).
-void pack_vnni_transposed(const bf16* src, int64_t ld_src, int64_t K, int64_t N, bf16* dst);
-// Packs row-major B[k, n] = src[k * ld_src + n] (e.g. V rows for P·V) into VNNI dst [ceil(Kp/2)][Np][2] with
-// Kp = round_up(K, kp_multiple) rows, the extra rows zero.
-void pack_vnni(const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst);
+// for `path` with Kp >= K rows (even; rows past K zero) and Np = round_up(N, 16) columns (the padding zero).
+void pack_vnni_transposed(TilePath path, const bf16* src, int64_t ld_src, int64_t K, int64_t Kp, int64_t N,
+                          bf16* dst);
+// Packs row-major B[k, n] = src[k * ld_src + n] (e.g. V rows for P·V) for `path` with Kp = round_up(K,
+// kp_multiple) rows, the extra rows zero.
+void pack_vnni(TilePath path, const bf16* src, int64_t ld_src, int64_t K, int64_t N, int64_t kp_multiple, bf16* dst);
 
 // C[M, Np] (+)= A[M, Kp] · B where A is row-major bf16 (lda >= Kp, Kp even: callers pad A with zero columns)
-// and B is packed as above for Kp rows and Np = round_up(N, 16) columns. C is float32 with row stride ldc >= Np.
+// and B is packed by the functions above for `path`, Kp rows and Np = round_up(N, 16) columns. C is float32 with row stride ldc >= Np.
 void lowp_gemm(TilePath path, int64_t M, int64_t Np, int64_t Kp, const bf16* a, int64_t lda, const bf16* b,
                float* c, int64_t ldc, bool add);
 

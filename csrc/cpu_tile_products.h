@@ -68,16 +68,21 @@ struct BlasProducts {
   void finish() {}
 };
 
+// A operand rows [rows][n] padded with zero columns to np, or read in place when n == np (sets *lda).
+const bf16* padded_rows(const bf16* src, int64_t ld_src, int64_t rows, int64_t n, int64_t np, std::vector<bf16>& pad,
+                        int64_t* lda);
+
 struct LowpProducts {
   static constexpr bool kLowp = true;  // forward_tile writes P as bf16 rows (p_row) and calls accumulate_p
   Strided<const bf16> q, k, v;
-  int64_t D, Dv, Dp, Dvp;  // Dp: D rounded up to even (the k-pair), Dvp: Dv rounded up to 16 (output columns)
+  int64_t D, Dv, Dp, Dvp;  // Dp: D padded to head_pad (cpu_lowp_gemm.h), Dvp: Dv rounded up to 16 (output columns)
   float scale;
   TilePath path;
   int64_t kpad;  // the key count of P·V is padded to a multiple of this (cpu_tile_products.cpp)
   std::vector<bf16> q_pad, k_pack, v_pack, p_lowp;
   const bf16* qa = nullptr;  // the query tile as the A operand (in place, or q_pad for odd D)
-  int64_t lda = 0, p_ld = 0;  // p_ld: row stride of p_lowp for the current key tile (its keys padded to kpad)
+  // p_k: the current key tile's count padded to kpad (P·V's reduction length); p_ld: p_lowp's row stride, fixed
+  int64_t lda = 0, p_k = 0, p_ld = 0;
   // k_pack / v_pack hold every key tile of keys [k_lo, k_hi) of (b, hk), packed when a query tile of another
   // key range starts: a long sequence's query tiles (256 of 4096) reuse them instead of repacking each.
   int64_t packed_b = -1, packed_hk = -1, packed_lo = -1, packed_hi = -1, k_tile = 0, v_tile = 0, bn = 0;
@@ -88,7 +93,7 @@ struct LowpProducts {
   void start(const QueryTile& w);
   // S = Q·Kᵀ of the tile, times scale when `scaled` (else the raw dot products; the exp pass applies the scale).
   void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld, bool scaled);
-  // Row r of the bf16 P tile of the current key tile: p_ld entries, those past nb zero.
+  // Row r of the bf16 P tile of the current key tile: p_k entries, those past nb zero.
   bf16* p_row(int64_t r) { return p_lowp.data() + r * p_ld; }
   // O[mq, Dvp] (+)= P · V[j0:j0+nb] with P the bf16 rows written through p_row.
   void accumulate_p(const QueryTile& w, int64_t hk, int64_t j0, float* o, bool add);
@@ -154,7 +159,7 @@ struct LowpBackwardProducts {
   static constexpr bool kLowp = true;  // finish_keys stores bf16 dK/dV rows, zeros where no query reached them
   Strided<const bf16> q, k, v, dout;
   Strided<bf16> dk, dv;
-  int64_t D, Dv, Dp, Dvp, Dk16, Dv16;  // Dp/Dvp: even; Dk16/Dv16: padded to 16 (product columns)
+  int64_t D, Dv, Dp, Dvp, Dk16, Dv16;  // Dp/Dvp: padded to head_pad; Dk16/Dv16: to 16 (product columns)
   float scale;
   TilePath path;
   int64_t kpad;  // reduction lengths over keys or queries are padded to a multiple of this

@@ -51,10 +51,11 @@ def path(request, monkeypatch):
 
 def test_features_report_shape():
     f = features()
-    assert set(f) == {"compiled", "cpu", "chosen"}
+    assert set(f) == {"compiled", "cpu", "chosen", "amx_gemm"}
     assert set(FP32_NAMES) <= set(f["compiled"])
     assert set(f["chosen"]) == {"float32", "bfloat16", "float16"}
     assert f["chosen"]["float32"] in FP32_NAMES  # float32 never runs in reduced precision
+    assert f["amx_gemm"] in ("own", "brgemm")  # which product the amx_bf16 path runs (VITKERN_CPU_AMX_GEMM)
     for flag in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_os_enabled"):
         assert isinstance(f["cpu"][flag], bool)
 
@@ -90,6 +91,14 @@ def test_forced_path_that_cannot_run_is_an_error(monkeypatch):
 def test_dense_against_float64(path, n, d):
     q, k, v = qkv(1, 2, n, n, d, dtype=torch.bfloat16, grad=True, seed=n + d)
     check_against_truth(sdpa, (q, k, v), ref, f"{path} n={n} d={d}")
+
+
+@pytest.mark.parametrize("nq,nk,d", [(1100, 1100, 64), (300, 1500, 80)])
+def test_long_sequence_tiles(path, nq, nk, d):
+    """Past 256 queries and 1,024 keys: the AMX path's long-sequence tiles (64 or 128 queries by 512 keys, ragged
+    last tiles, online rescaling across key tiles) in the forward and the backward."""
+    q, k, v = qkv(1, 2, nq, nk, d, dtype=torch.bfloat16, grad=True, seed=nq + d)
+    check_against_truth(sdpa, (q, k, v), ref, f"{path} nq={nq} nk={nk} d={d}")
 
 
 @pytest.mark.parametrize("d,dv", [(7, 13), (256, 256), (33, 64)])

@@ -155,6 +155,9 @@ def format_text(info: dict) -> str:
                                                      str(compiled)))
     lines.append("CPU kernel paths chosen: " + (", ".join(f"{k} -> {p}" for k, p in chosen.items())
                                                 if isinstance(chosen, dict) else str(chosen)))
+    if isinstance(chosen, dict) and "amx_bf16" in chosen.values():
+        lines.append("  amx_bf16 tile products: " + {"own": "own AMX kernel (csrc/cpu_amx_gemm.cpp)",
+                                                     "brgemm": "oneDNN brgemm"}.get(kern.get("amx_gemm"), "?"))
     if isinstance(kern.get("cpu"), dict):
         lines.append(f"  as the kernel sees the CPU: {_yes(kern['cpu'])}")
     if cuda["available"]:
