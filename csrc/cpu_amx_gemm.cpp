@@ -154,6 +154,65 @@ VITKERN_AMX_TARGET void amx_gemm(int64_t M, int64_t Np, int64_t Kp, const c10::B
     all_rows(M, 0, Np, Np, Kp, k0, std::min(kc, Kp - k0), a, lda, b, c, ldc, add || k0 > 0);
 }
 
+VITKERN_AMX_TARGET void amx_strips_begin() { configure(16, 16); }
+
+void amx_check_strip(const AmxStripJob& j) {
+  TORCH_CHECK(j.Kp % 32 == 0 && j.Kp > 0 && j.Np % 16 == 0 && j.lda >= j.Kp && j.ldc >= j.Np,
+              "vitkern_cpu: amx strip shape Np=", j.Np, " Kp=", j.Kp, " lda=", j.lda, " ldc=", j.ldc);
+}
+
+// The k-steps of block() one at a time, the accumulators left in tmm0-3 between calls.
+VITKERN_AMX_TARGET void amx_advance(AmxStripJob& j, int64_t steps) {
+  for (; steps > 0 && j.col < j.Np; --steps) {
+    const bool wide = j.Np - j.col >= 32;  // two 16-column tiles, else the last panel's one
+    float* c = j.c + j.col;
+    float* c1 = c + 16 * j.ldc;
+    const int64_t sc = j.ldc * 4, w = wide ? 32 : 16;
+    if (j.k == 0) {
+      if (j.add) {
+        _tile_loadd(0, c, sc);
+        _tile_loadd(2, c1, sc);
+        if (wide) {
+          _tile_loadd(1, c + 16, sc);
+          _tile_loadd(3, c1 + 16, sc);
+        }
+      } else {
+        for (int r = 0; r < 32; ++r) {
+          _mm_prefetch(reinterpret_cast<const char*>(c + r * j.ldc), _MM_HINT_ET0);
+          if (wide) _mm_prefetch(reinterpret_cast<const char*>(c + r * j.ldc + 16), _MM_HINT_ET0);
+        }
+        _tile_zero(0);
+        _tile_zero(2);
+        if (wide) {
+          _tile_zero(1);
+          _tile_zero(3);
+        }
+      }
+    }
+    const c10::BFloat16* bk = j.b + j.col * j.Kp + j.k * w;  // panel col, k-pair k / 2
+    _tile_loadd(4, j.a + j.k, j.lda * 2);
+    _tile_loadd(6, bk, w * 4);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(5, j.a + 16 * j.lda + j.k, j.lda * 2);
+    _tile_dpbf16ps(2, 5, 6);
+    if (wide) {
+      _tile_loadd(7, bk + 32, w * 4);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    j.k += 32;
+    if (j.k < j.Kp) continue;
+    _tile_stored(0, c, sc);
+    _tile_stored(2, c1, sc);
+    if (wide) {
+      _tile_stored(1, c + 16, sc);
+      _tile_stored(3, c1 + 16, sc);
+    }
+    j.k = 0;
+    j.col += 32;
+  }
+}
+
 VITKERN_AMX_TARGET void amx_release() { _tile_release(); }
 
 #else
@@ -162,6 +221,9 @@ void amx_gemm(int64_t, int64_t, int64_t, const c10::BFloat16*, int64_t, const c1
               bool) {
   TORCH_CHECK(false, "vitkern_cpu: the AMX kernel is not compiled into this build");
 }
+void amx_strips_begin() { TORCH_CHECK(false, "vitkern_cpu: the AMX kernel is not compiled into this build"); }
+void amx_check_strip(const AmxStripJob&) {}
+void amx_advance(AmxStripJob&, int64_t) {}
 void amx_release() {}
 
 #endif

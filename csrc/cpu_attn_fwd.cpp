@@ -7,6 +7,7 @@
 #include "cpu_attn_fwd.h"
 
 #include <atomic>
+#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -37,83 +38,102 @@ struct ForwardArgs {
   Tiles tiles;
 };
 
-template <typename T, typename Products>
-void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf,
-                  T* l_buf) {
+// What the softmax of one key tile's rows needs to know about the tile.
+struct KeyTile {
+  int64_t j0, nb;
+  uint8_t code;     // kTileClean / kTilePartial (mask summary)
+  bool causal_cut;  // some pair of the tile lies above the diagonal
+  bool raw;         // bf16 paths: the scores are raw dot products, the scale goes into the exp
+};
+
+template <typename T, bool kLowp>
+KeyTile key_tile(const ForwardArgs<T>& a, const QueryTile& w, int64_t j0, uint8_t code) {
   const Problem& p = *a.p;
-  const int64_t bn = a.tiles.bn, ld = a.tiles.ld();
-  const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), dv = p.Dv, ldo = prod.o_ld();
+  KeyTile t{j0, std::min(a.tiles.bn, w.k_hi - j0), code, false, false};
+  // Some pair of this tile lies above the diagonal when its last key is past the first query's reach.
+  t.causal_cut = p.causal && j0 + t.nb - 1 > w.q0 + w.causal_shift;
+  // The bf16 paths take raw dot products and fold the scale into the exp's FMA: max(scale·s) = scale·max(s)
+  // for scale > 0 (rounding is monotone). An additive mask needs scaled scores, dropout a float32 P row.
+  if constexpr (kLowp)
+    t.raw = p.scale > 0 && !a.dropout.active && !(code == kTilePartial && a.mask.kind == MaskView::kFloat);
+  return t;
+}
+
+// Row r (query w.q0 + r) of a key tile's scores s: mask, causal cut, the online max and sum (m, l), P (bf16 row
+// p_row of p_k entries on the reduced-precision paths, in place in s otherwise), the accumulator row o rescaled
+// when o_live. scale_first: s holds raw dot products that must be scaled here (!t.raw on the strip path).
+// No tile products to interleave (forward_tile).
+struct NoFeed {
+  static constexpr bool kActive = false;
+  void tick() {}
+};
+
+// kExpChunk scores per piece of the exp pass when tile products are fed between the pieces (forward_tile_strips).
+constexpr int64_t kExpChunk = 128;
+
+template <typename T, bool kLowp, typename Feed = NoFeed>
+inline void softmax_row(const ForwardArgs<T>& a, const QueryTile& w, const KeyTile& t, int64_t r, T* s,
+                        bf16* p_row, int64_t p_k, T* m, T* l, T* o, bool o_live, bool scale_first,
+                        Feed& feed) {
+  const Problem& p = *a.p;
   const T ninf = -std::numeric_limits<T>::infinity();
-  prod.start(w);
-  const uint8_t* codes = a.summary ? a.summary->tiles_of(w.b, w.h) + w.qt * a.summary->n_kt : nullptr;
-  const int64_t bh = w.b * p.Hq + w.h;
-
-  fill_row(m_buf, mq, ninf);
-  fill_row(l_buf, mq, T(0));
-  bool o_live = false;  // the accumulator is written by the first visited tile's product (beta = 0)
-
-  for (int64_t j0 = w.k_lo; j0 < w.k_hi; j0 += bn) {
-    const int64_t nb = std::min(bn, w.k_hi - j0);
-    const uint8_t code = codes ? codes[(j0 - w.k_lo) / bn] : uint8_t(kTileClean);
-    if (code == kTileSkip) continue;
-    // Some pair of this tile lies above the diagonal when its last key is past the first query's reach.
-    const bool causal_cut = p.causal && j0 + nb - 1 > w.q0 + w.causal_shift;
-    // The bf16 paths take raw dot products and fold the scale into the exp's FMA: max(scale·s) = scale·max(s)
-    // for scale > 0 (rounding is monotone). An additive mask needs scaled scores, dropout a float32 P row.
-    bool raw = false;
-    if constexpr (Products::kLowp) {
-      raw = p.scale > 0 && !a.dropout.active && !(code == kTilePartial && a.mask.kind == MaskView::kFloat);
-      prod.scores(w, hk, j0, nb, s_buf, ld, /*scaled=*/!raw);
-    } else {
-      prod.scores(w, hk, j0, nb, s_buf, ld);
-    }
-    for (int64_t r = 0; r < mq; ++r) {
-      T* s = s_buf + r * ld;
-      const int64_t i = w.q0 + r;
-      if (code == kTilePartial) a.mask.apply_row(s, nb, w.b, w.h, i, j0);
-      if (causal_cut) {
-        const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - j0 + 1));
-        fill_row(s + allowed, nb - allowed, ninf);
-      }
-      // row_max skips NaN scores; the sum below keeps them.
-      const T m_new = std::max(m_buf[r], raw ? T(p.scale) * row_max(s, nb) : row_max(s, nb));
-      if (m_new == ninf) {  // nothing taken part in this row so far, unless a score is NaN
-        if (has_nan(s, nb)) l_buf[r] = std::numeric_limits<T>::quiet_NaN();  // stays NaN: l * alpha + sum
-        if constexpr (Products::kLowp) fill_row(prod.p_row(r), prod.p_k, bf16(0.0f));
-        else fill_row(s, nb, T(0));
-        continue;
-      }
-      const T alpha = exp_poly(m_buf[r] - m_new);  // 0 when the row had no key yet
-      T sum;
-      if constexpr (Products::kLowp) {
-        if (a.dropout.active) {
-          sum = exp_shift_sum(s, nb, m_new);
-          a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
-          round_row_bf16(s, nb, prod.p_k, prod.p_row(r));
-        } else {
-          sum = exp2_row_to_bf16(s, nb, prod.p_k, raw ? float(p.scale) * kLog2e : kLog2e, m_new * kLog2e,
-                                 prod.p_row(r));
-        }
-      } else {
-        sum = exp_shift_sum(s, nb, m_new);
-        if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(bh, i), j0);
-      }
-      l_buf[r] = l_buf[r] * alpha + sum;
-      m_buf[r] = m_new;
-      if (o_live && alpha != T(1)) scale_row(o_buf + r * ldo, dv, alpha);
-    }
-    if constexpr (Products::kLowp) prod.accumulate_p(w, hk, j0, o_buf, o_live);
-    else prod.accumulate(w, hk, j0, nb, s_buf, ld, o_buf, o_live);
-    o_live = true;
+  const int64_t i = w.q0 + r, nb = t.nb;
+  if (scale_first) scale_row(s, nb, T(p.scale));
+  if (t.code == kTilePartial) a.mask.apply_row(s, nb, w.b, w.h, i, t.j0);
+  if (t.causal_cut) {
+    const int64_t allowed = std::max<int64_t>(0, std::min(nb, i + w.causal_shift - t.j0 + 1));
+    fill_row(s + allowed, nb - allowed, ninf);
   }
-  if (!o_live) fill_row(o_buf, mq * ldo, T(0));  // no key tile at all: rows are empty
+  // row_max skips NaN scores; the sum below keeps them.
+  const T m_new = std::max(*m, t.raw ? T(p.scale) * row_max(s, nb) : row_max(s, nb));
+  feed.tick();
+  if (m_new == ninf) {  // nothing taken part in this row so far, unless a score is NaN
+    if (has_nan(s, nb)) *l = std::numeric_limits<T>::quiet_NaN();  // stays NaN: l * alpha + sum
+    if constexpr (kLowp) fill_row(p_row, p_k, bf16(0.0f));
+    else fill_row(s, nb, T(0));
+    return;
+  }
+  const T alpha = exp_poly(*m - m_new);  // 0 when the row had no key yet
+  T sum;
+  if constexpr (kLowp) {
+    if (a.dropout.active) {
+      sum = exp_shift_sum(s, nb, m_new);
+      a.dropout.apply_row(s, nb, a.dropout.row_state(w.b * p.Hq + w.h, i), t.j0);
+      round_row_bf16(s, nb, p_k, p_row);
+    } else if constexpr (Feed::kActive) {
+      // In pieces of kExpChunk, a few tile k-steps queued between them (forward_tile_strips).
+      const float c = t.raw ? float(p.scale) * kLog2e : kLog2e, b = m_new * kLog2e;
+      sum = 0;
+      for (int64_t i0 = 0; i0 < nb; i0 += kExpChunk) {
+        const bool last = i0 + kExpChunk >= nb;
+        sum += exp2_row_to_bf16(s + i0, last ? nb - i0 : kExpChunk, last ? p_k - i0 : kExpChunk, c, b, p_row + i0);
+        feed.tick();
+      }
+    } else {
+      sum = exp2_row_to_bf16(s, nb, p_k, t.raw ? float(p.scale) * kLog2e : kLog2e, m_new * kLog2e, p_row);
+    }
+  } else {
+    sum = exp_shift_sum(s, nb, m_new);
+    if (a.dropout.active) a.dropout.apply_row(s, nb, a.dropout.row_state(w.b * p.Hq + w.h, i), t.j0);
+  }
+  *l = *l * alpha + sum;
+  *m = m_new;
+  if (o_live && alpha != T(1)) scale_row(o, p.Dv, alpha);
+}
 
+// The output rows O / l (rounded to bf16 on the bf16 paths) and the log-sum-exp of a finished query tile.
+template <typename T>
+void store_rows(const ForwardArgs<T>& a, const QueryTile& w, const T* o_buf, int64_t ldo, const T* m_buf,
+                const T* l_buf) {
+  const Problem& p = *a.p;
+  const int64_t mq = w.q1 - w.q0, dv = p.Dv;
+  const T ninf = -std::numeric_limits<T>::infinity();
   const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
   T* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
   for (int64_t r = 0; r < mq; ++r) {
     const T l = l_buf[r];
     const T inv = l == T(0) ? T(0) : keep_scale / l;  // a NaN l (a NaN score) gives a NaN row
-    T* acc = o_buf + r * ldo;
+    const T* acc = o_buf + r * ldo;
     if constexpr (std::is_same_v<T, float>) {
       if (a.out_bf16.data) {
         round_row_bf16(acc, dv, dv, a.out_bf16.row(w.b, w.h, w.q0 + r), inv);
@@ -129,6 +149,126 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
     lse[r] = l_buf[r] == T(0) ? ninf : m_buf[r] + std::log(l_buf[r]);
 }
 
+template <typename T, typename Products>
+void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf,
+                  T* l_buf) {
+  const Problem& p = *a.p;
+  const int64_t bn = a.tiles.bn, ld = a.tiles.ld();
+  const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), ldo = prod.o_ld();
+  prod.start(w);
+  const uint8_t* codes = a.summary ? a.summary->tiles_of(w.b, w.h) + w.qt * a.summary->n_kt : nullptr;
+
+  fill_row(m_buf, mq, -std::numeric_limits<T>::infinity());
+  fill_row(l_buf, mq, T(0));
+  bool o_live = false;  // the accumulator is written by the first visited tile's product (beta = 0)
+
+  for (int64_t j0 = w.k_lo; j0 < w.k_hi; j0 += bn) {
+    const uint8_t code = codes ? codes[(j0 - w.k_lo) / bn] : uint8_t(kTileClean);
+    if (code == kTileSkip) continue;
+    const KeyTile t = key_tile<T, Products::kLowp>(a, w, j0, code);
+    if constexpr (Products::kLowp) prod.scores(w, hk, j0, t.nb, s_buf, ld, /*scaled=*/!t.raw);
+    else prod.scores(w, hk, j0, t.nb, s_buf, ld);
+    NoFeed none;
+    for (int64_t r = 0; r < mq; ++r) {
+      if constexpr (Products::kLowp)
+        softmax_row<T, true>(a, w, t, r, s_buf + r * ld, prod.p_row(r), prod.p_k, m_buf + r, l_buf + r,
+                             o_buf + r * ldo, o_live, false, none);
+      else
+        softmax_row<T, false>(a, w, t, r, s_buf + r * ld, nullptr, 0, m_buf + r, l_buf + r, o_buf + r * ldo,
+                              o_live, false, none);
+    }
+    if constexpr (Products::kLowp) prod.accumulate_p(w, hk, j0, o_buf, o_live);
+    else prod.accumulate(w, hk, j0, t.nb, s_buf, ld, o_buf, o_live);
+    o_live = true;
+  }
+  if (!o_live) fill_row(o_buf, mq * ldo, T(0));  // no key tile at all: rows are empty
+  store_rows(a, w, o_buf, ldo, m_buf, l_buf);
+}
+
+// The k-steps of two strip products owed to one softmax row, spread over its slots (after the row max, after
+// each piece of the exp pass): P·V's first, then Q·Kᵀ's.
+struct StripFeed {
+  static constexpr bool kActive = true;
+  AmxStripJob values, scores;
+  int64_t owed = 0, slots = 0;
+  void run(int64_t n) {
+    owed -= n;
+    const int64_t v = std::min(n, values.steps_left());
+    amx_advance(values, v);
+    amx_advance(scores, n - v);
+  }
+  void tick() { run(slots > 1 ? (owed + slots - 1) / slots-- : owed); }
+};
+
+// The own AMX kernel's forward (LowpProducts::strips()): the query tile as 32-row strips, and the steps (key
+// tile, strip) as a software pipeline. While the vector units run step t's softmax, the tile unit runs P·V of
+// step t - 1 and Q·Kᵀ of step t + 1, their k-steps spread evenly between the softmax rows so both sit in the
+// out-of-order window at once (forward_tile ran the products and the softmax one after the other). Two score
+// and two P buffers, by key tile parity: with one strip per tile, step t + 1's scores and step t's P would
+// otherwise overwrite what step t still reads. s_bufs: 2 x strip_rows rows of ld; o_buf: strip_rows rows.
+void forward_tile_strips(const ForwardArgs<float>& a, LowpProducts& prod, const QueryTile& w, float* s_bufs,
+                         float* o_buf, float* m_buf, float* l_buf, std::vector<KeyTile>& tiles) {
+  const Problem& p = *a.p;
+  const int64_t bn = a.tiles.bn, ld = a.tiles.ld(), ldo = prod.o_ld(), rows32 = prod.strip_rows;
+  const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), strips = (mq + 31) / 32;
+  const uint8_t* codes = a.summary ? a.summary->tiles_of(w.b, w.h) + w.qt * a.summary->n_kt : nullptr;
+  tiles.clear();
+  for (int64_t j0 = w.k_lo; j0 < w.k_hi; j0 += bn) {
+    const uint8_t code = codes ? codes[(j0 - w.k_lo) / bn] : uint8_t(kTileClean);
+    if (code != kTileSkip) tiles.push_back(key_tile<float, true>(a, w, j0, code));
+  }
+  fill_row(m_buf, mq, -std::numeric_limits<float>::infinity());
+  fill_row(l_buf, mq, 0.0f);
+  if (tiles.empty()) {  // no key tile at all: rows are empty
+    fill_row(o_buf, mq * ldo, 0.0f);
+    return store_rows(a, w, o_buf, ldo, m_buf, l_buf);
+  }
+  prod.start_strips(w, hk);
+  amx_strips_begin();
+  const int64_t steps = int64_t(tiles.size()) * strips;
+  const auto s_of = [&](int64_t t) { return s_bufs + ((t / strips) % 2 * rows32 + t % strips * 32) * ld; };
+  const auto p_of = [&](int64_t t) { return prod.p_rows((t / strips) % 2) + t % strips * 32 * prod.p_ld; };
+  const auto score_job = [&](int64_t t) {
+    const KeyTile& kt = tiles[t / strips];
+    return prod.score_strip(w, kt.j0, kt.nb, t % strips, s_of(t), ld);
+  };
+  const auto value_job = [&](int64_t t) {
+    const KeyTile& kt = tiles[t / strips];
+    return prod.value_strip(w, kt.j0, kt.nb, p_of(t), o_buf + t % strips * 32 * ldo, t >= strips);
+  };
+  StripFeed feed;
+  feed.scores = score_job(0);
+  amx_check_strip(feed.scores);
+  amx_advance(feed.scores, feed.scores.steps_left());
+  for (int64_t t = 0; t < steps; ++t) {
+    const KeyTile& kt = tiles[t / strips];
+    const int64_t r0 = t % strips * 32, rows = std::min<int64_t>(32, mq - r0), p_k = round_up(kt.nb, prod.kpad);
+    feed.scores = t + 1 < steps ? score_job(t + 1) : AmxStripJob{};
+    feed.values = t > 0 ? value_job(t - 1) : AmxStripJob{};
+    // One strip per tile: P·V of step t - 1 writes the rows this softmax rescales, so it runs first.
+    if (strips == 1) amx_advance(feed.values, feed.values.steps_left());
+    float* s = s_of(t);
+    bf16* pr = p_of(t);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t left = feed.values.steps_left() + feed.scores.steps_left();
+      feed.owed = (left + rows - r - 1) / (rows - r);
+      feed.slots = 1 + (kt.nb + kExpChunk - 1) / kExpChunk;
+      softmax_row<float, true>(a, w, kt, r0 + r, s + r * ld, pr + r * prod.p_ld, p_k, m_buf + r0 + r, l_buf + r0 + r,
+                               o_buf + (r0 + r) * ldo, t >= strips, !kt.raw, feed);
+      feed.run(feed.owed);  // what a short path through the row (dropout, an empty row) left
+    }
+  }
+  AmxStripJob values = value_job(steps - 1);
+  amx_advance(values, values.steps_left());
+  store_rows(a, w, o_buf, ldo, m_buf, l_buf);
+}
+
+// VITKERN_CPU_FWD_STRIPS=0 turns the strip pipeline off (for measuring it against forward_tile).
+bool strips_enabled() {
+  const char* e = std::getenv("VITKERN_CPU_FWD_STRIPS");  // read per call (once per thread): cheap next to a tile
+  return !(e && e[0] == '0');
+}
+
 // make_products() builds one tile-products object per thread (they hold per-thread packing buffers).
 template <typename T, typename MakeProducts>
 void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, const MakeProducts& make_products) {
@@ -136,10 +276,22 @@ void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, c
   run_on_threads(*a.p, int64_t(items.size()), [&](int64_t) {
     const BlasSingleThreadScope one_blas_thread;
     auto prod = make_products();
-    std::vector<T> s_buf(a.tiles.bm * a.tiles.ld()), o_buf(a.tiles.bm * prod.o_ld()), m_buf(a.tiles.bm),
+    bool strips = false;
+    if constexpr (decltype(prod)::kLowp) strips = prod.strips() && strips_enabled();
+    // The strip path's products write whole 32-row strips, scores into two buffers.
+    const int64_t rows = strips ? round_up(a.tiles.bm, 32) : a.tiles.bm;
+    std::vector<T> s_buf((strips ? 2 : 1) * rows * a.tiles.ld()), o_buf(rows * prod.o_ld()), m_buf(a.tiles.bm),
         l_buf(a.tiles.bm);
-    for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1))
+    std::vector<KeyTile> visit;
+    for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1)) {
+      if constexpr (decltype(prod)::kLowp) {
+        if (strips) {
+          forward_tile_strips(a, prod, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data(), visit);
+          continue;
+        }
+      }
       forward_tile<T>(a, prod, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data());
+    }
     prod.finish();
   });
 }

@@ -43,7 +43,46 @@ LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strid
   v_tile = round_up(t.bn, kpad) * Dvp;
   bn = t.bn;
   p_ld = p_stride(round_up(t.bn, kpad));
-  p_lowp.resize(t.bm * p_ld);
+  if (strips()) {
+    // Rows past a tile's queries are read by the strip products, never written by the softmax: zero once.
+    strip_rows = round_up(t.bm, 32);
+    p_lowp.assign(2 * strip_rows * p_ld, bf16(0.0f));
+    q_tail.resize(32 * Dp);
+  } else {
+    p_lowp.resize(t.bm * p_ld);
+  }
+}
+
+void LowpProducts::start_strips(const QueryTile& w, int64_t hk) {
+  start(w);
+  pack_keys(w, hk);
+  const int64_t mq = w.q1 - w.q0, whole = mq / 32 * 32;
+  if (whole == mq) return;
+  for (int64_t r = 0; r < 32; ++r) {
+    bf16* dst = q_tail.data() + r * Dp;
+    if (whole + r < mq) std::memcpy(dst, qa + (whole + r) * lda, Dp * sizeof(bf16));
+    else std::fill(dst, dst + Dp, bf16(0.0f));
+  }
+}
+
+AmxStripJob LowpProducts::score_strip(const QueryTile& w, int64_t j0, int64_t nb, int64_t strip, float* s,
+                                      int64_t ld) const {
+  AmxStripJob j;
+  const bool ragged = 32 * (strip + 1) > w.q1 - w.q0;
+  j.a = ragged ? q_tail.data() : qa + 32 * strip * lda;
+  j.lda = ragged ? Dp : lda;
+  j.b = k_pack.data() + (j0 - w.k_lo) / bn * k_tile;
+  j.Np = round_up(nb, 16), j.Kp = Dp, j.c = s, j.ldc = ld;
+  return j;
+}
+
+AmxStripJob LowpProducts::value_strip(const QueryTile& w, int64_t j0, int64_t nb, const bf16* p, float* o,
+                                      bool add) const {
+  AmxStripJob j;
+  j.a = p, j.lda = p_ld;
+  j.b = v_pack.data() + (j0 - w.k_lo) / bn * v_tile;
+  j.Np = Dvp, j.Kp = round_up(nb, kpad), j.c = o, j.ldc = Dvp, j.add = add;
+  return j;
 }
 
 void LowpProducts::start(const QueryTile& w) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu_attn_plan.h"
+#include "cpu_amx_gemm.h"
 #include "cpu_attn_work.h"
 #include "cpu_blas.h"
 #include "cpu_lowp_gemm.h"
@@ -99,8 +100,21 @@ struct LowpProducts {
   void accumulate_p(const QueryTile& w, int64_t hk, int64_t j0, float* o, bool add);
   void finish() { lowp_release(path); }
 
+  // The own AMX kernel's forward (forward_tile_strips in cpu_attn_fwd.cpp): the query tile as whole 32-row strips,
+  // each product one AmxStripJob. P rows live in two buffers (p_rows(0), p_rows(1)) of round_up(bm, 32) rows.
+  bool strips() const { return b_in_panels(path); }
+  // Packs the keys of w, and copies a ragged last strip of its queries into q_tail (zero rows past the tile).
+  void start_strips(const QueryTile& w, int64_t hk);
+  // S[strip] = Q[strip] · K[j0 : j0 + nb]ᵀ, raw dot products, into s (row stride ld).
+  AmxStripJob score_strip(const QueryTile& w, int64_t j0, int64_t nb, int64_t strip, float* s, int64_t ld) const;
+  // O[strip] (+)= P[strip] · V[j0 : j0 + nb], P the strip's bf16 rows (stride p_ld), O at stride o_ld().
+  AmxStripJob value_strip(const QueryTile& w, int64_t j0, int64_t nb, const bf16* p, float* o, bool add) const;
+  bf16* p_rows(int64_t buffer) { return p_lowp.data() + buffer * strip_rows * p_ld; }
+  int64_t strip_rows = 0;  // round_up(bm, 32) when strips()
+
  private:
   void pack_keys(const QueryTile& w, int64_t hk);
+  std::vector<bf16> q_tail;  // [32][Dp]
 };
 
 // The backward's five products for one key tile [j0, j0 + nb) of kv head w.hk against query tile [i0, i0 + mq)
