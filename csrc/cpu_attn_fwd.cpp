@@ -7,7 +7,6 @@
 #include "cpu_attn_fwd.h"
 
 #include <atomic>
-#include <cstdlib>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -238,7 +237,6 @@ void forward_tile_strips(const ForwardArgs<float>& a, LowpProducts& prod, const 
   };
   StripFeed feed;
   feed.scores = score_job(0);
-  amx_check_strip(feed.scores);
   amx_advance(feed.scores, feed.scores.steps_left());
   for (int64_t t = 0; t < steps; ++t) {
     const KeyTile& kt = tiles[t / strips];
@@ -263,12 +261,6 @@ void forward_tile_strips(const ForwardArgs<float>& a, LowpProducts& prod, const 
   store_rows(a, w, o_buf, ldo, m_buf, l_buf);
 }
 
-// VITKERN_CPU_FWD_STRIPS=0 turns the strip pipeline off (for measuring it against forward_tile).
-bool strips_enabled() {
-  const char* e = std::getenv("VITKERN_CPU_FWD_STRIPS");  // read per call (once per thread): cheap next to a tile
-  return !(e && e[0] == '0');
-}
-
 // make_products() builds one tile-products object per thread (they hold per-thread packing buffers).
 template <typename T, typename MakeProducts>
 void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, const MakeProducts& make_products) {
@@ -277,7 +269,7 @@ void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, c
     const BlasSingleThreadScope one_blas_thread;
     auto prod = make_products();
     bool strips = false;
-    if constexpr (decltype(prod)::kLowp) strips = prod.strips() && strips_enabled();
+    if constexpr (decltype(prod)::kLowp) strips = prod.strips();
     // The strip path's products write whole 32-row strips, scores into two buffers.
     const int64_t rows = strips ? round_up(a.tiles.bm, 32) : a.tiles.bm;
     std::vector<T> s_buf((strips ? 2 : 1) * rows * a.tiles.ld()), o_buf(rows * prod.o_ld()), m_buf(a.tiles.bm),

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 namespace vitkern_cpu {
@@ -32,6 +33,11 @@ int64_t p_stride(int64_t n) { return (n / 32) % 2 ? n : n + 32; }
 // What the reduction length of a product over keys or queries (P·V, dQ, dK, dV) is padded to: whole AMX tiles
 // (32 bf16 per row) there, whole k-pairs for vdpbf16ps (padding to 32 cost up to 14% more products at N = 197).
 int64_t reduction_pad(TilePath path) { return path == TilePath::kAmxBf16 ? 32 : 2; }
+
+bool strips_enabled() {
+  const char* e = std::getenv("VITKERN_CPU_FWD_STRIPS");  // read per products object (once per thread and call)
+  return !(e && e[0] == '0');
+}
 }  // namespace
 
 LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
@@ -43,7 +49,8 @@ LowpProducts::LowpProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strid
   v_tile = round_up(t.bn, kpad) * Dvp;
   bn = t.bn;
   p_ld = p_stride(round_up(t.bn, kpad));
-  if (strips()) {
+  use_strips = b_in_panels(path) && strips_enabled();
+  if (use_strips) {
     // Rows past a tile's queries are read by the strip products, never written by the softmax: zero once.
     strip_rows = round_up(t.bm, 32);
     p_lowp.assign(2 * strip_rows * p_ld, bf16(0.0f));
@@ -73,6 +80,7 @@ AmxStripJob LowpProducts::score_strip(const QueryTile& w, int64_t j0, int64_t nb
   j.lda = ragged ? Dp : lda;
   j.b = k_pack.data() + (j0 - w.k_lo) / bn * k_tile;
   j.Np = round_up(nb, 16), j.Kp = Dp, j.c = s, j.ldc = ld;
+  amx_check_strip(j);
   return j;
 }
 
@@ -82,6 +90,7 @@ AmxStripJob LowpProducts::value_strip(const QueryTile& w, int64_t j0, int64_t nb
   j.a = p, j.lda = p_ld;
   j.b = v_pack.data() + (j0 - w.k_lo) / bn * v_tile;
   j.Np = Dvp, j.Kp = round_up(nb, kpad), j.c = o, j.ldc = Dvp, j.add = add;
+  amx_check_strip(j);
   return j;
 }
 
@@ -125,10 +134,6 @@ void LowpProducts::accumulate_p(const QueryTile& w, int64_t, int64_t j0, float* 
 }  // namespace vitkern_cpu
 
 namespace vitkern_cpu {
-
-namespace {
-
-}  // namespace
 
 LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
                                            Strided<const bf16> dout_, Strided<bf16> dk_, Strided<bf16> dv_,

@@ -1,7 +1,7 @@
 // The tile products of the fused CPU kernels, one type per path (cpu_features.h), so the kernels' softmax and
 // mask bookkeeping is written once. Each type owns the operands and any per-thread packing buffers:
 //   BlasProducts<T>  float32/float64 operands (bf16/fp16 inputs converted to float32) through the BLAS;
-//   LowpProducts     bf16 operands on the dot-product units (AMX via oneDNN's brgemm, or vdpbf16ps kernels):
+//   LowpProducts     bf16 operands on the dot-product units (AMX: own kernel or oneDNN's brgemm; vdpbf16ps):
 //                    B operands packed per tile into VNNI, P rounded to bf16 before P·V, fp32 accumulators.
 // Products write fp32 (fp64) score tiles at row stride ld and an output accumulator at row stride o_ld().
 #pragma once
@@ -81,7 +81,7 @@ struct LowpProducts {
   TilePath path;
   int64_t kpad;  // the key count of P·V is padded to a multiple of this (cpu_tile_products.cpp)
   std::vector<bf16> q_pad, k_pack, v_pack, p_lowp;
-  const bf16* qa = nullptr;  // the query tile as the A operand (in place, or q_pad for odd D)
+  const bf16* qa = nullptr;  // the query tile as the A operand (in place, or q_pad when D % head_pad != 0)
   // p_k: the current key tile's count padded to kpad (P·V's reduction length); p_ld: p_lowp's row stride, fixed
   int64_t lda = 0, p_k = 0, p_ld = 0;
   // k_pack / v_pack hold every key tile of keys [k_lo, k_hi) of (b, hk), packed when a query tile of another
@@ -102,7 +102,8 @@ struct LowpProducts {
 
   // The own AMX kernel's forward (forward_tile_strips in cpu_attn_fwd.cpp): the query tile as whole 32-row strips,
   // each product one AmxStripJob. P rows live in two buffers (p_rows(0), p_rows(1)) of round_up(bm, 32) rows.
-  bool strips() const { return b_in_panels(path); }
+  // Off with VITKERN_CPU_FWD_STRIPS=0 (forward_tile's order instead, for measuring one against the other).
+  bool strips() const { return use_strips; }
   // Packs the keys of w, and copies a ragged last strip of its queries into q_tail (zero rows past the tile).
   void start_strips(const QueryTile& w, int64_t hk);
   // S[strip] = Q[strip] · K[j0 : j0 + nb]ᵀ, raw dot products, into s (row stride ld).
@@ -115,6 +116,7 @@ struct LowpProducts {
  private:
   void pack_keys(const QueryTile& w, int64_t hk);
   std::vector<bf16> q_tail;  // [32][Dp]
+  bool use_strips = false;
 };
 
 // The backward's five products for one key tile [j0, j0 + nb) of kv head w.hk against query tile [i0, i0 + mq)
