@@ -89,22 +89,31 @@ bool lowp_pair(const BackwardArgs<float>& a, Products& prod, const KeyRange& w, 
   prod.scores(w, h, i0, mq, j0, nb, s_buf, ld, /*scaled=*/!raw);
   prod.dprobs(w, h, i0, mq, j0, nb, dp_buf, ld);
   bool any_row = false;
-  for (int64_t r = 0; r < mq; ++r) {
-    float* s = s_buf + r * ld;
-    const int64_t i = i0 + r;
-    const float l = lse[i];
-    if (l == -std::numeric_limits<float>::infinity()) {  // a row with no key: P = dS = 0 (a NaN lse goes on)
-      fill_row(prod.p_row(r), prod.row_ld, bf16(0.0f));
-      fill_row(prod.ds_row(r), prod.row_ld, bf16(0.0f));
-      continue;
+  const VnniLayout pairs = prod.pairs(nb);
+  for (int64_t r = 0; r < mq; r += 2) {  // row pairs: P and dS go into the packed B operands as interleaved words
+    GradRow rows[2];
+    for (int64_t t = 0; t < 2; ++t) {
+      const int64_t i = i0 + r + t;
+      GradRow& g = rows[t];
+      g = GradRow{s_buf + r * ld, dp_buf + r * ld, 0.0f, 0.0f, false, nullptr};  // past the tile: a zero row
+      if (r + t == mq) continue;
+      float* s = s_buf + (r + t) * ld;
+      g.s = s;
+      g.dp = dp_buf + (r + t) * ld;
+      g.ds = prod.ds_row(r + t);
+      const float l = lse[i];
+      g.live = l != -std::numeric_limits<float>::infinity();  // a row with no key: P = dS = 0 (a NaN lse goes on)
+      if (!g.live) continue;
+      any_row = true;
+      g.b = l * kLog2e;
+      g.delta = delta[i];
+      mask_scores(a, w, h, code, causal_cut, s, nb, i, j0);
     }
-    any_row = true;
-    mask_scores(a, w, h, code, causal_cut, s, nb, i, j0);
-    softmax_grad_row_to_bf16(s, dp_buf + r * ld, nb, prod.row_ld, c, l * kLog2e, delta[i], float(p.scale),
-                             prod.p_row(r), prod.ds_row(r));
+    softmax_grad_pair_to_bf16(rows[0], rows[1], r, nb, prod.row_ld, c, float(p.scale), pairs, prod.p_pack(),
+                              prod.ds_packed());
   }
   if (!any_row) return false;
-  prod.add_from_rows(mq, nb, dq, a.dq_in_part.sn);
+  prod.add_from_pairs(mq, nb, dq, a.dq_in_part.sn);
   return true;
 }
 

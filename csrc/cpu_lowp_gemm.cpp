@@ -144,17 +144,6 @@ VITKERN_BF16_TARGET inline void transpose_pairs(RowPair row_pair, int64_t cols, 
   }
 }
 
-VITKERN_BF16_TARGET void round_transpose_avx512(const float* src, int64_t ld_src, int64_t rows, int64_t cols,
-                                                bf16* dst, int64_t ld_dst) {
-  transpose_pairs(
-      [&](int64_t ra, int64_t c0, __mmask16 live) VITKERN_BF16_TARGET {
-        const __m512 a = ra < rows ? _mm512_maskz_loadu_ps(live, src + ra * ld_src + c0) : _mm512_setzero_ps();
-        const __m512 b = ra + 1 < rows ? _mm512_maskz_loadu_ps(live, src + (ra + 1) * ld_src + c0) : _mm512_setzero_ps();
-        return (__m512i)_mm512_cvtne2ps_pbh(b, a);
-      },
-      cols, dst, ld_dst);
-}
-
 VITKERN_BF16_TARGET void transpose_avx512(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst,
                                           int64_t ld_dst) {
   transpose_pairs(
@@ -311,16 +300,6 @@ VITKERN_BF16_TARGET void round_row_avx512(const float* src, int64_t n, int64_t n
 
 }  // namespace
 #endif
-
-void round_transpose_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
-#if defined(VITKERN_LOWP_KERNELS)
-  if (cpu_has_avx512_bf16()) return round_transpose_avx512(src, ld_src, rows, cols, dst, ld_dst);
-#endif
-  for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = bf16(src[r * ld_src + c]);
-    for (int64_t r = rows; r < ld_dst; ++r) dst[c * ld_dst + r] = bf16(0.0f);
-  }
-}
 
 void transpose_bf16(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst) {
 #if defined(VITKERN_LOWP_KERNELS)

@@ -28,6 +28,19 @@ bool b_in_panels(TilePath path);
 // whole AMX tile row, on the own AMX kernel; else 2, one k-pair.
 int64_t head_pad(TilePath path);
 
+// Where B[k, n] of a packed B operand (kp rows, np columns) lives, for writers that produce B directly (the
+// backward's P and dS pairs): panel columns `panel` (32 in panels, np in one block), offset(k, n) in elements.
+struct VnniLayout {
+  int64_t kp = 0, np = 0, panel = 0;
+  int64_t offset(int64_t k, int64_t n) const {
+    const int64_t s = n / panel * panel, w = panel < np - s ? panel : np - s;
+    return s * kp + (k / 2) * 2 * w + (n - s) * 2 + (k % 2);
+  }
+};
+inline VnniLayout vnni_layout(TilePath path, int64_t kp, int64_t np) {
+  return {kp, np, b_in_panels(path) ? 32 : np};
+}
+
 // Packs B[k, n] = src[n * ld_src + k] (B is the transpose of row-major src [N, K], e.g. K tile rows for Q·Kᵀ)
 // for `path` with Kp >= K rows (even; rows past K zero) and Np = round_up(N, 16) columns (the padding zero).
 void pack_vnni_transposed(TilePath path, const bf16* src, int64_t ld_src, int64_t K, int64_t Kp, int64_t N,
@@ -48,10 +61,8 @@ void lowp_release(TilePath path);
 // dst[n, n_padded).
 void round_row_bf16(const float* src, int64_t n, int64_t n_padded, bf16* dst, float factor = 1.0f);
 
-// dst[c * ld_dst + r] = bf16(src[r * ld_src + c]) for r < rows, c < cols, and 0 for rows <= r < ld_dst (even):
-// a float32 tile rounded and transposed into the A operand of a product reducing over its rows (Pᵀ·dO, dSᵀ·Q).
-void round_transpose_bf16(const float* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst);
-// The same for a tile already in bf16 (the backward's P and dS rows): dst[c * ld_dst + r] = src[r * ld_src + c].
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, and 0 for rows <= r < ld_dst (even): a bf16
+// tile transposed into the A operand of a product reducing over its rows (Qᵀ·dS, dOᵀ·P in the backward).
 void transpose_bf16(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst, int64_t ld_dst);
 
 }  // namespace vitkern_cpu

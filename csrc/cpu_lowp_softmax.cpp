@@ -43,14 +43,25 @@ float exp2_row_scalar(const float* s, int64_t n, int64_t n_padded, float c, floa
   return part[0];
 }
 
-void softmax_grad_row_scalar(const float* s, const float* dp, int64_t n, int64_t n_padded, float c, float b,
-                             float delta, float ds_factor, c10::BFloat16* p_dst, c10::BFloat16* ds_dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    const float e = exp2_scalar(std::fma(s[i], c, -b));
-    p_dst[i] = c10::BFloat16(e);
-    ds_dst[i] = c10::BFloat16(ds_factor * (e * (dp[i] - delta)));
+void softmax_grad_pair_scalar(const GradRow& r0, const GradRow& r1, int64_t k, int64_t n, int64_t ds_padded, float c,
+                              float ds_factor, const VnniLayout& layout, c10::BFloat16* p_pack,
+                              c10::BFloat16* ds_pack) {
+  const GradRow* rows[2] = {&r0, &r1};
+  for (int t = 0; t < 2; ++t) {
+    const GradRow& r = *rows[t];
+    for (int64_t i = 0; i < std::max(ds_padded, layout.np); ++i) {
+      float e = 0.0f, d = 0.0f;
+      if (r.live && i < n) {
+        e = exp2_scalar(std::fma(r.s[i], c, -r.b));
+        d = ds_factor * (e * (r.dp[i] - r.delta));
+      }
+      if (r.ds && i < ds_padded) r.ds[i] = c10::BFloat16(d);
+      if (i < layout.np) {
+        p_pack[layout.offset(k + t, i)] = c10::BFloat16(e);
+        ds_pack[layout.offset(k + t, i)] = c10::BFloat16(d);
+      }
+    }
   }
-  for (int64_t i = n; i < n_padded; ++i) p_dst[i] = ds_dst[i] = c10::BFloat16(0.0f);
 }
 
 #if defined(VITKERN_LOWP_KERNELS)
@@ -99,31 +110,39 @@ VITKERN_BF16_TARGET float exp2_row_avx512(const float* s, int64_t n, int64_t n_p
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-VITKERN_BF16_TARGET void softmax_grad_row_avx512(const float* s, const float* dp, int64_t n, int64_t n_padded,
-                                                 float c, float b, float delta, float ds_factor,
-                                                 c10::BFloat16* p_dst, c10::BFloat16* ds_dst) {
-  const __m512 cv = _mm512_set1_ps(c), nbv = _mm512_set1_ps(-b), dl = _mm512_set1_ps(delta),
-               f = _mm512_set1_ps(ds_factor);
-  // A lambda does not inherit the function's target attribute: it needs its own, or a build without
-  // -march=native support for AVX-512 cannot inline the intrinsics into it.
-  const auto ds16 = [&](__m512 e, __m512 d) VITKERN_BF16_TARGET {
-    return _mm512_mul_ps(f, _mm512_mul_ps(e, _mm512_sub_ps(d, dl)));
-  };
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512 e0 = exp2_16(_mm512_loadu_ps(s + i), cv, nbv);
-    const __m512 e1 = exp2_16(_mm512_loadu_ps(s + i + 16), cv, nbv);
-    const __m512 d0 = ds16(e0, _mm512_loadu_ps(dp + i)), d1 = ds16(e1, _mm512_loadu_ps(dp + i + 16));
-    _mm512_storeu_si512(reinterpret_cast<void*>(p_dst + i), (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
-    _mm512_storeu_si512(reinterpret_cast<void*>(ds_dst + i), (__m512i)_mm512_cvtne2ps_pbh(d1, d0));
-  }
-  for (; i < n_padded; i += 16) {  // lanes past n are written as 0 whatever delta is
-    const __mmask16 live = static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, n - i))) - 1);
-    const __mmask16 width = static_cast<__mmask16>((1u << std::min<int64_t>(16, n_padded - i)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(live, exp2_16(_mm512_maskz_loadu_ps(live, s + i), cv, nbv));
-    const __m512 d = _mm512_maskz_mov_ps(live, ds16(e, _mm512_maskz_loadu_ps(live, dp + i)));
-    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(p_dst + i), width, (__m256i)_mm512_cvtneps_pbh(e));
-    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(ds_dst + i), width, (__m256i)_mm512_cvtneps_pbh(d));
+VITKERN_BF16_TARGET void softmax_grad_pair_avx512(const GradRow& r0, const GradRow& r1, int64_t k, int64_t n,
+                                                  int64_t ds_padded, float c, float ds_factor,
+                                                  const VnniLayout& layout, c10::BFloat16* p_pack,
+                                                  c10::BFloat16* ds_pack) {
+  // Lane 2j of the interleaved vector is column j of row k, lane 2j + 1 column j of row k + 1 (one k-pair word).
+  alignas(64) static const uint16_t inter_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i inter = _mm512_load_si512(inter_idx);
+  const __m512 cv = _mm512_set1_ps(c), f = _mm512_set1_ps(ds_factor);
+  const __m512 nb0 = _mm512_set1_ps(-r0.b), nb1 = _mm512_set1_ps(-r1.b);
+  const __m512 dl0 = _mm512_set1_ps(r0.delta), dl1 = _mm512_set1_ps(r1.delta);
+  const __mmask16 live0 = r0.live ? 0xFFFF : 0, live1 = r1.live ? 0xFFFF : 0;
+  const int64_t end = std::max(ds_padded, layout.np);
+  for (int64_t i = 0; i < end; i += 16) {
+    const __mmask16 cols = static_cast<__mmask16>((1u << std::max<int64_t>(0, std::min<int64_t>(16, n - i))) - 1);
+    const __mmask16 m0 = cols & live0, m1 = cols & live1;
+    const __m512 e0 = _mm512_maskz_mov_ps(m0, exp2_16(_mm512_maskz_loadu_ps(m0, r0.s + i), cv, nb0));
+    const __m512 e1 = _mm512_maskz_mov_ps(m1, exp2_16(_mm512_maskz_loadu_ps(m1, r1.s + i), cv, nb1));
+    const __m512 d0 =
+        _mm512_maskz_mul_ps(m0, f, _mm512_mul_ps(e0, _mm512_sub_ps(_mm512_maskz_loadu_ps(m0, r0.dp + i), dl0)));
+    const __m512 d1 =
+        _mm512_maskz_mul_ps(m1, f, _mm512_mul_ps(e1, _mm512_sub_ps(_mm512_maskz_loadu_ps(m1, r1.dp + i), dl1)));
+    const __m512i dd = (__m512i)_mm512_cvtne2ps_pbh(d1, d0);  // row k's dS in the low half, row k + 1's high
+    if (i < ds_padded) {
+      const __mmask16 width = static_cast<__mmask16>((1u << std::min<int64_t>(16, ds_padded - i)) - 1);
+      if (r0.ds) _mm256_mask_storeu_epi16(r0.ds + i, width, _mm512_castsi512_si256(dd));
+      if (r1.ds) _mm256_mask_storeu_epi16(r1.ds + i, width, _mm512_extracti64x4_epi64(dd, 1));
+    }
+    if (i < layout.np) {  // np is a multiple of 16: the 16 columns are one run of 32 pair words
+      const int64_t at = layout.offset(k, i);
+      _mm512_storeu_si512(p_pack + at, _mm512_permutexvar_epi16(inter, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
+      _mm512_storeu_si512(ds_pack + at, _mm512_permutexvar_epi16(inter, dd));
+    }
   }
 }
 #endif
@@ -137,12 +156,14 @@ float exp2_row_to_bf16(const float* s, int64_t n, int64_t n_padded, float c, flo
   return exp2_row_scalar(s, n, n_padded, c, b, dst);
 }
 
-void softmax_grad_row_to_bf16(const float* s, const float* dp, int64_t n, int64_t n_padded, float c, float b,
-                              float delta, float ds_factor, c10::BFloat16* p_dst, c10::BFloat16* ds_dst) {
+void softmax_grad_pair_to_bf16(const GradRow& r0, const GradRow& r1, int64_t k, int64_t n, int64_t ds_padded,
+                               float c, float ds_factor, const VnniLayout& layout, c10::BFloat16* p_pack,
+                               c10::BFloat16* ds_pack) {
 #if defined(VITKERN_LOWP_KERNELS)
-  if (cpu_has_avx512_bf16()) return softmax_grad_row_avx512(s, dp, n, n_padded, c, b, delta, ds_factor, p_dst, ds_dst);
+  if (cpu_has_avx512_bf16())
+    return softmax_grad_pair_avx512(r0, r1, k, n, ds_padded, c, ds_factor, layout, p_pack, ds_pack);
 #endif
-  softmax_grad_row_scalar(s, dp, n, n_padded, c, b, delta, ds_factor, p_dst, ds_dst);
+  softmax_grad_pair_scalar(r0, r1, k, n, ds_padded, c, ds_factor, layout, p_pack, ds_pack);
 }
 
 }  // namespace vitkern_cpu

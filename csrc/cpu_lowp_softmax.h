@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cpu_lowp_gemm.h"
+
 namespace vitkern_cpu {
 
 // log2(e): the exp passes below take 2^(s·c - b), so callers fold scale·log2(e) into c and m·log2(e) into b.
@@ -17,10 +19,24 @@ constexpr float kLog2e = 1.44269504088896341f;
 // rounding of P (2^-9) that follows it.
 float exp2_row_to_bf16(const float* s, int64_t n, int64_t n_padded, float c, float b, c10::BFloat16* dst);
 
-// The backward's row of P and dS in one pass over the score row s and the dP row dp, for the bf16 paths:
-// P = 2^(s·c - b) (b = lse·log2(e)), p_dst = bf16(P), ds_dst = bf16(ds_factor · P · (dp - delta)) with the
-// unrounded P, as GPU flash kernels do; both rows zero in [n, n_padded). Same 2^x and special values as above.
-void softmax_grad_row_to_bf16(const float* s, const float* dp, int64_t n, int64_t n_padded, float c, float b,
-                              float delta, float ds_factor, c10::BFloat16* p_dst, c10::BFloat16* ds_dst);
+// One query row of the backward's pass below: its score and dP rows, b = lse·log2(e), delta, whether it has keys at
+// all (live: else its P and dS are 0 whatever s and dp hold), and where its bf16 dS row goes (null: nowhere).
+struct GradRow {
+  const float* s;
+  const float* dp;
+  float b, delta;
+  bool live;
+  c10::BFloat16* ds;
+};
+
+// The backward's P and dS of rows k and k + 1 (k even) of a query tile in one pass over their score and dP rows,
+// for the bf16 paths: P = 2^(s·c - b), dS = ds_factor · P · (dp - delta) with the unrounded P, as GPU flash
+// kernels do, both rounded to bf16 (same 2^x and special values as above). dS goes to each row's bf16 row
+// (ds_padded entries, zero past n) for dQ = dS·K, and P and dS of both rows straight into B operands packed for
+// `layout` (p_pack, ds_pack: columns [0, layout.np), zero past n) for dVᵀ += dOᵀ·P and dKᵀ += Qᵀ·dS: the row
+// pair is interleaved in registers, so no packing pass reads P and dS again.
+void softmax_grad_pair_to_bf16(const GradRow& r0, const GradRow& r1, int64_t k, int64_t n, int64_t ds_padded,
+                               float c, float ds_factor, const VnniLayout& layout, c10::BFloat16* p_pack,
+                               c10::BFloat16* ds_pack);
 
 }  // namespace vitkern_cpu

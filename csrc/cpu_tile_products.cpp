@@ -135,6 +135,24 @@ void LowpProducts::accumulate_p(const QueryTile& w, int64_t, int64_t j0, float* 
 
 namespace vitkern_cpu {
 
+namespace {
+// The row stride of a float32 accumulator of n columns: whole 16-float lines, an odd number of them, so the 16 rows
+// of an AMX tile load or store fall in different L1 sets (512 keys make 2 KB rows: two sets for all 16).
+int64_t acc_stride(int64_t n) {
+  const int64_t n16 = round_up(n, 16);
+  return (n16 / 16) % 2 ? n16 : n16 + 16;
+}
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, and 0 for rows <= r < round_up(rows, 16).
+void transpose_tile_f32(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  if (sgemm_avx512_compiled()) return transpose_panel_f32(src, ld_src, cols, rows, dst, ld_dst);
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+    for (int64_t r = rows; r < round_up(rows, 16); ++r) dst[c * ld_dst + r] = 0.0f;
+  }
+}
+}  // namespace
+
 LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
                                            Strided<const bf16> dout_, Strided<bf16> dk_, Strided<bf16> dv_,
                                            const Problem& p, Tiles t, TilePath path_, bool fused_rows_)
@@ -145,15 +163,17 @@ LowpBackwardProducts::LowpBackwardProducts(Strided<const bf16> q_, Strided<const
   kt_pack.resize(Dp * bn16);
   vt_pack.resize(Dvp * bn16);
   k_pack.resize(bnk * Dk16);
-  q_pack.resize(bmk * Dk16);
-  do_pack.resize(bmk * Dv16);
+  q_t.resize(D * bmk);
+  do_t.resize(Dv * bmk);
   if (Dp != D) q_pad.resize(t.bm * Dp);
   if (Dvp != Dv) do_pad.resize(t.bm * Dvp);
   lowp_a.resize(t.bm * bnk);
-  lowp_t.resize(t.bn * bmk);
-  if (fused_rows) p_lowp.resize(t.bm * bnk);
-  dk_acc.resize(t.bn * Dk16);
-  dv_acc.resize(t.bn * Dv16);
+  lowp_b.resize(bmk * bn16);
+  if (fused_rows) ds_pack.resize(bmk * bn16);
+  acc_ld = acc_stride(t.bn);
+  dk_acc.resize(D * acc_ld);
+  dv_acc.resize(Dv * acc_ld);
+  key_rows.resize(t.bn * std::max(Dk16, Dv16));
   dq_tile.resize(t.bm * Dk16);
 }
 
@@ -162,8 +182,8 @@ void LowpBackwardProducts::start_keys(const KeyRange& w, int64_t j0, int64_t nb)
   pack_vnni_transposed(path, kr, k.sn, D, Dp, nb, kt_pack.data());
   pack_vnni_transposed(path, v.row(w.b, w.hk, j0), v.sn, Dv, Dvp, nb, vt_pack.data());
   pack_vnni(path, kr, k.sn, nb, D, kpad, k_pack.data());
-  std::fill(dk_acc.begin(), dk_acc.begin() + nb * Dk16, 0.0f);
-  std::fill(dv_acc.begin(), dv_acc.begin() + nb * Dv16, 0.0f);
+  std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+  std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
 }
 
 void LowpBackwardProducts::start_queries(const KeyRange& w, int64_t h, int64_t i0, int64_t mq) {
@@ -171,9 +191,9 @@ void LowpBackwardProducts::start_queries(const KeyRange& w, int64_t h, int64_t i
   const bf16* dor = dout.row(w.b, h, i0);
   qa = padded_rows(qr, q.sn, mq, D, Dp, q_pad, &lda_q);
   doa = padded_rows(dor, dout.sn, mq, Dv, Dvp, do_pad, &lda_do);
-  pack_vnni(path, qr, q.sn, mq, D, kpad, q_pack.data());
-  pack_vnni(path, dor, dout.sn, mq, Dv, kpad, do_pack.data());
   mqk = round_up(mq, kpad);
+  transpose_bf16(qr, q.sn, mq, D, q_t.data(), mqk);
+  transpose_bf16(dor, dout.sn, mq, Dv, do_t.data(), mqk);
 }
 
 void LowpBackwardProducts::scores(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb, float* s,
@@ -193,21 +213,26 @@ void LowpBackwardProducts::dprobs(const KeyRange&, int64_t, int64_t, int64_t mq,
   lowp_gemm(path, mq, round_up(nb, 16), Dvp, doa, lda_do, vt_pack.data(), dp, ld, false);
 }
 
-// acc[nb, np] += round(x[mq, nb])ᵀ · B, with B a query-side operand packed for mqk rows (dO for dV, Q for dK).
-void LowpBackwardProducts::add_transposed(const float* x, int64_t ld, int64_t mq, int64_t nb, const bf16* b,
-                                          int64_t np, float* acc) {
-  round_transpose_bf16(x, ld, mq, nb, lowp_t.data(), mqk);
-  lowp_gemm(path, nb, np, mqk, lowp_t.data(), mqk, b, acc, np, true);
+// acc[rows, nb] += a[rows, mqk] · x[mq, nb] with x bf16 rows (stride ld) packed as the B operand: a is Qᵀ for dKᵀ,
+// dOᵀ for dVᵀ.
+void LowpBackwardProducts::add_transposed(const bf16* a, int64_t rows, const bf16* x, int64_t ld, int64_t mq,
+                                          int64_t nb, float* acc) {
+  pack_vnni(path, x, ld, mq, nb, kpad, lowp_b.data());
+  lowp_gemm(path, rows, round_up(nb, 16), mqk, a, mqk, lowp_b.data(), acc, acc_ld, true);
 }
 
 void LowpBackwardProducts::add_dv(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb,
                                   const float* pr, int64_t ld, bool) {
-  add_transposed(pr, ld, mq, nb, do_pack.data(), Dv16, dv_acc.data());
+  const int64_t nbk = round_up(nb, kpad);
+  for (int64_t r = 0; r < mq; ++r) round_row_bf16(pr + r * ld, nb, nbk, lowp_a.data() + r * nbk);
+  add_transposed(do_t.data(), Dv, lowp_a.data(), nbk, mq, nb, dv_acc.data());
 }
 
 void LowpBackwardProducts::add_dk(const KeyRange&, int64_t, int64_t, int64_t mq, int64_t, int64_t nb,
                                   const float* ds, int64_t ld, bool) {
-  add_transposed(ds, ld, mq, nb, q_pack.data(), Dk16, dk_acc.data());
+  const int64_t nbk = round_up(nb, kpad);
+  for (int64_t r = 0; r < mq; ++r) round_row_bf16(ds + r * ld, nb, nbk, lowp_a.data() + r * nbk);
+  add_transposed(q_t.data(), D, lowp_a.data(), nbk, mq, nb, dk_acc.data());
 }
 
 // dQ[mq, D] += factor · dS · K with dS as bf16 rows of nbk (the key count padded to kpad): straight into dQ when
@@ -230,26 +255,44 @@ void LowpBackwardProducts::add_dq(const KeyRange&, int64_t mq, int64_t, int64_t 
   dq_from(lowp_a.data(), mq, nbk, scale, dq, ldq);
 }
 
-void LowpBackwardProducts::add_from_rows(int64_t mq, int64_t nb, float* dq, int64_t ldq) {
-  transpose_bf16(p_lowp.data(), row_ld, mq, nb, lowp_t.data(), mqk);
-  lowp_gemm(path, nb, Dv16, mqk, lowp_t.data(), mqk, do_pack.data(), dv_acc.data(), Dv16, true);
-  transpose_bf16(lowp_a.data(), row_ld, mq, nb, lowp_t.data(), mqk);
-  lowp_gemm(path, nb, Dk16, mqk, lowp_t.data(), mqk, q_pack.data(), dk_acc.data(), Dk16, true);
+void LowpBackwardProducts::add_from_pairs(int64_t mq, int64_t nb, float* dq, int64_t ldq) {
+  const int64_t np = round_up(nb, 16);
+  const int64_t k0 = round_up(mq, 2);  // the pass wrote the pairs up to k0 (an odd mq's last with a zero row)
+  // Zero pairs past them up to the reduction padding: Qᵀ and dOᵀ are zero there too, but what an earlier pair
+  // left in the buffers may be NaN (a NaN key of another key tile), and 0 · NaN is NaN.
+  if (k0 < mqk) {
+    const VnniLayout at = pairs(nb);
+    for (int64_t n0 = 0; n0 < np; n0 += at.panel) {
+      const int64_t w = std::min(at.panel, np - n0);  // each pair row of a panel holds 2 w elements
+      std::fill_n(lowp_b.data() + at.offset(k0, n0), (mqk - k0) * w, bf16(0.0f));
+      std::fill_n(ds_pack.data() + at.offset(k0, n0), (mqk - k0) * w, bf16(0.0f));
+    }
+  }
+  lowp_gemm(path, Dv, np, mqk, do_t.data(), mqk, lowp_b.data(), dv_acc.data(), acc_ld, true);
+  lowp_gemm(path, D, np, mqk, q_t.data(), mqk, ds_pack.data(), dk_acc.data(), acc_ld, true);
   dq_from(lowp_a.data(), mq, row_ld, 1.0f, dq, ldq);
 }
 
+// Rows j0 .. j0 + nb of `out` (kv head w.hk) = bf16(factor · accᵀ), acc the [cols][acc_ld] transposed accumulator.
+void LowpBackwardProducts::store_keys(const float* acc, int64_t cols, int64_t nb, float factor, Strided<bf16> out,
+                                      const KeyRange& w, int64_t j0) {
+  const int64_t ld = round_up(cols, 16);
+  transpose_tile_f32(acc, acc_ld, cols, nb, key_rows.data(), ld);
+  for (int64_t c = 0; c < nb; ++c) round_row_bf16(key_rows.data() + c * ld, cols, cols, out.row(w.b, w.hk, j0 + c), factor);
+}
+
 void LowpBackwardProducts::finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live) {
-  for (int64_t c = 0; c < nb; ++c) {
-    bf16* dkr = dk.row(w.b, w.hk, j0 + c);
-    bf16* dvr = dv.row(w.b, w.hk, j0 + c);
-    if (!live) {  // no query reached these keys (masked out, causal, empty rows): zero gradients
+  if (!live) {  // no query reached these keys (masked out, causal, empty rows): zero gradients
+    for (int64_t c = 0; c < nb; ++c) {
+      bf16* dkr = dk.row(w.b, w.hk, j0 + c);
+      bf16* dvr = dv.row(w.b, w.hk, j0 + c);
       std::fill(dkr, dkr + D, bf16(0.0f));
       std::fill(dvr, dvr + Dv, bf16(0.0f));
-      continue;
     }
-    round_row_bf16(dk_acc.data() + c * Dk16, D, D, dkr, fused_rows ? 1.0f : scale);  // fused dS rows: scaled
-    round_row_bf16(dv_acc.data() + c * Dv16, Dv, Dv, dvr);
+    return;
   }
+  store_keys(dk_acc.data(), D, nb, fused_rows ? 1.0f : scale, dk, w, j0);  // fused dS rows: already scaled
+  store_keys(dv_acc.data(), Dv, nb, 1.0f, dv, w, j0);
 }
 
 }  // namespace vitkern_cpu

@@ -165,12 +165,16 @@ struct BlasBackwardProducts {
 };
 
 // bf16 backward: K and V of the key tile are packed once (Kᵀ and Vᵀ for S and dP, K for dQ), Q and dO once per
-// query tile; P and dS are rounded to bf16 (and transposed for dV, dK). dK and dV accumulate in fp32 tiles of
-// 16-padded width owned by the thread and are stored (rounded to bf16) when the key tile is done. dQ goes through
-// a tile too (padded columns never touch a neighbouring head's rows) unless the head dim is a multiple of 16 and
-// dS already carries the scale (the fused rows): then it accumulates straight into dQ.
+// query tile (as A rows for S and dP, transposed for dK and dV); P and dS are rounded to bf16. dK and dV accumulate
+// transposed, dKᵀ += Qᵀ·dS and dVᵀ += dOᵀ·P, in fp32 tiles owned by the thread: P and dS then enter as B operands,
+// whose VNNI packing interleaves row pairs, instead of as transposed A operands (a 16x16 transpose per block of
+// every (key tile, query tile) pair, 9% of a PiT-64 step); only the small Qᵀ and dOᵀ are transposed per pair,
+// and the accumulators once per key tile, when finish_keys stores them as bf16 rows. dQ goes through a tile too
+// (padded columns never touch a neighbouring head's rows) unless the head dim is a multiple of 16 and dS already
+// carries the scale (the fused rows): then it accumulates straight into dQ.
 // Two ways in: float32 P and dS tiles (add_dv / add_dk / add_dq: dropout and the mask gradient need them), or,
-// with fused_rows, bf16 rows the kernel writes through p_row / ds_row in one pass (ds already times the scale).
+// with fused_rows, the kernel's pair pass (softmax_grad_pair_to_bf16) writes dS rows through ds_row and P and dS
+// straight into the packed B operands (p_pack, ds_pack, layout pairs()), ds already times the scale.
 struct LowpBackwardProducts {
   static constexpr bool kLowp = true;  // finish_keys stores bf16 dK/dV rows, zeros where no query reached them
   Strided<const bf16> q, k, v, dout;
@@ -179,12 +183,14 @@ struct LowpBackwardProducts {
   float scale;
   TilePath path;
   int64_t kpad;  // reduction lengths over keys or queries are padded to a multiple of this
-  bool fused_rows;  // the kernel writes bf16 P and scale·dS rows (p_row, ds_row) instead of float32 tiles
-  std::vector<bf16> kt_pack, vt_pack, k_pack, q_pack, do_pack, q_pad, do_pad, lowp_a, lowp_t, p_lowp;
-  std::vector<float> dk_acc, dv_acc, dq_tile;
+  bool fused_rows;  // the kernel writes bf16 P and scale·dS (ds_row, p_pack, ds_pack) instead of float32 tiles
+  std::vector<bf16> kt_pack, vt_pack, k_pack, q_t, do_t, q_pad, do_pad, lowp_a, lowp_b, ds_pack;
+  // dk_acc [D][acc_ld], dv_acc [Dv][acc_ld]: dKᵀ and dVᵀ of the key tile; key_rows: one of them as [nb][16-padded]
+  std::vector<float> dk_acc, dv_acc, dq_tile, key_rows;
+  int64_t acc_ld = 0;
   const bf16 *qa = nullptr, *doa = nullptr;
-  int64_t lda_q = 0, lda_do = 0, mqk = 0;  // mqk: the query count rounded up to the k-pair padding
-  int64_t row_ld = 0;  // row stride of the bf16 P and dS rows: the key tile's count padded to kpad
+  int64_t lda_q = 0, lda_do = 0, mqk = 0;  // mqk: the query count rounded up to kpad (q_t's and do_t's row stride)
+  int64_t row_ld = 0;  // row stride of the bf16 dS rows: the key tile's count padded to kpad
 
   LowpBackwardProducts(Strided<const bf16> q_, Strided<const bf16> k_, Strided<const bf16> v_,
                        Strided<const bf16> dout_, Strided<bf16> dk_, Strided<bf16> dv_, const Problem& p, Tiles t,
@@ -201,16 +207,21 @@ struct LowpBackwardProducts {
               int64_t ld, bool add);
   void add_dq(const KeyRange& w, int64_t mq, int64_t j0, int64_t nb, const float* ds, int64_t ld, float* dq,
               int64_t ldq);
-  // The fused rows of the current pair: row_ld entries each, those past the key count zero.
-  bf16* p_row(int64_t r) { return p_lowp.data() + r * row_ld; }
+  // The fused pass of the current (key tile, query tile) pair: dS row r (row_ld entries, zero past the key count),
+  // and P and dS as B operands of mqk rows (pairs(nb): where row k, column n goes; zero past the key count).
   bf16* ds_row(int64_t r) { return lowp_a.data() + r * row_ld; }
-  // dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K from the fused rows of mq queries and nb keys.
-  void add_from_rows(int64_t mq, int64_t nb, float* dq, int64_t ldq);
+  bf16* p_pack() { return lowp_b.data(); }
+  bf16* ds_packed() { return ds_pack.data(); }
+  VnniLayout pairs(int64_t nb) const { return vnni_layout(path, mqk, round_up(nb, 16)); }
+  // dV += Pᵀ·dO, dK += dSᵀ·Q, dQ += dS·K from the fused pass over mq queries and nb keys.
+  void add_from_pairs(int64_t mq, int64_t nb, float* dq, int64_t ldq);
   void finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live);
   void finish() { lowp_release(path); }
 
  private:
-  void add_transposed(const float* x, int64_t ld, int64_t mq, int64_t nb, const bf16* b, int64_t np, float* acc);
+  void add_transposed(const bf16* a, int64_t rows, const bf16* x, int64_t ld, int64_t mq, int64_t nb, float* acc);
+  void store_keys(const float* acc, int64_t cols, int64_t nb, float factor, Strided<bf16> out, const KeyRange& w,
+                  int64_t j0);
   void dq_from(const bf16* ds, int64_t mq, int64_t nbk, float factor, float* dq, int64_t ldq);
 };
 

@@ -155,3 +155,25 @@ def ref_scaled(q, k, v, mask, scale, upcast):
     import truth
     m = None if mask is None else mask.to(q.dtype)
     return truth.attention(q, k, v, mask=m, scale=scale, upcast=upcast)
+
+
+@pytest.mark.parametrize("nq,nk", [(71, 90), (130, 45)])
+def test_mask_gradient_against_float64(path, nq, nk):
+    """A float mask that requires grad takes the backward's float32-tile route (P and dS rounded and packed after
+    the pass, not in it): odd query counts (a last row pair with one row), fully masked query rows (P = dS = 0)
+    and -inf entries, against float64 math, gradients of q, k, v and the mask."""
+    gen = torch.Generator().manual_seed(nq)
+    mask = torch.randn(1, 1, nq, nk, generator=gen).to(torch.bfloat16)
+    mask = mask.masked_fill(torch.rand(1, 1, nq, nk, generator=gen) < 0.3, float("-inf"))
+    mask[..., 3, :] = float("-inf")  # a query row with no key
+    mask[..., nq - 1, :] = float("-inf")
+    mask.requires_grad_(True)
+    q, k, v = qkv(1, 2, nq, nk, 40, dtype=torch.bfloat16, grad=True, seed=nk)
+    fn = lambda q, k, v, m: vitkern.scaled_dot_product_attention(q, k, v, attn_mask=m, backend="cpu")
+    tr = lambda q, k, v, m, upcast=True: ref_masked(q, k, v, m, upcast)
+    check_against_truth(fn, (q, k, v, mask), tr, f"{path} mask grad {nq}x{nk}")
+
+
+def ref_masked(q, k, v, mask, upcast):
+    import truth
+    return truth.attention(q, k, v, mask=mask, upcast=upcast)
