@@ -60,6 +60,11 @@ if os.environ.get("VITKERN_NO_EXT") != "1":
                 try:
                     super().run()
                 except Exception as e:  # noqa: BLE001 - any build failure leaves the reference backend
+                    # An in-place library from an earlier build would otherwise stay and be imported: tests would
+                    # pass against kernels that no longer match the sources.
+                    here = os.path.dirname(os.path.abspath(__file__))
+                    for stale in glob.glob(os.path.join(here, "vitkern", "_C*.so")):
+                        os.remove(stale)
                     print(f"vitkern: building the C++ extension failed ({e}); installing without it")
 
         cmdclass = {"build_ext": OptionalBuildExt.with_options(use_ninja=True)}
