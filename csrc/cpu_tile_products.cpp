@@ -278,7 +278,8 @@ void LowpBackwardProducts::store_keys(const float* acc, int64_t cols, int64_t nb
                                       const KeyRange& w, int64_t j0) {
   const int64_t ld = round_up(cols, 16);
   transpose_tile_f32(acc, acc_ld, cols, nb, key_rows.data(), ld);
-  for (int64_t c = 0; c < nb; ++c) round_row_bf16(key_rows.data() + c * ld, cols, cols, out.row(w.b, w.hk, j0 + c), factor);
+  for (int64_t c = 0; c < nb; ++c)
+    round_row_bf16(key_rows.data() + c * ld, cols, cols, out.row(w.b, w.hk, j0 + c), factor);
 }
 
 void LowpBackwardProducts::finish_keys(const KeyRange& w, int64_t j0, int64_t nb, bool live) {
