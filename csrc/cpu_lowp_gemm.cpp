@@ -122,38 +122,33 @@ VITKERN_BF16_TARGET void pack_vnni_avx512(const bf16* src, int64_t ld_src, int64
   }
 }
 
-// 32 rows x 16 columns per step: each row pair becomes one vector of 16 words (row 2i in the low half of each
-// word, 2i + 1 in the high half), and the 16 pair vectors are transposed as words. row_pair(ra, c0, live)
-// returns rows ra and ra + 1 at columns [c0, c0 + 16) (lanes outside `live` zero) as 32 bf16, row ra first.
-template <typename RowPair>
-VITKERN_BF16_TARGET inline void transpose_pairs(RowPair row_pair, int64_t cols, bf16* dst, int64_t ld_dst) {
+// dst[c · ld_dst + r] = src[r · ld_src + c], 32 rows x 16 columns per step: each row pair becomes one vector of 16
+// words (row 2i in the low half of each word, 2i + 1 in the high half), and the 16 pair vectors are transposed as
+// words. Rows at or past `rows` read as zeros up to ld_dst (even).
+VITKERN_BF16_TARGET void transpose_avx512(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst,
+                                          int64_t ld_dst) {
   alignas(64) static const uint16_t inter_idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i inter = _mm512_load_si512(inter_idx);
   const int64_t pairs = ld_dst / 2;
+  const auto row = [&](int64_t ra, int64_t c0, __mmask16 live) VITKERN_BF16_TARGET {
+    return ra < rows ? _mm256_maskz_loadu_epi16(live, src + ra * ld_src + c0) : _mm256_setzero_si256();
+  };
   __m512i r[16];
   for (int64_t c0 = 0; c0 < cols; c0 += 16) {
     const __mmask16 live = first16(cols - c0);
     for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-      for (int i = 0; i < 16; ++i) r[i] = _mm512_permutexvar_epi16(inter, row_pair(2 * (p0 + i), c0, live));
+      for (int i = 0; i < 16; ++i) {
+        const int64_t ra = 2 * (p0 + i);
+        const __m512i pair = _mm512_inserti64x4(_mm512_castsi256_si512(row(ra, c0, live)), row(ra + 1, c0, live), 1);
+        r[i] = _mm512_permutexvar_epi16(inter, pair);
+      }
       transpose16x16_epi32(r);
       const __mmask16 words = first16(pairs - p0);
       for (int64_t c = 0; c < std::min<int64_t>(16, cols - c0); ++c)
         _mm512_mask_storeu_epi32(dst + (c0 + c) * ld_dst + 2 * p0, words, r[c]);
     }
   }
-}
-
-VITKERN_BF16_TARGET void transpose_avx512(const bf16* src, int64_t ld_src, int64_t rows, int64_t cols, bf16* dst,
-                                          int64_t ld_dst) {
-  transpose_pairs(
-      [&](int64_t ra, int64_t c0, __mmask16 live) VITKERN_BF16_TARGET {
-        const __m256i a = ra < rows ? _mm256_maskz_loadu_epi16(live, src + ra * ld_src + c0) : _mm256_setzero_si256();
-        const __m256i b =
-            ra + 1 < rows ? _mm256_maskz_loadu_epi16(live, src + (ra + 1) * ld_src + c0) : _mm256_setzero_si256();
-        return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-      },
-      cols, dst, ld_dst);
 }
 
 }  // namespace
