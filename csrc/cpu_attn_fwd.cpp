@@ -148,6 +148,31 @@ void store_rows(const ForwardArgs<T>& a, const QueryTile& w, const T* o_buf, int
     lse[r] = l_buf[r] == T(0) ? ninf : m_buf[r] + std::log(l_buf[r]);
 }
 
+// Output row r of w fetched for writing, while the last key tile's softmax runs. Why: the output is [B, N, H, D],
+// its rows H·D elements apart, a few per 4 KB page, so the hardware's stream prefetchers never lock on and each
+// row stored by store_rows waited for its lines (ViT-B/16 fp32 forward on an Intel Xeon AMX, model 167: 8% of the
+// kernel's samples in those stores; with this prefetch the forward is 5-8% faster, fp32 and bf16, 1-2 threads).
+template <typename T>
+inline void prefetch_output_row(const ForwardArgs<T>& a, const QueryTile& w, int64_t r) {
+  const int64_t dv = a.p->Dv;
+  const char* row = a.out_bf16.data ? reinterpret_cast<const char*>(a.out_bf16.row(w.b, w.h, w.q0 + r))
+                                    : reinterpret_cast<const char*>(a.out.row(w.b, w.h, w.q0 + r));
+  const int64_t bytes = a.out_bf16.data ? 2 * dv : int64_t(sizeof(T)) * dv;
+  const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(63);
+  for (uintptr_t line = first; line < reinterpret_cast<uintptr_t>(row) + bytes; line += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+}
+
+// The first key of the last key tile a query tile visits (w.k_hi when it visits none).
+template <typename T>
+int64_t last_visited(const ForwardArgs<T>& a, const QueryTile& w, const uint8_t* codes) {
+  const int64_t bn = a.tiles.bn;
+  if (w.k_hi <= w.k_lo) return w.k_hi;
+  for (int64_t j0 = w.k_lo + (w.k_hi - w.k_lo - 1) / bn * bn; j0 >= w.k_lo; j0 -= bn)
+    if (codes == nullptr || codes[(j0 - w.k_lo) / bn] != kTileSkip) return j0;
+  return w.k_hi;
+}
+
 template <typename T, typename Products>
 void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf,
                   T* l_buf) {
@@ -160,6 +185,7 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
   fill_row(m_buf, mq, -std::numeric_limits<T>::infinity());
   fill_row(l_buf, mq, T(0));
   bool o_live = false;  // the accumulator is written by the first visited tile's product (beta = 0)
+  const int64_t j_last = last_visited(a, w, codes);
 
   for (int64_t j0 = w.k_lo; j0 < w.k_hi; j0 += bn) {
     const uint8_t code = codes ? codes[(j0 - w.k_lo) / bn] : uint8_t(kTileClean);
@@ -175,6 +201,7 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
       else
         softmax_row<T, false>(a, w, t, r, s_buf + r * ld, nullptr, 0, m_buf + r, l_buf + r, o_buf + r * ldo,
                               o_live, false, none);
+      if (j0 == j_last) prefetch_output_row(a, w, r);
     }
     if constexpr (Products::kLowp) prod.accumulate_p(w, hk, j0, o_buf, o_live);
     else prod.accumulate(w, hk, j0, t.nb, s_buf, ld, o_buf, o_live);
@@ -254,6 +281,7 @@ void forward_tile_strips(const ForwardArgs<float>& a, LowpProducts& prod, const 
       softmax_row<float, true>(a, w, kt, r0 + r, s + r * ld, pr + r * prod.p_ld, p_k, m_buf + r0 + r, l_buf + r0 + r,
                                o_buf + (r0 + r) * ldo, t >= strips, !kt.raw, feed);
       feed.run(feed.owed);  // what a short path through the row (dropout, an empty row) left
+      if (t / strips + 1 == int64_t(tiles.size())) prefetch_output_row(a, w, r0 + r);
     }
   }
   AmxStripJob values = value_job(steps - 1);
