@@ -18,6 +18,7 @@
 #include "cpu_dropout.h"
 #include "cpu_features.h"
 #include "cpu_lowp_softmax.h"
+#include "cpu_prefetch.h"
 #include "cpu_softmax_math.h"
 #include "cpu_tile_products.h"
 
@@ -148,19 +149,11 @@ void store_rows(const ForwardArgs<T>& a, const QueryTile& w, const T* o_buf, int
     lse[r] = l_buf[r] == T(0) ? ninf : m_buf[r] + std::log(l_buf[r]);
 }
 
-// Output row r of w fetched for writing, while the last key tile's softmax runs. Why: the output is [B, N, H, D],
-// its rows H·D elements apart, a few per 4 KB page, so the hardware's stream prefetchers never lock on and each
-// row stored by store_rows waited for its lines (ViT-B/16 fp32 forward on an Intel Xeon AMX, model 167: 8% of the
-// kernel's samples in those stores; with this prefetch the forward is 5-8% faster, fp32 and bf16, 1-2 threads).
+// Output row r of w fetched for writing, while the last key tile's softmax runs (cpu_prefetch.h).
 template <typename T>
 inline void prefetch_output_row(const ForwardArgs<T>& a, const QueryTile& w, int64_t r) {
-  const int64_t dv = a.p->Dv;
-  const char* row = a.out_bf16.data ? reinterpret_cast<const char*>(a.out_bf16.row(w.b, w.h, w.q0 + r))
-                                    : reinterpret_cast<const char*>(a.out.row(w.b, w.h, w.q0 + r));
-  const int64_t bytes = a.out_bf16.data ? 2 * dv : int64_t(sizeof(T)) * dv;
-  const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t(63);
-  for (uintptr_t line = first; line < reinterpret_cast<uintptr_t>(row) + bytes; line += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(line), 1, 3);
+  if (a.out_bf16.data) prefetch_for_write(a.out_bf16.row(w.b, w.h, w.q0 + r), 2 * a.p->Dv);
+  else prefetch_for_write(a.out.row(w.b, w.h, w.q0 + r), int64_t(sizeof(T)) * a.p->Dv);
 }
 
 // The first key of the last key tile a query tile visits (w.k_hi when it visits none).
