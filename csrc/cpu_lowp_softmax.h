@@ -15,7 +15,7 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 // dst[i] = bf16(2^(s[i]·c - b)) for i < n (nearest even; -inf and anything under 2^-126 give exactly 0, NaN stays
 // NaN) and dst[n, n_padded) = 0. Returns the float32 sum of the unrounded values, in 32 interleaved partial sums.
-// 2^x comes from a degree-5 polynomial on the reduced argument: relative error under 3e-7, far below the bf16
+// 2^x comes from a degree-4 polynomial on the reduced argument: relative error under 3e-6, far below the bf16
 // rounding of P (2^-9) that follows it.
 float exp2_row_to_bf16(const float* s, int64_t n, int64_t n_padded, float c, float b, c10::BFloat16* dst);
 
