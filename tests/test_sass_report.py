@@ -123,3 +123,17 @@ def test_masked_forward_full_tiles_run_the_unmasked_loop(rows):
         assert ops.get("LDG", 0) <= 1 and ops.get("LDGSTS", 0) > 0, ops
     d96 = next(r for r in masked if r["head_dim"] == 96)
     assert d96["cycles"]["bound"] <= 1.15 * _dense_forward(rows, 96)["cycles"]["bound"]
+
+
+def test_light_forward_loads_through_tma(rows):
+    # Issue 13: Hopper's TMA behind a capability check. On sm_90 the forward without mask or dropout reads K / V
+    # tiles with UTMALDG (no per-thread cp.async in its loop); masked and dropout forwards keep pointer tiles
+    # (issue-bound there, where a TMA tile's barrier work costs more than the address math it saves).
+    fwd = _family(rows, FWD)
+    light = [r for r in fwd if not (r["mask"] or r["dropout"])]
+    heavy = [r for r in fwd if r["mask"] or r["dropout"]]
+    assert light and heavy
+    for r in light:
+        ops = r["loops"][0]["ops"]
+        assert r["loop_tma"] and not ops.get("LDGSTS"), (r["head_dim"], ops)
+    assert not any(r["tma"] for r in heavy)

@@ -29,7 +29,8 @@ from vitkern import dropout as vk_dropout  # noqa: E402
 from vitkern.backends import get as get_backend  # noqa: E402
 from vitkern.ops import attention_fwd  # noqa: E402
 from vitkern.triton_kernels import config, varlen_map  # noqa: E402
-from vitkern.triton_kernels.attention_fwd import dropout_args  # noqa: E402
+from vitkern.triton_kernels.attention_bwd import backward_launches  # noqa: E402
+from vitkern.triton_kernels.attention_fwd import dropout_args, forward_launches  # noqa: E402
 from vitkern.triton_kernels.mask_summary import (TILE_EMPTY, TILE_FULL, TILE_PARTIAL, col_lists, row_lists,  # noqa: E402
                                                  tile_summary)
 from vitkern.triton_kernels.tile_ops import dropout_keep  # noqa: E402
@@ -465,6 +466,116 @@ def test_fp32_precision_setting(monkeypatch):
     monkeypatch.setenv("VITKERN_TRITON_FP32_PRECISION", "fast")
     with pytest.raises(ValueError, match="VITKERN_TRITON_FP32_PRECISION"):
         config.input_precision(torch.float32)
+
+
+# ------------------------------------------------------------------------------------- TMA descriptors
+def _forward_uses_tma(q, k, v, mask=None, p=0.0, arch=90):
+    """USE_TMA of the forward launch these inputs would get on a GPU of compute capability ``arch``."""
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3], device=q.device)
+    seed = torch.tensor([1]) if p else None
+    (_, _, _, kwargs), = forward_launches(q, k, v, mask, None, None, -1, -1, seed, 0.25, False, p, out, lse,
+                                          arch=arch)
+    return kwargs["USE_TMA"]
+
+
+def _backward_uses_tma(q, k, v, arch=90):
+    """USE_TMA of the dQ and dK/dV launches (set) these inputs would get on a GPU of compute capability ``arch``."""
+    out, lse = torch.empty_like(q), torch.zeros(q.shape[:3], device=q.device)
+    launches = backward_launches(out, q, k, v, out, lse, None, None, None, -1, -1, None, 0.25, False, 0.0, False,
+                                 torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(0),
+                                 arch=arch)
+    return {kw["USE_TMA"] for _, _, _, kw in launches if "USE_TMA" in kw}
+
+
+def test_tma_is_chosen_for_the_light_forward_on_hopper_only(monkeypatch):
+    # Host-side decision only (no kernel runs): sm_90, 16-bit, aligned strides, no mask or dropout.
+    q, k, v = (t.detach() for t in qkv(2, 2, 33, 17, 64, dtype=torch.float16))
+    assert _forward_uses_tma(q, k, v)
+    assert not _forward_uses_tma(q, k, v, arch=80)                              # A100: pointer tiles
+    assert not _forward_uses_tma(q.float(), k.float(), v.float())              # fp32 runs on FMA units
+    assert not _forward_uses_tma(q, k, v, mask=torch.ones(1, 1, 33, 17, dtype=torch.bool, device=DEV))
+    assert not _forward_uses_tma(q, k, v, p=0.1)
+    odd = torch.randn(2, 2, 33, 9, dtype=torch.float16, device=DEV)[..., 1:]   # rows of 18 bytes, unaligned
+    assert not _forward_uses_tma(q[..., :8], odd, odd)
+    assert _backward_uses_tma(q, k, v) == {False}         # the backward only when asked for
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "1")
+    assert _backward_uses_tma(q, k, v) == {True} and _backward_uses_tma(q, k, v, arch=80) == {False}
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "0")
+    assert not _forward_uses_tma(q, k, v)
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "yes")
+    with pytest.raises(ValueError, match="VITKERN_TRITON_TMA"):
+        _forward_uses_tma(q, k, v)
+
+
+def test_tma_descriptor_layout():
+    # A size-1 dim's stride is never used, but the hardware checks it: replaced by an aligned one.
+    x = torch.randn(1, 3, 5, 24, dtype=torch.float16, device=DEV)
+    packed = torch.randn(1, 7, 3, 8, dtype=torch.float16, device=DEV).transpose(1, 2)   # [1, H, T, D] view
+    assert config.tma_layout_ok(x) and config.tma_layout_ok(packed)
+    d = config.tma_descriptor(torch.randn(1, 1, 5, 24, dtype=torch.float16, device=DEV)[:, :, :, :], 16, 32)
+    assert d.block_shape == [1, 1, 16, 32] and all(s * 2 % 16 == 0 for s in d.strides[:-1])
+    assert config.tma_layout_ok(x[..., :7])             # fewer columns: the box edge is zero-filled
+    assert not config.tma_layout_ok(x.float()) and not config.tma_layout_ok(x[..., 1:])   # base 2 B off
+    assert not config.tma_layout_ok(x.transpose(2, 3)) and not config.tma_layout_ok(x[:, :, :0])
+
+
+needs_tma = pytest.mark.skipif(
+    not INTERPRETING and not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)),
+    reason="TMA needs sm_90 or the interpreter")
+TMA_CASES = [  # (b, hq, hk, nq, nk, d, dv, causal): tile edges, head-dim chunks (80 = 64 + 16), GQA, D != Dv
+    (1, 2, 2, 33, 17, 32, 32, False), (2, 1, 1, 17, 40, 80, 80, True), (1, 4, 2, 19, 23, 96, 48, True),
+    (1, 1, 1, 1, 1, 16, 16, False), (2, 2, 2, 32, 48, 8, 8, False)]
+
+
+@needs_tma
+@pytest.mark.parametrize("b,hq,hk,nq,nk,d,dv,causal", TMA_CASES)
+def test_tma_matches_float64_and_the_pointer_path(monkeypatch, b, hq, hk, nq, nk, d, dv, causal):
+    # Forward (Q / K / V tiles by TMA), dQ (K / V) and dK/dV (Q / dO), against float64; in the interpreter also
+    # bit for bit against the pointer path (the same values loaded, the same math in the same order).
+    q, k, v = qkv(b, hq, nq, nk, d, dv, hk=hk, dtype=torch.float16)
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "1")
+    assert _forward_uses_tma(q.detach(), k.detach(), v.detach(), arch=None)
+    f = lambda q, k, v: vitkern.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True,  # noqa: E731
+                                                            backend="triton")
+    out = check(f, lambda q, k, v: math_attention(q, k, v, causal=causal), (q, k, v), "tma")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(DEV, out.dtype)
+    got = grads_of(f(q, k, v), (q, k, v), dout)
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "0")
+    plain = f(q, k, v)
+    if INTERPRETING:
+        assert torch.equal(out, plain)
+        assert all(torch.equal(a, b) for a, b in zip(got, grads_of(plain, (q, k, v), dout)))
+
+
+@needs_tma
+def test_tma_varlen_keeps_each_sequence_to_itself(monkeypatch):
+    # A TMA tile past a packed sequence's end holds the next sequence's rows (only the tensor's own edge is
+    # zero-filled). Keys there are masked in the scores; values are zeroed, or a NaN in the next sequence's V
+    # would reach this one through a zero weight.
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "1")
+    lens = [20, 13, 31, 1]
+    cu = _cu(lens)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (rand(sum(lens), 2, 64, dtype=torch.float16, gen=g, grad=False) for _ in range(3))
+    v[20:33] = float("nan")
+    k[33:64, 1] = float("inf")
+    q[20:33, 0] = float("nan")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    out = vitkern.varlen_attention(q, k, v, cu, backend="triton")
+    assert torch.isnan(out[20:33]).all() and torch.isnan(out[33:64, 1]).all()
+    # The backward reads Q / dO tiles (dK/dV) and K / V tiles (dQ) past each sequence's end as well.
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for g_ in (dq, dk, dv):
+        assert torch.isfinite(g_[:20]).all() and torch.isfinite(g_[64:]).all()
+    out = out.detach()
+    q, k, v = (t.detach() for t in (q, k, v))
+    # float64 truth per sequence (a dense block-diagonal reference would itself spread the NaNs through 0 * NaN)
+    seqs = [(a, b) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    exact = torch.cat([math_attention(*(t[a:b].double().transpose(0, 1)[None] for t in (q, k, v)))[0].transpose(0, 1)
+                       for a, b in seqs])
+    for a, b in (seqs[0], seqs[3]):
+        assert_close(out[a:b], exact[a:b], exact[a:b].to(out.dtype), f"tma varlen tokens {a}:{b}")
+    assert_close(out[33:64, 0], exact[33:64, 0], exact[33:64, 0].to(out.dtype), "tma varlen head 0")
 
 
 # ---------------------------------------------------------------------------------------- input checks

@@ -44,6 +44,9 @@ def specialize(kernel, args, kwargs):
     for i, (p, x) in enumerate(zip(kernel.params, values)):
         if p.is_constexpr:
             sig[p.name], const[p.name] = "constexpr", x
+        elif type(x).__name__ == "TensorDescriptor":     # TMA (config.tma_descriptor): Triton's own type string
+            from triton.runtime.jit import mangle_type
+            sig[p.name] = mangle_type(x)
         elif isinstance(x, torch.Tensor):
             sig[p.name] = "*" + _TL[x.dtype]
             if x.data_ptr() % 16 == 0:
@@ -168,7 +171,7 @@ def release_record(results) -> tuple:
     return spills, table
 
 
-def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None, None)):
+def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None, None), arch=90):
     from . import mask_summary
     from .attention_bwd import backward_launches
     from .attention_fwd import forward_launches
@@ -195,11 +198,11 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
         summaries.append((kernel, grid, args, kwargs))
     mask_summary.launch = record
     try:
-        fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse, cfgs[0])
+        fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse, cfgs[0], arch)
         grads = (empty_bhnd(b, hq, n, d, q), empty_bhnd(b, hk, n, d, k), empty_bhnd(b, hk, n, d, v),
                  torch.zeros(b, hq, n, n, dtype=dtype) if mask_kind == 2 else q.new_empty(0))
         bwd = backward_launches(out, q, k, v, out, lse, mask, cu, cu, -1, -1, seed, scale, causal, p,
-                                mask_kind == 2, *grads, kv_cfg=cfgs[1], q_cfg=cfgs[2])
+                                mask_kind == 2, *grads, kv_cfg=cfgs[1], q_cfg=cfgs[2], arch=arch)
     finally:
         mask_summary.launch = mask_summary._launch
     return summaries[:1] + fwd + bwd
@@ -223,7 +226,7 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
         fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout, causal))
-        for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
+        for kernel, _grid, args, kwargs in _launches(*variant, cfgs, arch=arch):
             kw = dict(kwargs)
             options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
             sig, const, attrs = specialize(kernel, args, kw)
@@ -278,7 +281,7 @@ def compile_variants(variants, arch: int = 90, candidates: bool = True):
     seen = set()
     for variant in variants:
         for cfgs in (_candidate_sets(*variant) if candidates else [(None, None, None)]):
-            for kernel, _grid, args, kwargs in _launches(*variant, cfgs):
+            for kernel, _grid, args, kwargs in _launches(*variant, cfgs, arch=arch):
                 kw = dict(kwargs)
                 options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
                 sig, const, attrs = specialize(kernel, args, kw)

@@ -28,10 +28,10 @@ import triton
 import triton.language as tl
 
 from . import autotune, config, varlen_map
-from .attention_fwd import dropout_args, mask_for_kernel, mask_kind
+from .attention_fwd import dropout_args, mask_for_kernel, mask_kind, tile_descriptors
 from .mask_summary import col_lists, row_lists, tile_summary
 from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, chunk_columns, list_ends, load_rows,
-                       query_block_of_program, store_rows, tile_at)
+                       load_tma_rows, query_block_of_program, store_rows, tile_at)
 
 _INTERPRET = tl.constexpr(config.interpreting())
 # Which gradients a dK/dV launch accumulates (its GRADS argument; config.split_dkdv says when it is one each).
@@ -149,37 +149,51 @@ def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base, mask_base, order_base, t_lo,
-                t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
-                stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
-                MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
-                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-                GRADS: tl.constexpr):
+def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2, Delta, row_base, mask_base,
+                order_base, t_lo, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
+                stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                PRECISION: tl.constexpr, GRADS: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) (LISTED: the tiles at
     those positions of the list at order_base, mask_summary.col_lists) of one query head, on key-major tiles
     [BLOCK_N, BLOCK_M]. MASK_KIND != 0 reads the mask on every tile (partial tiles only). Second column chunks
     (k2, v2, dk2, dv2; config.head_split) take part when BLOCK_D2 / BLOCK_DV2 > 0, as in the forward. GRADS
-    (GRAD_DK | GRAD_DV bits) says which of dK / dV are accumulated; the other comes back as it went in."""
+    (GRAD_DK | GRAD_DV bits) says which of dK / dV are accumulated; the other comes back as it went in.
+    USE_TMA: Q / dO tiles through the descriptors qdo_descs = (q, q2, do, do2) at (b, h), rows past a packed
+    sequence's end zeroed (they are the next sequence's, and dK += dS^T Q would take 0 * NaN from them)."""
     offs_d, offs_d2 = chunk_columns(BLOCK_D, BLOCK_D2)
     offs_dv, offs_dv2 = chunk_columns(BLOCK_DV, BLOCK_DV2)
+    q_desc, q_desc2, do_desc, do_desc2 = qdo_descs
+    zero_rows: tl.constexpr = IS_VARLEN and CHECK_M
     for i in range(t_lo, t_hi):
         t = tile_at(order_base, i, stride_tm, LISTED)
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = q_start + offs_m.to(tl.int64)
-        q_rows = q_base + rows[:, None] * stride_qm
-        do_rows = do_base + rows[:, None] * stride_dm
-        q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
-        do = load_rows(do_rows + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, not CHECK_M,
-                       EVEN_D)
-        if BLOCK_DV2 > 0:
-            do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
-                            not CHECK_M, EVEN_D)
+        if USE_TMA:
+            first = q_start + t * BLOCK_M
+            q = load_tma_rows(q_desc, b, h, first, 0, offs_m, q_len, BLOCK_M, BLOCK_D, zero_rows)
+            do = load_tma_rows(do_desc, b, h, first, 0, offs_m, q_len, BLOCK_M, BLOCK_DV, zero_rows)
+            if BLOCK_DV2 > 0:
+                do2 = load_tma_rows(do_desc2, b, h, first, BLOCK_DV, offs_m, q_len, BLOCK_M, BLOCK_DV2, zero_rows)
+        else:
+            q_rows = q_base + rows[:, None] * stride_qm
+            do_rows = do_base + rows[:, None] * stride_dm
+            q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, not CHECK_M, EVEN_D)
+            do = load_rows(do_rows + offs_dv[None, :] * stride_dd, offs_m, q_len, offs_dv, head_dim_v, not CHECK_M,
+                           EVEN_D)
+            if BLOCK_DV2 > 0:
+                do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
+                                not CHECK_M, EVEN_D)
         lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, not CHECK_M,
-                           EVEN_D)
+            if USE_TMA:
+                q2 = load_tma_rows(q_desc2, b, h, first, BLOCK_D, offs_m, q_len, BLOCK_M, BLOCK_D2, zero_rows)
+            else:
+                q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, not CHECK_M,
+                               EVEN_D)
             st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
         pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
                     mask_base + rows[None, :] * stride_mm, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False)
@@ -208,7 +222,8 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, ro
 
 @triton.jit(do_not_specialize=["num_n_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse2, Delta, DK, DV, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, DOut, Lse2, Delta, DK, DV, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart, QD, QD2, DOD,
+    DOD2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -224,7 +239,7 @@ def _bwd_dkdv_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr, GRADS: tl.constexpr,
+    PRECISION: tl.constexpr, GRADS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -278,6 +293,7 @@ def _bwd_dkdv_kernel(
         t_first = n_start // BLOCK_M
     if IS_VARLEN:
         t_end = tl.where(n_start < k_len, t_end, 0)     # a program past the last block does nothing
+    qdo_descs = (QD, QD2, DOD, DOD2)     # TMA descriptors of Q / dO (two column chunks each) when USE_TMA
     for g in range(0, groups):
         h = hk * groups + g
         h64 = h.to(tl.int64)
@@ -290,52 +306,56 @@ def _bwd_dkdv_kernel(
         if HAS_SUMMARY:
             # The lists of mask_summary.col_lists: full tiles without checks, full tiles with them, partial tiles.
             e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                           mask_base, order_base, 0, e_full, offs_n, cols, q_start, q_len, k_len,
-                                           head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
-                                           stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
-                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False, False,
-                                           not EVEN_N, EVEN_D, PRECISION, GRADS)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
+                                           Delta, row_base, mask_base, order_base, 0, e_full, offs_n, cols, q_start,
+                                           q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
+                                           stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                                           BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False,
+                                           False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN)
             if IS_CAUSAL or not EVEN_M:
-                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                               mask_base, order_base, e_full, e_edge, offs_n, cols, q_start, q_len,
-                                               k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
-                                               stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
-                                               BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT,
-                                               IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                           mask_base, order_base, e_edge, e_part, offs_n, cols, q_start, q_len, k_len,
-                                           head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
-                                           stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
-                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT, IS_CAUSAL,
-                                           not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS)
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
+                                               Delta, row_base, mask_base, order_base, e_full, e_edge, offs_n, cols,
+                                               q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
+                                               stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
+                                               drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                                               BLOCK_DV2, 0, True, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N,
+                                               EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
+                                           Delta, row_base, mask_base, order_base, e_edge, e_part, offs_n, cols,
+                                           q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
+                                           stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                                           BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True,
+                                           HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS,
+                                           USE_TMA, IS_VARLEN)
         else:
             t_full = t_first
             if IS_CAUSAL:
                 t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_first), t_end)
-                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                               mask_base, order_base, t_first, t_full, offs_n, cols, q_start, q_len,
-                                               k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
-                                               stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
-                                               BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
-                                               True, not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS)
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
+                                               Delta, row_base, mask_base, order_base, t_first, t_full, offs_n, cols,
+                                               q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
+                                               stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
+                                               drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                                               BLOCK_DV2, 0, False, HAS_DROPOUT, True, not EVEN_M, not EVEN_N, EVEN_D,
+                                               PRECISION, GRADS, USE_TMA, IS_VARLEN)
             # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
             t_mid = t_end
             if not EVEN_M:
                 t_mid = tl.maximum(tl.minimum(t_end, q_len // BLOCK_M), t_full)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                           mask_base, order_base, t_full, t_mid, offs_n, cols, q_start, q_len, k_len,
-                                           head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd, stride_mm,
-                                           stride_tm, scale, seed, bh, drop_threshold, drop_scale, BLOCK_M, BLOCK_D,
-                                           BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT, False, False,
-                                           not EVEN_N, EVEN_D, PRECISION, GRADS)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
+                                           Delta, row_base, mask_base, order_base, t_full, t_mid, offs_n, cols, q_start,
+                                           q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
+                                           stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
+                                           BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
+                                           False, False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN)
             if not EVEN_M:
-                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, Lse2, Delta, row_base,
-                                               mask_base, order_base, t_mid, t_end, offs_n, cols, q_start, q_len,
-                                               k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm, stride_dd,
-                                               stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
-                                               BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
-                                               False, True, not EVEN_N, EVEN_D, PRECISION, GRADS)
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
+                                               Delta, row_base, mask_base, order_base, t_mid, t_end, offs_n, cols,
+                                               q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
+                                               stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
+                                               drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                                               BLOCK_DV2, 0, False, HAS_DROPOUT, False, True, not EVEN_N, EVEN_D,
+                                               PRECISION, GRADS, USE_TMA, IS_VARLEN)
     dk_rows = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
     dv_rows = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
     if GRAD_DK & GRADS:
@@ -353,39 +373,55 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base, t_lo, t_hi,
-              offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-              stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
-              MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr,
-              CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
-              PRECISION: tl.constexpr):
+def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base, dmask_base,
+              order_base, t_lo, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
+              stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale,
+              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              MASK_GRAD: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+              EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Accumulate dQ (and dq2, the second column chunk's) of one query tile over key tiles [t_lo, t_hi) (LISTED:
     the tiles at those positions of the list at order_base, mask_summary.row_lists); write dMask when asked.
-    MASK_KIND != 0 reads the mask on every tile (partial tiles only)."""
+    MASK_KIND != 0 reads the mask on every tile (partial tiles only). USE_TMA: K / V tiles through the
+    descriptors kv_descs = (k, k2, v, v2), as in the forward; rows past a packed sequence's end are zeroed in
+    both (dQ += dS K takes K as an operand, and 0 * NaN there would reach this sequence)."""
     offs_d, offs_d2 = chunk_columns(BLOCK_D, BLOCK_D2)
     offs_dv, offs_dv2 = chunk_columns(BLOCK_DV, BLOCK_DV2)
+    k_desc, k_desc2, v_desc, v_desc2 = kv_descs
+    zero_rows: tl.constexpr = IS_VARLEN and CHECK_N
     for i in range(t_lo, t_hi):
         t = tile_at(order_base, i, stride_tn, LISTED)
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = k_start + offs_n.to(tl.int64)
-        k_rows = k_base + cols[:, None] * stride_kn
-        v_rows = v_base + cols[:, None] * stride_vn
-        k = load_rows(k_rows + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
-        v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N,
-                      EVEN_D)
+        if USE_TMA:
+            first = k_start + t * BLOCK_N
+            k = load_tma_rows(k_desc, b, hk, first, 0, offs_n, k_len, BLOCK_N, BLOCK_D, zero_rows)
+            v = load_tma_rows(v_desc, b, hk, first, 0, offs_n, k_len, BLOCK_N, BLOCK_DV, zero_rows)
+        else:
+            k_rows = k_base + cols[:, None] * stride_kn
+            v_rows = v_base + cols[:, None] * stride_vn
+            k = load_rows(k_rows + offs_d[None, :] * stride_kd, offs_n, k_len, offs_d, head_dim, not CHECK_N,
+                          EVEN_D)
+            v = load_rows(v_rows + offs_dv[None, :] * stride_vd, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N,
+                          EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, not CHECK_N,
-                           EVEN_D)
+            if USE_TMA:
+                k2 = load_tma_rows(k_desc2, b, hk, first, BLOCK_D, offs_n, k_len, BLOCK_N, BLOCK_D2, zero_rows)
+            else:
+                k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, not CHECK_N,
+                               EVEN_D)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len,
                    mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
                    True)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if BLOCK_DV2 > 0:
-            v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v,
-                           not CHECK_N, EVEN_D)
+            if USE_TMA:
+                v2 = load_tma_rows(v_desc2, b, hk, first, BLOCK_DV, offs_n, k_len, BLOCK_N, BLOCK_DV2, zero_rows)
+            else:
+                v2 = load_rows(v_rows + offs_dv2[None, :] * stride_vd, offs_n, k_len, offs_dv2, head_dim_v,
+                               not CHECK_N, EVEN_D)
             dp = tl.dot(do2, tl.trans(v2), dp, input_precision=PRECISION)
         if HAS_DROPOUT:
             dp = tl.where(_keep(seed, bh, rows, cols, drop_threshold, False), dp * drop_scale, 0.0)
@@ -403,7 +439,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, d
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Lse2, Delta, DQ, DMask, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq,
-    BlockStart,
+    BlockStart, KD, KD2, VD, VD2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -420,7 +456,7 @@ def _bwd_dq_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_STATS: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_STATS: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -464,6 +500,7 @@ def _bwd_dq_kernel(
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
     dmask_base = DMask + b64 * stride_gb + h64 * stride_gh + rows[:, None] * stride_gm
     order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
+    kv_descs = (KD, KD2, VD, VD2)     # TMA descriptors of K / V (two column chunks each) when USE_TMA
 
     # Key tiles as in the forward: [t_lo, t_mid) need no causal / bounds checks, [t_mid, t_hi) do.
     n_end = k_len
@@ -484,36 +521,39 @@ def _bwd_dq_kernel(
     if HAS_SUMMARY:
         # The lists of mask_summary.row_lists, as in the forward.
         e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base, 0,
-                            e_full, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
-                            stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh, drop_threshold,
-                            drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT,
-                            MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION)
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+                            dmask_base, order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim,
+                            head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
+                            scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                            BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
+                            USE_TMA, IS_VARLEN)
         if IS_CAUSAL or not EVEN_N:
-            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base,
-                                order_base, e_full, e_edge, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
-                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale,
-                                seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
+            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+                                dmask_base, order_base, e_full, e_edge, offs_m, rows, k_start, q_len, k_len, head_dim,
+                                head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
+                                scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                 BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
-                                PRECISION)
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base,
-                            e_edge, e_part, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
-                            stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh,
-                            drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND,
-                            True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION)
+                                PRECISION, USE_TMA, IS_VARLEN)
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+                            dmask_base, order_base, e_edge, e_part, offs_m, rows, k_start, q_len, k_len, head_dim,
+                            head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
+                            scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                            BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N,
+                            EVEN_D, PRECISION, USE_TMA, IS_VARLEN)
     else:
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base, order_base,
-                            t_lo, t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn,
-                            stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, pid_bh,
-                            drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False,
-                            HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION)
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+                            dmask_base, order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len, head_dim,
+                            head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
+                            scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
+                            BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
+                            USE_TMA, IS_VARLEN)
         if IS_CAUSAL or not EVEN_N:
-            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, mask_base, dmask_base,
-                                order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
-                                stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale,
-                                seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
+            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+                                dmask_base, order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim,
+                                head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
+                                scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                 BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
-                                PRECISION)
+                                PRECISION, USE_TMA, IS_VARLEN)
     dq_rows = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm
     store_rows(dq_rows + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), offs_m, q_len, offs_d,
                head_dim, EVEN_M, EVEN_D)
@@ -555,7 +595,7 @@ class _BackwardCall:
     kernel for the tiles it is given, so that the autotuner can build a launch per candidate."""
 
     def __init__(self, dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
-                 dropout_p, mask_grad, dq, dk, dv, dmask):
+                 dropout_p, mask_grad, dq, dk, dv, dmask, arch=None):
         self.B, self.Hq, self.Nq, D = q.shape
         self.Hk, self.Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
         self.dims, self.dtype = (D, Dv), q.dtype
@@ -578,24 +618,32 @@ class _BackwardCall:
         self.block_dv = config.padded_head_dim(Dv)
         self.fused_stats = not (q.dtype == torch.float32 and max(config.padded_head_dim(D), self.block_dv) > 128)
         (block_d, block_d2), (block_dv, block_dv2) = config.head_split(D), config.head_split(Dv)
+        # TMA tiles only when asked for (VITKERN_TRITON_TMA=1), and as in the forward without a mask or dropout: on
+        # sm_90 they add 6-58% to these loops' instructions (barrier work per Q / dO or K / V tile, small query
+        # tiles in dK/dV) and save no cycle of their bound (benchmarks/NOTES.md, version 4); a GPU run decides.
+        self.tma = (mask is None and dropout_p <= 0 and config.tma_mode() == "1"
+                    and config.use_tma((q, k, v, dout), arch))
         self.common = dict(BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2,
                            MASK_KIND=mask_kind(mask), IS_CAUSAL=bool(is_causal), IS_VARLEN=self.varlen,
                            HAS_DROPOUT=dropout_p > 0, EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2),
-                           PRECISION=config.input_precision(q.dtype))
+                           PRECISION=config.input_precision(q.dtype), USE_TMA=self.tma)
 
     def static_configs(self) -> tuple:
         return config.backward_configs(*self.dims, self.dtype, heavy=self.heavy)
 
     def _launch(self, kernel, cfg, resident_keys, head_tensors, outs, out_strides, heads, **kw):
         """The dK/dV or dQ launch: both take (inputs, row stats, outputs, mask and tile summary, program map,
-        strides, head counts, scalars) in the same order; the dQ kernel also reads out and lse."""
+        TMA descriptors of the looped-over tiles, strides, head counts, scalars) in the same order; the dQ kernel
+        also reads out and lse. The dK/dV kernel loops over Q / dO tiles, the dQ kernel over K / V tiles."""
         bs = config.batch_strides
         seq, start, blocks, order, ends, t_str, r_str, flags = _tiling(
             cfg, resident_keys, self.mask, self.causal, *self.cu, self.Nq, self.Nk, *self.hints, self.lse2)
         q, k, v, dout = self.inputs
         strided = (q, k, v) + head_tensors + (dout,)
+        looped = ((q, cfg.block_m), (dout, cfg.block_m)) if resident_keys else ((k, cfg.block_n), (v, cfg.block_n))
+        descs = tile_descriptors(looped, self.lse2, self.tma)
         args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.lse2, self.delta,
-                *outs, self.mk, order, ends, *self.cu_args, seq, start,
+                *outs, self.mk, order, ends, *self.cu_args, seq, start, *descs,
                 *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
         return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags)
 
@@ -628,12 +676,12 @@ class _BackwardCall:
 
 
 def backward_launches(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p,
-                      mask_grad, dq, dk, dv, dmask, kv_cfg=None, q_cfg=None):
+                      mask_grad, dq, dk, dv, dmask, kv_cfg=None, q_cfg=None, arch=None):
     """The kernel launches of the backward, in order (dQ with the row statistics, then dK/dV): a list of
-    (kernel, grid, args, kwargs), with tiles kv_cfg / q_cfg (default: config.py's table). aot_check.py
-    compiles them."""
+    (kernel, grid, args, kwargs), with tiles kv_cfg / q_cfg (default: config.py's table), for compute
+    capability ``arch`` (default: the tensors' device; it decides TMA). aot_check.py compiles them."""
     call = _BackwardCall(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal,
-                         dropout_p, mask_grad, dq, dk, dv, dmask)
+                         dropout_p, mask_grad, dq, dk, dv, dmask, arch)
     static_kv, static_q = call.static_configs()
     return call.row_stats(static_q.block_m) + [call.dq(q_cfg or static_q)] + call.dkdv(kv_cfg or static_kv)
 

@@ -23,7 +23,11 @@ Limits
 - head dims > 256 are not served (register/shared-memory budget); float64 is not served;
 - the mask summary is recomputed for each call (forward and backward); a mask is assumed not to change between
   the forward and the backward;
-- pointer tiles, not TMA descriptors / block pointers (portable across Triton versions, costs registers).
+- Q / K / V tiles come through TMA descriptors on sm_90+ without a mask or dropout (config.use_tma: 16-bit,
+  16-byte aligned strides; VITKERN_TRITON_TMA=0 turns it off), pointer tiles elsewhere (sm_80, fp32, odd
+  strides, masks and dropout, the interpreter unless VITKERN_TRITON_TMA=1); the output stays a pointer store
+  (a TMA store would write past a packed sequence's end); no warp specialization (Triton's Hopper pass
+  duplicates or rejects this kernel, benchmarks/NOTES.md).
 """
 import math
 
@@ -33,7 +37,8 @@ import triton.language as tl
 
 from . import autotune, config, varlen_map
 from .mask_summary import row_lists, tile_summary
-from .tile_ops import LN2, dropout_keep, list_ends, load_rows, mask_scores, query_block_of_program, store_rows
+from .tile_ops import (LN2, chunk_columns, dropout_keep, list_ends, load_rows, load_tma_rows, mask_scores,
+                       query_block_of_program, store_rows, tile_at)
 
 LOG2E_HOST = 1 / math.log(2)
 
@@ -50,13 +55,13 @@ def _fma(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base, t_lo, t_hi, offs_m, rows,
-               k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-               stride_tn, scale, to_log2, seed, bh, drop_threshold, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr,
-               LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr,
-               CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk, mask_base, order_base, t_lo, t_hi,
+               offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+               stride_mn, stride_tn, scale, to_log2, seed, bh, drop_threshold, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
+               MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
+               CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr,
+               EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Online-softmax update of (acc, acc2, m_i, o_i, l_i) over key tiles [t_lo, t_hi), or, LISTED, over the key
     tiles at positions [t_lo, t_hi) of the list at order_base (mask_summary.row_lists). MASK_KIND != 0: read
     the mask on every tile (the lists hand only partial tiles to such a loop: no branch, whose merged scores
@@ -70,39 +75,48 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order
     scale > 0 and no float mask: rounding is monotone, so max(s) * c is the max of the scaled scores: one multiply
     per row, not per score); otherwise s = q.k * scale + bias and ``to_log2`` = log2(e). Either way a score costs
     one FFMA (s * to_log2 - o_i, the product exact before the one rounding) and one EX2. Dropout's 1 / (1 - p)
-    is applied to the output once, not per score."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    # One scalar 64-bit base per tensor advances a tile per step; the per-element offsets inside a tile are
-    # loop-invariant int32 (rebuilding 64-bit pointers from the indices costs ~5 instructions per load).
-    if not LISTED:
-        first = k_start + t_lo * BLOCK_N
-        k_tile = k_base + first * stride_kn
-        v_tile = v_base + first * stride_vn
-    offs_j = tl.arange(0, BLOCK_N)
-    k_offs = offs_j[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_offs = offs_j[:, None] * stride_vn + offs_dv[None, :] * stride_vd
-    if BLOCK_D2 > 0:
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+    is applied to the output once, not per score.
+
+    USE_TMA: K / V tiles come through the TMA descriptors kv_descs = (k, k2, v, v2) (config.tma_descriptor; b, hk
+    their batch and head coordinates) instead of pointer tiles; V rows past a packed sequence's end are zeroed
+    (keys past it are masked in the scores already)."""
+    offs_d, offs_d2 = chunk_columns(BLOCK_D, BLOCK_D2)
+    offs_dv, offs_dv2 = chunk_columns(BLOCK_DV, BLOCK_DV2)
+    k_desc, k_desc2, v_desc, v_desc2 = kv_descs
+    if not USE_TMA:
+        # One scalar 64-bit base per tensor advances a tile per step; the per-element offsets inside a tile are
+        # loop-invariant int32 (rebuilding 64-bit pointers from the indices costs ~5 instructions per load).
+        if not LISTED:
+            first = k_start + t_lo * BLOCK_N
+            k_tile = k_base + first * stride_kn
+            v_tile = v_base + first * stride_vn
+        offs_j = tl.arange(0, BLOCK_N)
+        k_offs = offs_j[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_offs = offs_j[:, None] * stride_vn + offs_dv[None, :] * stride_vd
         k_offs2 = offs_j[:, None] * stride_kn + offs_d2[None, :] * stride_kd
-    if BLOCK_DV2 > 0:
-        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
         v_offs2 = offs_j[:, None] * stride_vn + offs_dv2[None, :] * stride_vd
     for i in range(t_lo, t_hi):
-        if LISTED:
-            t = tl.load(order_base + i * stride_tn)
+        t = tile_at(order_base, i, stride_tn, LISTED)
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        if USE_TMA:
+            first = k_start + t * BLOCK_N
+        elif LISTED:
             first = k_start + t * BLOCK_N
             k_at = k_base + first * stride_kn
             v_at = v_base + first * stride_vn
         else:
-            t = i
             k_at = k_tile
             v_at = v_tile
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = load_rows(k_at + k_offs, offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
+        if USE_TMA:
+            k = load_tma_rows(k_desc, b, hk, first, 0, offs_n, k_len, BLOCK_N, BLOCK_D, False)
+        else:
+            k = load_rows(k_at + k_offs, offs_n, k_len, offs_d, head_dim, not CHECK_N, EVEN_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if BLOCK_D2 > 0:
-            k2 = load_rows(k_at + k_offs2, offs_n, k_len, offs_d2, head_dim, not CHECK_N, EVEN_D)
+            if USE_TMA:
+                k2 = load_tma_rows(k_desc2, b, hk, first, BLOCK_D, offs_n, k_len, BLOCK_N, BLOCK_D2, False)
+            else:
+                k2 = load_rows(k_at + k_offs2, offs_n, k_len, offs_d2, head_dim, not CHECK_N, EVEN_D)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         if not RAW_MAX:
             s = s * scale
@@ -127,13 +141,20 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order
         if HAS_DROPOUT:
             keep = dropout_keep(seed, bh, rows, k_start + offs_n.to(tl.int64), drop_threshold)
             p = tl.where(keep, p, 0.0)
-        v = load_rows(v_at + v_offs, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
+        if USE_TMA:
+            v = load_tma_rows(v_desc, b, hk, first, 0, offs_n, k_len, BLOCK_N, BLOCK_DV, IS_VARLEN and CHECK_N)
+        else:
+            v = load_rows(v_at + v_offs, offs_n, k_len, offs_dv, head_dim_v, not CHECK_N, EVEN_D)
         p = p.to(v.dtype)
         acc = tl.dot(p, v, acc, input_precision=PRECISION)
         if BLOCK_DV2 > 0:
-            v2 = load_rows(v_at + v_offs2, offs_n, k_len, offs_dv2, head_dim_v, not CHECK_N, EVEN_D)
+            if USE_TMA:
+                v2 = load_tma_rows(v_desc2, b, hk, first, BLOCK_DV, offs_n, k_len, BLOCK_N, BLOCK_DV2,
+                                   IS_VARLEN and CHECK_N)
+            else:
+                v2 = load_rows(v_at + v_offs2, offs_n, k_len, offs_dv2, head_dim_v, not CHECK_N, EVEN_D)
             acc2 = tl.dot(p, v2, acc2, input_precision=PRECISION)
-        if not LISTED:
+        if not LISTED and not USE_TMA:
             k_tile += BLOCK_N * stride_kn
             v_tile += BLOCK_N * stride_vn
     return acc, acc2, m_i, o_i, l_i
@@ -141,7 +162,7 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _attention_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, Out, Lse, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart, QD, QD2, KD, KD2, VD, VD2,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -155,7 +176,7 @@ def _attention_fwd_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr,
+    RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -167,15 +188,26 @@ def _attention_fwd_kernel(
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     q_rows = Q + b64 * stride_qb + h64 * stride_qh + rows[:, None] * stride_qm
-    q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
+    # Under TMA, Q comes through a descriptor too: warp specialization hands every load of the loop's operands
+    # to the producer warps, and those issue only TMA copies. Rows past a packed sequence's end are the next
+    # sequence's queries; their rows are never stored.
+    if USE_TMA:
+        q = load_tma_rows(QD, b, h, q_start + m_start, 0, offs_m, q_len, BLOCK_M, BLOCK_D, False)
+    else:
+        q = load_rows(q_rows + offs_d[None, :] * stride_qd, offs_m, q_len, offs_d, head_dim, EVEN_M, EVEN_D)
     q2 = q
     if BLOCK_D2 > 0:
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, EVEN_M, EVEN_D)
+        if USE_TMA:
+            q2 = load_tma_rows(QD2, b, h, q_start + m_start, BLOCK_D, offs_m, q_len, BLOCK_M, BLOCK_D2, False)
+        else:
+            q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, EVEN_M,
+                           EVEN_D)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
     order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
+    kv_descs = (KD, KD2, VD, VD2)     # TMA descriptors of K / V (two column chunks each) when USE_TMA
 
     # Key tiles this query tile visits: [t_lo, t_hi); those below t_mid hold only in-range keys left of the
     # diagonal and skip the causal / bounds checks.
@@ -203,42 +235,44 @@ def _attention_fwd_kernel(
     if HAS_SUMMARY:
         # The lists of mask_summary.row_lists: full tiles without checks, full tiles with them, partial tiles.
         e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
-        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base,
-                                              0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
-                                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
-                                              to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2,
-                                              BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False, not EVEN_M, False,
-                                              EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
+                                              mask_base, order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len,
+                                              head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                                              stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
+                                              BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT,
+                                              False, not EVEN_M, False, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION,
+                                              USE_TMA, IS_VARLEN)
         if IS_CAUSAL or not EVEN_N:
-            acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base,
-                                                  order_base, e_full, e_edge, offs_m, rows, k_start, q_len, k_len,
-                                                  head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                  stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
-                                                  BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True,
-                                                  HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
-                                                  EMULATE_FMA, PRECISION)
-        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base,
-                                              e_edge, e_part, offs_m, rows, k_start, q_len, k_len, head_dim,
-                                              head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn,
-                                              stride_tn, scale, to_log2, seed, pid_bh, drop_threshold, BLOCK_N,
-                                              BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT,
-                                              IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX, EMULATE_FMA,
-                                              PRECISION)
+            acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
+                                                  mask_base, order_base, e_full, e_edge, offs_m, rows, k_start, q_len,
+                                                  k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
+                                                  stride_vd, stride_mn, stride_tn, scale, to_log2, seed, pid_bh,
+                                                  drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0,
+                                                  True, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
+                                                  EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN)
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
+                                              mask_base, order_base, e_edge, e_part, offs_m, rows, k_start, q_len,
+                                              k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                                              stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
+                                              BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True,
+                                              HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
+                                              EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN)
     else:
-        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base, order_base,
-                                              t_lo, t_mid, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
-                                              stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_tn, scale,
-                                              to_log2, seed, pid_bh, drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2,
-                                              BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT, False, not EVEN_M, False,
-                                              EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION)
+        acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
+                                              mask_base, order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len,
+                                              head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
+                                              stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
+                                              BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
+                                              False, not EVEN_M, False, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION,
+                                              USE_TMA, IS_VARLEN)
         if IS_CAUSAL or not EVEN_N:
-            acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, mask_base,
-                                                  order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len,
-                                                  head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-                                                  stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
-                                                  BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False,
-                                                  HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
-                                                  EMULATE_FMA, PRECISION)
+            acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
+                                                  mask_base, order_base, t_mid, t_hi, offs_m, rows, k_start, q_len,
+                                                  k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
+                                                  stride_vd, stride_mn, stride_tn, scale, to_log2, seed, pid_bh,
+                                                  drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0,
+                                                  False, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
+                                                  RAW_MAX, EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN)
 
     # l == 0 only for a row with no key (its max score gives p = 1 otherwise); a NaN l fails the test and stays.
     empty = l_i == 0.0
@@ -293,11 +327,26 @@ def mask_for_kernel(mask):
     return mask
 
 
+def tile_descriptors(tensors_rows, dummy, use_tma: bool) -> tuple:
+    """TMA descriptors (config.tma_descriptor) for [B, H, N, D] tensors read in tiles of the given rows, one per
+    column chunk (config.head_split): (t, t2) per (tensor, rows) pair, ``dummy`` where a chunk is absent or TMA
+    is off."""
+    out = []
+    for t, rows in tensors_rows:
+        if not use_tma:
+            out += [dummy, dummy]
+            continue
+        block, block2 = config.head_split(t.shape[3])
+        out += [config.tma_descriptor(t, rows, block), config.tma_descriptor(t, rows, block2) if block2 else dummy]
+    return tuple(out)
+
+
 def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_causal, dropout_p, out, lse,
-                     cfg=None):
+                     cfg=None, arch=None):
     """The kernel launches that fill out / lse with tiles ``cfg`` (default: config.py's table): a list of
     (kernel, grid, args, kwargs). Apart from launching (attention_forward), aot_check.py compiles them ahead of
-    time with the same arguments."""
+    time with the same arguments, for compute capability ``arch`` (default: the tensors' device), which decides
+    whether K / V tiles come through TMA (config.use_tma)."""
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if cfg is None:
@@ -323,8 +372,12 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
         t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
     raw_max = scale > 0 and mask_kind(mask) != 2
+    # TMA for the light kernel only: with a mask or dropout its loops are issue-bound, and a TMA load's
+    # per-tile barrier work outweighs the address math it saves there (benchmarks/NOTES.md, version 4).
+    tma = mask is None and dropout_p <= 0 and config.use_tma((q, k, v), arch)
     bs = config.batch_strides
     args = (q, k, v, out, lse, mk, order, ends, cu_q, cu_k, block_seq, block_start,
+            *tile_descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)), dummy, tma),
             *bs(q), *bs(k), *bs(v), *bs(out), *m_strides, *t_strides, *r_strides,
             Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale * LOG2E_HOST if raw_max else LOG2E_HOST,
             d_seed, d_thr, d_scale)
@@ -332,7 +385,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
                   BLOCK_DV2=block_dv2, MASK_KIND=mask_kind(mask), HAS_SUMMARY=mask is not None,
                   IS_CAUSAL=bool(is_causal), IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
                   EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2), RAW_MAX=raw_max,
-                  EMULATE_FMA=config.interpreting(), PRECISION=config.input_precision(q.dtype),
+                  EMULATE_FMA=config.interpreting(), PRECISION=config.input_precision(q.dtype), USE_TMA=tma,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return [(_attention_fwd_kernel, (num_m_blocks * B * Hq,), args, kwargs)]
 

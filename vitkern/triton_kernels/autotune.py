@@ -5,9 +5,9 @@ on the block sizes and are built on the host before each launch, so a candidate 
 from a LaunchConfig (``build(cfg)``), not a set of kernel meta-parameters.
 
 Key: device name and compute capability, Triton version, kernel (fwd / bwd_dkdv / bwd_dq), D, Dv, dtype, the
-fp32 input precision, mask kind (none / bool / float), causal, varlen, dropout on/off, and for the dQ kernel
-whether it writes dMask. Never sequence lengths, T, batch, heads or cu_seqlens values: a new NaViT packing
-reuses the choice, hence the compiled kernels.
+fp32 input precision, the TMA setting (VITKERN_TRITON_TMA), mask kind (none / bool / float), causal, varlen,
+dropout on/off, and for the dQ kernel whether it writes dMask. Never sequence lengths, T, batch, heads or
+cu_seqlens values: a new NaViT packing reuses the choice, hence the compiled kernels.
 
 The first call with a key times each of ``config.candidates`` (the static table's entry first, then a few
 neighbours, all checked spill-free by aot_check): one warm-up launch (it compiles the candidate), then a few
@@ -87,7 +87,7 @@ def key(kernel: str, q: torch.Tensor, dv: int, mask, causal: bool, varlen: bool,
     parts = [_device_name(dev.type, index), f"triton {triton.__version__}", kernel, f"d={q.shape[-1]}",
              f"dv={dv}", str(q.dtype).replace("torch.", ""), f"precision={config.input_precision(q.dtype)}",
              f"mask={mask_kind}", f"causal={int(bool(causal))}", f"varlen={int(bool(varlen))}",
-             f"dropout={int(bool(dropout))}"]
+             f"dropout={int(bool(dropout))}", f"tma={config.tma_mode()}"]
     if kernel == "bwd_dq":
         parts.append(f"mask_grad={int(bool(mask_grad))}")
     return "|".join(parts)
@@ -236,7 +236,7 @@ def launch_tuned(kernel: str, q: torch.Tensor, dv: int, mask, causal: bool, varl
 # What launch_tuned decided, by call signature (a tuple: no string key, no lock, no file lookup per call). The
 # settings it depends on are part of the signature, so changing one mid-process decides again.
 _decided: dict = {}
-_SETTINGS = (ENV, CACHE_ENV, "VITKERN_TRITON_FP32_PRECISION", "TRITON_INTERPRET")
+_SETTINGS = (ENV, CACHE_ENV, "VITKERN_TRITON_FP32_PRECISION", "VITKERN_TRITON_TMA", "TRITON_INTERPRET")
 
 
 def _signature(kernel, q, dv, mask, causal, varlen, dropout, heavy, mask_grad) -> tuple:

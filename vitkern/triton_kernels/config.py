@@ -15,6 +15,7 @@ boundaries and code that mixes up BLOCK_M and BLOCK_N fails there.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -374,3 +375,75 @@ def candidates(kernel: str, d: int, dv: int, dtype: torch.dtype, heavy: bool = F
         if n not in out and (every or len(out) <= MAX_NEIGHBOURS):
             out.append(n)
     return out
+
+
+# ---- TMA (Hopper's tensor memory accelerator) for the tile loads inside the kernels' loops ----------------------
+TMA_MODES = ("auto", "0", "1")
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def tma_mode() -> str:
+    """VITKERN_TRITON_TMA: "auto" (default: the forward's tiles by TMA on sm_90 and newer), "1" (the backward's
+    too, and under the interpreter, whose descriptors are numpy slices: what the tests use to run the TMA paths)
+    or "0" (never: pointer tiles everywhere)."""
+    mode = os.environ.get("VITKERN_TRITON_TMA") or "auto"   # set but empty: the default
+    if mode not in TMA_MODES:
+        raise ValueError(f"VITKERN_TRITON_TMA: expected one of {TMA_MODES}, got {mode!r}")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def _has_host_descriptors() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def tma_layout_ok(t: torch.Tensor) -> bool:
+    """Whether a [B, H, N, D] tensor can be read through a TMA descriptor: 16-bit (the tensor-core path), last
+    dim contiguous, base and the other strides multiples of 16 bytes (the hardware's rule), no empty dim."""
+    if t.dtype not in TMA_DTYPES or t.dim() != 4 or t.numel() == 0 or t.stride(-1) != 1:
+        return False
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1])
+                                          if n > 1)
+
+
+def use_tma(tensors, arch: int = None) -> bool:
+    """Whether a launch reads ``tensors``' tiles through TMA descriptors (tma_descriptor) instead of pointer tiles:
+    on a GPU of compute capability ``arch`` (default: the tensors' device; the interpreter counts as none unless
+    VITKERN_TRITON_TMA=1) of at least 9.0, with a Triton that has host-side descriptors, and every tensor's layout
+    allowed (tma_layout_ok). Otherwise the plain path (sm_80, odd strides, fp32, the interpreter) runs."""
+    mode = tma_mode()
+    if mode == "0" or not _has_host_descriptors():
+        return False
+    if arch is None:
+        if interpreting():
+            arch = 90 if mode == "1" else 0
+        else:
+            dev = tensors[0].device
+            arch = _device_arch(dev.index if dev.index is not None else torch.cuda.current_device()) \
+                if dev.type == "cuda" else 0
+    return arch >= 90 and all(tma_layout_ok(t) for t in tensors)
+
+
+def tma_descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
+    """A TMA descriptor of t [B, H, N, D] whose box is one [block_rows, block_cols] tile of a (batch, head): the
+    kernels load tile (b, h, row, col) and reshape it to 2-D. Rows past N and columns past D come back 0. The
+    stride of a dim of size 1 is never multiplied by anything; it is replaced by an aligned one (the hardware
+    checks every stride)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    size = t.element_size()
+    strides = list(t.stride())
+    for i in range(3):
+        if t.shape[i] == 1 and (strides[i] * size) % 16:
+            strides[i] = 16 // math.gcd(16, size) * max(1, -(-strides[i] * size // 16))
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_cols])

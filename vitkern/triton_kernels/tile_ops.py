@@ -1,7 +1,8 @@
 """@triton.jit helpers shared by the forward and backward attention kernels.
 
 - ``load_rows``: a [rows, cols] tile load whose bounds checks vanish for the dimensions a constexpr says are
-  even (EVEN_M / EVEN_N / EVEN_HEADDIM in flash_attn_triton.py's terms);
+  even (EVEN_M / EVEN_N / EVEN_HEADDIM in flash_attn_triton.py's terms); ``load_tma_rows`` the same tile
+  through a TMA descriptor (sm_90+, config.use_tma);
 - ``mask_scores``: applies a dense bool/float mask (through its strides, broadcast dims have stride 0), causal
   (top-left) and key bounds to a tile of scaled scores;
 - ``dropout_keep``: the counter-based hash of vitkern/dropout.py in uint32 arithmetic, bit-exact with
@@ -43,6 +44,20 @@ def load_rows(ptrs, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVEN_CO
             x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
         else:
             x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    return x
+
+
+@triton.jit
+def load_tma_rows(desc, b, h, row0, col0, rows, n_rows, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                  ZERO_ROWS: tl.constexpr):
+    """Tile [BLOCK_R, BLOCK_C] at (b, h, row0, col0) of a [B, H, N, D] TMA descriptor (config.tma_descriptor):
+    one bulk copy into shared memory, no address math per element; rows past N and columns past D come back 0.
+    ZERO_ROWS: rows at or past n_rows (``rows`` their positions) are zeroed too: in a packed batch they are the
+    next sequence's, and a 0 weight times a NaN there would reach this one (callers whose products mask those
+    rows out leave it off)."""
+    x = desc.load([b, h, row0.to(tl.int32), col0]).reshape(BLOCK_R, BLOCK_C)
+    if ZERO_ROWS:
+        x = tl.where(rows[:, None] < n_rows, x, 0.0)
     return x
 
 
