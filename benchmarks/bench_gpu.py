@@ -12,7 +12,8 @@ forward+backward each. Peers: torch SDPA
 by default dispatch and pinned to each backend (flash, efficient, cudnn, math; dense-mask variants for packed
 batches), FlexAttention with its mask build (compiled: only for the --flex cases, compiling takes seconds per
 shape and mode), torch.nn.attention.varlen.varlen_attn where this torch has it, the per-image SDPA loop and
-jagged nested tensors for packed batches, naive, and vitkern-triton. The cells are those of bench_attn.py
+jagged nested tensors for packed batches, naive, and vitkern-triton (on the FA3 grid also with
+VITKERN_TRITON_TMA=0 and =1: the TMA paths' A/B). The cells are those of bench_attn.py
 (benchmarks/runner.py): a correctness check against the table's first peer before timing, CUDA events, the
 cells of a table timed round-robin. Backward-only times are derived: forward+backward minus forward.
 
@@ -358,6 +359,8 @@ def _gpu_peers(case, device):
     ps = peers.peers_for(case, device)
     if not any(p.name == "vitkern-triton" for p in ps):
         ps.append(peers.Vitkern("triton", case.packed))
+    if case.workload == "fa3-grid":   # the TMA paths' A/B (NOTES.md, Triton version 4): pointer tiles, TMA backward
+        ps += [peers.VitkernTmaSetting("0"), peers.VitkernTmaSetting("1")]
     return ps
 
 

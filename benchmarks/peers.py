@@ -8,6 +8,7 @@ batch changes every step and its mask must be rebuilt each time.
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -388,6 +389,30 @@ class Vitkern(Peer):
         # The reference materializes fp32 scores over the whole call: one [1, H, T, T] block for packed input.
         pairs = case.tokens ** 2 if case.packed else case.computed_pairs_dense()
         return (5 if mode == "fwd" else 7) * pairs * case.heads * max(elem, 4)
+
+
+class VitkernTmaSetting(Vitkern):
+    """vitkern-triton with VITKERN_TRITON_TMA set for the call: "0" pointer tiles everywhere, "1" TMA in the
+    backward kernels too (the default is TMA in the forward only, on sm_90+). An A/B of the TMA paths in one run
+    (benchmarks/NOTES.md, Triton version 4); setting the variable costs ~1 us a call, nothing next to these cells.
+    The autotuner keys its choice on the setting, so each variant runs its own tuned tiles."""
+
+    def __init__(self, setting: str, packed: bool = False):
+        super().__init__("triton", packed)
+        self.setting = setting
+        self.name = f"vitkern-triton-tma{setting}"
+        self.description += f", VITKERN_TRITON_TMA={setting}"
+
+    def run(self, cu, inp, q, k, v):
+        old = os.environ.get("VITKERN_TRITON_TMA")
+        os.environ["VITKERN_TRITON_TMA"] = self.setting
+        try:
+            return super().run(cu, inp, q, k, v)
+        finally:
+            if old is None:
+                del os.environ["VITKERN_TRITON_TMA"]
+            else:
+                os.environ["VITKERN_TRITON_TMA"] = old
 
 
 # ---------------------------------------------------------------------------------------------- selection
