@@ -14,6 +14,7 @@ not only the static table's tiles. Usage (TRITON_INTERPRET must be unset):
     python -m vitkern.triton_kernels.aot_check --quick    # one variant, static table only
     python -m vitkern.triton_kernels.aot_check --record   # every neighbour; prints config.py's record of this
                                                           # Triton release (spills, replaced table entries)
+    python -m vitkern.triton_kernels.aot_check --record --head-dims 256   # the same for one width class
 """
 from __future__ import annotations
 
@@ -209,10 +210,11 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
 
 
 def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True, every: bool = False,
-          results: list = None) -> list[str]:
+          results: list = None, head_dims=None) -> list[str]:
     """Compile the variants (with every autotuning candidate unless ``quick`` or not ``candidates``; with every
-    neighbour when ``every``); returns the failures (compile errors, shared memory over the limit, spills).
-    ``results``, when given, gets one dict per compiled kernel (for release_record)."""
+    neighbour when ``every``; only those of ``head_dims`` when given); returns the failures (compile errors,
+    shared memory over the limit, spills). ``results``, when given, gets one dict per compiled kernel (for
+    release_record)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -221,7 +223,7 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
         raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
     failures, seen = [], {}     # compile key -> stack bytes (None: failed or unknown)
-    jobs = [(variant, cfgs) for variant in _variants(quick)
+    jobs = [(variant, cfgs) for variant in _variants(quick) if head_dims is None or variant[1] in head_dims
             for cfgs in (_candidate_sets(*variant, every=every) if candidates and not quick else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
@@ -303,11 +305,14 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="one variant, static table only")
     ap.add_argument("--static", action="store_true", help="the static table only, not every autotune candidate")
     ap.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (H100/H200) or 80 (A100)")
+    ap.add_argument("--head-dims", type=lambda s: {int(x) for x in s.split(",")}, default=None,
+                    help="only the variants of these head dims, e.g. 256 (a record's keys of their width class)")
     ap.add_argument("--record", action="store_true",
                     help="compile every neighbour and print this Triton release's entry of config.TRITON_RECORDS")
     args = ap.parse_args(argv)
     results = []
-    failures = check(args.quick, args.arch, candidates=not args.static, every=args.record, results=results)
+    failures = check(args.quick, args.arch, candidates=not args.static, every=args.record, results=results,
+                     head_dims=args.head_dims)
     print(f"{len(failures)} problem(s)")
     for f in failures:
         print("  ", f)

@@ -15,7 +15,6 @@ boundaries and code that mixes up BLOCK_M and BLOCK_N fails there.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -193,8 +192,8 @@ _SPILLS_3_8 = {
     ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1)},
     ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (32, 128, 8, 1)},
-    ('bwd_dkdv', '16', 256, False): {(16, 16, 8, 1), (16, 32, 4, 1), (16, 64, 8, 1)},
-    ('bwd_dkdv', '16', 256, True): {(16, 16, 8, 1), (16, 64, 8, 1)},
+    ('bwd_dkdv', '16', 256, False): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
     ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (16, 16, 8, 3), (32, 16, 8, 2)},
     ('bwd_dkdv', '32', 128, False): {(16, 16, 8, 1), (16, 32, 4, 1)},
     ('bwd_dkdv', '32', 128, True): {(16, 16, 8, 2), (16, 32, 8, 1)},
@@ -204,8 +203,8 @@ _SPILLS_3_8 = {
     ('bwd_dq', '16', 96, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
     ('bwd_dq', '16', 128, False): {(128, 64, 4, 1)},
     ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
-    ('bwd_dq', '16', 256, False): {(64, 16, 8, 1)},
-    ('bwd_dq', '16', 256, True): {(64, 32, 8, 1)},
+    ('bwd_dq', '16', 256, False): {(128, 32, 4, 2), (128, 64, 8, 2)},
+    ('bwd_dq', '16', 256, True): {(128, 16, 4, 2), (128, 16, 8, 1), (128, 32, 8, 2)},
     ('bwd_dq', '32', 64, True): {(16, 16, 8, 1)},
     ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
@@ -218,12 +217,12 @@ _SPILLS_3_8 = {
     ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 8, 3)},
     ('fwd', '16', 128, True): {(64, 64, 4, 1), (64, 64, 4, 2), (128, 32, 4, 1), (128, 32, 4, 2)},
     ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
-    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
+    ('fwd', '16', 256, True): {(128, 16, 4, 3), (128, 32, 8, 3)},
     ('fwd', '32', 64, False): {(64, 32, 8, 2)},
     ('fwd', '32', 64, True): {(32, 16, 8, 3)},
     ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
     ('fwd', '32', 128, True): {(32, 16, 4, 2)},
-    ('fwd', '32', 256, True): {(16, 16, 4, 1), (16, 16, 8, 2), (16, 16, 8, 3), (16, 32, 8, 1)},
+    ('fwd', '32', 256, True): {(16, 16, 4, 1), (16, 16, 8, 2), (16, 32, 8, 1)},
 }
 # Static table entries that spill under the release, replaced (aot_check.release_record's choice).
 _TABLE_3_8 = {
@@ -242,8 +241,8 @@ _SPILLS_3_6 = {
     ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1)},
     ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (32, 128, 8, 1)},
-    ('bwd_dkdv', '16', 256, False): {(16, 16, 8, 1), (16, 32, 4, 1), (16, 64, 8, 1)},
-    ('bwd_dkdv', '16', 256, True): {(16, 32, 4, 1), (16, 64, 8, 1)},
+    ('bwd_dkdv', '16', 256, False): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
     ('bwd_dkdv', '32', 64, False): {(32, 16, 8, 1)},
     ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (32, 16, 8, 1)},
     ('bwd_dkdv', '32', 128, False): {(32, 32, 8, 1)},
@@ -255,8 +254,8 @@ _SPILLS_3_6 = {
     ('bwd_dq', '16', 96, True): {(128, 32, 4, 2)},
     ('bwd_dq', '16', 128, False): {(128, 64, 4, 1)},
     ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
-    ('bwd_dq', '16', 256, False): {(64, 16, 8, 1)},
-    ('bwd_dq', '16', 256, True): {(64, 32, 8, 1)},
+    ('bwd_dq', '16', 256, False): {(128, 32, 4, 2), (128, 64, 8, 2)},
+    ('bwd_dq', '16', 256, True): {(128, 16, 4, 2), (128, 16, 8, 1), (128, 32, 8, 2)},
     ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
@@ -267,7 +266,7 @@ _SPILLS_3_6 = {
     ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 1), (128, 128, 8, 2), (128, 128, 8, 4)},
     ('fwd', '16', 128, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 4, 1), (128, 32, 4, 2)},
     ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
-    ('fwd', '16', 256, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 8, 2)},
+    ('fwd', '16', 256, True): {(128, 16, 4, 3), (128, 32, 8, 3)},
     ('fwd', '32', 64, False): {(64, 32, 8, 2)},
     ('fwd', '32', 64, True): {(32, 16, 8, 3)},
     ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
@@ -409,12 +408,14 @@ def _device_arch(index: int) -> int:
 
 def tma_layout_ok(t: torch.Tensor) -> bool:
     """Whether a [B, H, N, D] tensor can be read through a TMA descriptor: 16-bit (the tensor-core path), last
-    dim contiguous, base and the other strides multiples of 16 bytes (the hardware's rule), no empty dim."""
-    if t.dtype not in TMA_DTYPES or t.dim() != 4 or t.numel() == 0 or t.stride(-1) != 1:
+    dim contiguous, base and the other strides multiples of 16 bytes (the hardware's rule; a dim of size 1 is
+    exempt, see tma_descriptor), no empty dim."""
+    if t.dtype not in TMA_DTYPES:
         return False
-    size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1])
-                                          if n > 1)
+    shape, strides = t.shape, t.stride()
+    if len(shape) != 4 or strides[3] != 1 or 0 in shape or t.data_ptr() % 16:
+        return False
+    return all(s % 8 == 0 or n == 1 for n, s in zip(shape[:3], strides[:3]))   # 8 two-byte elements: 16 B
 
 
 def use_tma(tensors, arch: int = None) -> bool:
@@ -435,15 +436,27 @@ def use_tma(tensors, arch: int = None) -> bool:
     return arch >= 90 and all(tma_layout_ok(t) for t in tensors)
 
 
+@functools.lru_cache(maxsize=256)
+def _descriptor_fields(dtype: torch.dtype, shape: tuple, strides: tuple, block: tuple) -> dict:
+    """A TMA descriptor's fields but its base, validated once per layout by Triton's own constructor (whose
+    checks cost ~3 us a descriptor, at every call otherwise); the base's alignment is tma_layout_ok's to check."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    fields = dict(vars(TensorDescriptor(torch.empty(1, dtype=dtype), list(shape), list(strides), list(block))))
+    del fields["base"]
+    return fields
+
+
 def tma_descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     """A TMA descriptor of t [B, H, N, D] whose box is one [block_rows, block_cols] tile of a (batch, head): the
     kernels load tile (b, h, row, col) and reshape it to 2-D. Rows past N and columns past D come back 0. The
     stride of a dim of size 1 is never multiplied by anything; it is replaced by an aligned one (the hardware
     checks every stride)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
-    size = t.element_size()
-    strides = list(t.stride())
-    for i in range(3):
-        if t.shape[i] == 1 and (strides[i] * size) % 16:
-            strides[i] = 16 // math.gcd(16, size) * max(1, -(-strides[i] * size // 16))
-    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_cols])
+    strides = t.stride()
+    if 1 in t.shape[:3]:
+        # (8 elements: TMA_DTYPES are 16-bit)
+        strides = tuple(8 * max(1, -(-s // 8)) if n == 1 else s for n, s in zip(t.shape[:3], strides)) + (1,)
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(_descriptor_fields(t.dtype, tuple(t.shape), strides, (1, 1, block_rows, block_cols)))
+    desc.base = t
+    return desc
