@@ -392,12 +392,14 @@ def tma_mode() -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_host_descriptors() -> bool:
+def _descriptor_class():
+    """Triton's host-side TensorDescriptor class, or None where this Triton has none (imported once: an import
+    statement costs ~1 us per call even when the module is loaded)."""
     try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+        from triton.tools.tensor_descriptor import TensorDescriptor
     except ImportError:
-        return False
-    return True
+        return None
+    return TensorDescriptor
 
 
 @functools.lru_cache(maxsize=None)
@@ -409,13 +411,14 @@ def _device_arch(index: int) -> int:
 def tma_layout_ok(t: torch.Tensor) -> bool:
     """Whether a [B, H, N, D] tensor can be read through a TMA descriptor: 16-bit (the tensor-core path), last
     dim contiguous, base and the other strides multiples of 16 bytes (the hardware's rule; a dim of size 1 is
-    exempt, see tma_descriptor), no empty dim."""
-    if t.dtype not in TMA_DTYPES:
+    exempt, see tma_descriptor), no empty dim. (Written out: this runs on every call, ~1 us.)"""
+    if t.dtype not in TMA_DTYPES or t.dim() != 4:
         return False
-    shape, strides = t.shape, t.stride()
-    if len(shape) != 4 or strides[3] != 1 or 0 in shape or t.data_ptr() % 16:
-        return False
-    return all(s % 8 == 0 or n == 1 for n, s in zip(shape[:3], strides[:3]))   # 8 two-byte elements: 16 B
+    b, h, n, d = t.shape
+    sb, sh, sn, sd = t.stride()
+    # 8 two-byte elements are 16 bytes.
+    return (sd == 1 and b > 0 and h > 0 and n > 0 and d > 0 and t.data_ptr() % 16 == 0
+            and (b == 1 or sb % 8 == 0) and (h == 1 or sh % 8 == 0) and (n == 1 or sn % 8 == 0))
 
 
 def use_tma(tensors, arch: int = None) -> bool:
@@ -424,7 +427,7 @@ def use_tma(tensors, arch: int = None) -> bool:
     VITKERN_TRITON_TMA=1) of at least 9.0, with a Triton that has host-side descriptors, and every tensor's layout
     allowed (tma_layout_ok). Otherwise the plain path (sm_80, odd strides, fp32, the interpreter) runs."""
     mode = tma_mode()
-    if mode == "0" or not _has_host_descriptors():
+    if mode == "0" or _descriptor_class() is None:
         return False
     if arch is None:
         if interpreting():
@@ -433,15 +436,20 @@ def use_tma(tensors, arch: int = None) -> bool:
             dev = tensors[0].device
             arch = _device_arch(dev.index if dev.index is not None else torch.cuda.current_device()) \
                 if dev.type == "cuda" else 0
-    return arch >= 90 and all(tma_layout_ok(t) for t in tensors)
+    if arch < 90:
+        return False
+    for t in tensors:
+        if not tma_layout_ok(t):
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=256)
-def _descriptor_fields(dtype: torch.dtype, shape: tuple, strides: tuple, block: tuple) -> dict:
+def _descriptor_fields(dtype: torch.dtype, shape: tuple, strides: tuple, rows: int, cols: int) -> dict:
     """A TMA descriptor's fields but its base, validated once per layout by Triton's own constructor (whose
     checks cost ~3 us a descriptor, at every call otherwise); the base's alignment is tma_layout_ok's to check."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    fields = dict(vars(TensorDescriptor(torch.empty(1, dtype=dtype), list(shape), list(strides), list(block))))
+    fields = dict(vars(_descriptor_class()(torch.empty(1, dtype=dtype), list(shape), list(strides),
+                                           [1, 1, rows, cols])))
     del fields["base"]
     return fields
 
@@ -451,12 +459,11 @@ def tma_descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     kernels load tile (b, h, row, col) and reshape it to 2-D. Rows past N and columns past D come back 0. The
     stride of a dim of size 1 is never multiplied by anything; it is replaced by an aligned one (the hardware
     checks every stride)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-    strides = t.stride()
-    if 1 in t.shape[:3]:
+    shape, strides = t.shape, t.stride()
+    if shape[0] == 1 or shape[1] == 1 or shape[2] == 1:
         # (8 elements: TMA_DTYPES are 16-bit)
-        strides = tuple(8 * max(1, -(-s // 8)) if n == 1 else s for n, s in zip(t.shape[:3], strides)) + (1,)
-    desc = object.__new__(TensorDescriptor)
-    desc.__dict__.update(_descriptor_fields(t.dtype, tuple(t.shape), strides, (1, 1, block_rows, block_cols)))
+        strides = tuple(8 * max(1, -(-s // 8)) if n == 1 else s for n, s in zip(shape[:3], strides)) + (1,)
+    desc = object.__new__(_descriptor_class())
+    desc.__dict__.update(_descriptor_fields(t.dtype, shape, strides, block_rows, block_cols))
     desc.base = t
     return desc
