@@ -76,6 +76,7 @@ def test_without_triton():
     assert rep["versions"]["triton"].startswith("not importable")
     assert rep["backends"]["triton"].startswith("not "), rep["backends"]
     assert rep["triton_autotune_cache"]["path"] is None and "not importable" in rep["triton_autotune_cache"]["note"]
+    assert rep["triton_tma"]["scope"].startswith("off: no Triton")
 
 
 def test_lists_autotune_cache_entries(tmp_path):
@@ -110,3 +111,11 @@ def test_text_report_shows_the_kernels_own_report(monkeypatch):
     assert "CPU kernel paths compiled in: fp32_blas, avx512_bf16" in text
     assert "CPU kernel paths chosen: float32 -> fp32_blas, bfloat16 -> avx512_bf16, float16 -> fp32_blas" in text
     assert "as the kernel sees the CPU: avx2+ avx512_bf16+ amx_bf16-" in text
+
+
+def test_reports_the_tma_setting():
+    pytest.importorskip("triton")
+    rep, _ = _run(env_extra={"VITKERN_TRITON_TMA": "0"})
+    assert rep["triton_tma"]["setting"] == "0" and rep["triton_tma"]["scope"].startswith("off")
+    _, text = _run(env_extra={"VITKERN_TRITON_TMA": "bad"}, as_json=False)
+    assert "triton TMA (VITKERN_TRITON_TMA=None): ValueError: VITKERN_TRITON_TMA" in text

@@ -115,6 +115,21 @@ def _autotune() -> dict:
     return {"path": path, "entries": autotune._read(path)}
 
 
+_TMA_SCOPE = {"auto": "forward tiles on sm_90+ (no mask, no dropout)", "1": "forward and backward tiles on sm_90+, "
+              "and the interpreter", "0": "off: pointer tiles everywhere"}
+
+
+def _tma() -> dict:
+    """The Triton kernels' TMA setting (VITKERN_TRITON_TMA) and what it means on this install."""
+    try:
+        from .triton_kernels import config
+        mode = config.tma_mode()
+    except Exception as e:  # noqa: BLE001  (no triton, or a bad setting: say so)
+        return {"setting": None, "note": f"{type(e).__name__}: {e}"}
+    has = config._descriptor_class() is not None
+    return {"setting": mode, "scope": _TMA_SCOPE[mode] if has else "off: no Triton with host-side TMA descriptors"}
+
+
 def collect() -> dict:
     """Everything ``python -m vitkern.info`` prints, as a dict."""
     import vitkern
@@ -132,6 +147,7 @@ def collect() -> dict:
         "cpu_kernel": features if features is not None else {"compiled": NOT_REPORTED, "chosen": NOT_REPORTED},
         "cuda": _cuda(),
         "triton_autotune_cache": _autotune(),
+        "triton_tma": _tma(),
     }
 
 
@@ -165,6 +181,8 @@ def format_text(info: dict) -> str:
                   f"{d['capability']}, {d['memory_gib']} GiB" for d in cuda["devices"]]
     else:
         lines.append(f"cuda: no device (torch built with CUDA {cuda['torch_cuda']})")
+    tma = info["triton_tma"]
+    lines.append(f"triton TMA (VITKERN_TRITON_TMA={tma['setting']}): {tma.get('scope') or tma.get('note')}")
     entries = tune.get("entries")
     head = f"triton autotune cache: {tune['path']}" + (f" ({tune['note']})" if tune.get("note") else "")
     lines.append(head + (f", {len(entries)} entries" if entries else ""))
