@@ -98,15 +98,15 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
     for i in range(t_lo, t_hi):
         t = tile_at(order_base, i, stride_tn, LISTED)
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        if USE_TMA:
+        if USE_TMA or LISTED:
             first = k_start + t * BLOCK_N
-        elif LISTED:
-            first = k_start + t * BLOCK_N
-            k_at = k_base + first * stride_kn
-            v_at = v_base + first * stride_vn
-        else:
-            k_at = k_tile
-            v_at = v_tile
+        if not USE_TMA:
+            if LISTED:
+                k_at = k_base + first * stride_kn
+                v_at = v_base + first * stride_vn
+            else:
+                k_at = k_tile
+                v_at = v_tile
         if USE_TMA:
             k = load_tma_rows(k_desc, b, hk, first, 0, offs_n, k_len, BLOCK_N, BLOCK_D, False)
         else:

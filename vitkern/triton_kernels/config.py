@@ -457,12 +457,11 @@ def _descriptor_fields(dtype: torch.dtype, shape: tuple, strides: tuple, rows: i
 def tma_descriptor(t: torch.Tensor, block_rows: int, block_cols: int):
     """A TMA descriptor of t [B, H, N, D] whose box is one [block_rows, block_cols] tile of a (batch, head): the
     kernels load tile (b, h, row, col) and reshape it to 2-D. Rows past N and columns past D come back 0. The
-    stride of a dim of size 1 is never multiplied by anything; it is replaced by an aligned one (the hardware
-    checks every stride)."""
+    stride of a dim of size 1 is never multiplied by anything; it is replaced by 8 elements (16 bytes: TMA_DTYPES
+    are 16-bit), since the hardware checks every stride."""
     shape, strides = t.shape, t.stride()
     if shape[0] == 1 or shape[1] == 1 or shape[2] == 1:
-        # (8 elements: TMA_DTYPES are 16-bit)
-        strides = tuple(8 * max(1, -(-s // 8)) if n == 1 else s for n, s in zip(shape[:3], strides)) + (1,)
+        strides = tuple(8 if n == 1 else s for n, s in zip(shape[:3], strides)) + (1,)
     desc = object.__new__(_descriptor_class())
     desc.__dict__.update(_descriptor_fields(t.dtype, shape, strides, block_rows, block_cols))
     desc.base = t
