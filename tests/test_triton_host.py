@@ -4,6 +4,7 @@ autotuner's decision per signature, the varlen program map and the mask tile sum
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -60,30 +61,38 @@ def test_launch_counts(stub):
     assert stub == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"], stub
 
 
-def test_mask_summary_is_remembered_until_the_mask_changes(stub):
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float16], ids=str)
+def test_mask_summary_is_remembered_until_the_mask_changes(stub, dtype):
+    from vitkern.triton_kernels import config
     base = torch.rand(2, 1, 37, 37) > 0.3
+    if dtype != torch.bool:
+        base = torch.where(base, 0.0, -math.inf).to(dtype)
     mask = base.expand(2, 2, 37, 37)
+    # A bool mask is also packed into words (mask_bits.py): along keys for the forward and dQ, along queries
+    # (mask^T) for dK/dV.
+    pack = ["_pack_bits_kernel"] if dtype == torch.bool else []
     fwd, bwd = _call(mask=mask)
     fwd()
-    assert stub == ["_tile_state_kernel", "_attention_fwd_kernel"]
+    assert stub == pack + ["_tile_state_kernel", "_attention_fwd_kernel"]
     stub.clear()
     fwd_again, _ = _call(mask=base.expand(2, 2, 37, 37))   # a new view of the same mask
     fwd_again()
     bwd()
-    # One summary per distinct tile shape: dQ's tiles are the forward's at this head dim (summary reused),
-    # dK/dV's are not.
-    from vitkern.triton_kernels import config
-    kv, dq = config.backward_configs(32, 32, torch.float16, heavy=True)
-    fw = config.forward_config(32, 32, torch.float16, heavy=True)
-    assert (dq.block_m, dq.block_n) == (fw.block_m, fw.block_n) != (kv.block_m, kv.block_n)
-    assert stub == ["_attention_fwd_kernel", "_bwd_dq_kernel", "_tile_state_kernel", "_bwd_dkdv_kernel"], stub
+    # One summary per distinct tile shape: dQ reuses the forward's where its tiles are the same.
+    heavy = config.is_heavy("bwd_dq", 1 if dtype == torch.bool else 2, False, False, False, 32, 32, torch.float16)
+    kv, dq = config.backward_configs(32, 32, torch.float16, heavy=heavy)
+    fw = config.forward_config(32, 32, torch.float16, heavy=heavy)
+    assert (kv.block_m, kv.block_n) != (dq.block_m, dq.block_n)
+    dq_summary = [] if (dq.block_m, dq.block_n) == (fw.block_m, fw.block_n) else ["_tile_state_kernel"]
+    assert stub == (["_attention_fwd_kernel"] + pack + dq_summary + ["_bwd_dq_kernel", "_tile_state_kernel",
+                                                                      "_bwd_dkdv_kernel"]), stub
     stub.clear()
     bwd()
     assert stub == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"], stub
     stub.clear()
-    base[0, 0, 0, 0] = not base[0, 0, 0, 0]     # an in-place write: summarized again
+    base[0, 0, 0, 0] = 0 if base[0, 0, 0, 0] else 1    # an in-place write: summarized (and packed) again
     fwd()
-    assert stub == ["_tile_state_kernel", "_attention_fwd_kernel"]
+    assert stub == pack + ["_tile_state_kernel", "_attention_fwd_kernel"]
 
 
 def test_varlen_map_is_remembered_until_cu_seqlens_changes():

@@ -235,6 +235,70 @@ def test_fully_masked_everything():
     assert torch.isfinite(dk).all() and (dk[0, 0, 3:] == 0).all() and torch.equal(dv[0, 0, 2], v.new_ones(16))
 
 
+# ---------------------------------------------------------------------------------------- packed bool masks
+def _bits_of(words: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """The bool matrix packed_bits' words hold (bit c % 32 of word c // 32), first n_cols columns."""
+    shifts = torch.arange(32, dtype=torch.int64)
+    bits = ((words.to(torch.int64)[..., None] >> shifts) & 1).flatten(-2)
+    return bits[..., :n_cols] != 0, bits[..., n_cols:]
+
+
+@pytest.mark.parametrize("shape,expand", [((2, 3, 37, 41), None), ((1, 1, 5, 300), (2, 3, 5, 300)),
+                                          ((2, 1, 1, 129), (2, 4, 70, 129)), ((1, 1, 33, 1), (1, 2, 33, 31))])
+def test_packed_bits_match_the_mask(shape, expand):
+    from vitkern.triton_kernels.mask_bits import packed_bits
+    g = torch.Generator().manual_seed(12)
+    mask = torch.rand(shape, generator=g) > 0.4
+    mask.view(-1)[::7] = True
+    mask = mask.to(DEV)
+    if expand:
+        mask = mask.expand(expand)
+    for transposed in (False, True):
+        want = mask.transpose(-1, -2) if transposed else mask
+        words = packed_bits(mask, transposed)
+        assert words.dtype == torch.int32 and words.shape[:3] == want.shape[:3] and words.shape[3] % 4 == 0
+        bits, pad = _bits_of(words.cpu(), want.shape[3])
+        assert torch.equal(bits, want.cpu()), transposed
+        assert not pad.any(), "columns past the end must read as masked out"
+        # Broadcast dims stay views (the packing reads the distinct slice once).
+        for i in range(3):
+            if want.stride(i) == 0 and want.shape[i] > 1:
+                assert words.stride(i) == 0, (transposed, i)
+
+
+# Tiles wider than the interpreter's own 32x16 / 16x32, so that a packed mask's row spans several words
+# (fwd, dK/dV, dQ as LaunchConfig(block_m, block_n, ...); dK/dV's query step block_m is its word span).
+WIDE_TILES = [((32, 128), (64, 32), (32, 64)), ((16, 64), (32, 16), (16, 32))]
+
+
+@pytest.mark.parametrize("tiles", WIDE_TILES, ids=str)
+@pytest.mark.parametrize("kind", ["random", "key_padding", "query_rows", "causal"])
+def test_bool_mask_on_wide_tiles(monkeypatch, tiles, kind):
+    from vitkern.triton_kernels import autotune
+    fwd, kv, dq = (config.LaunchConfig(*t, 1, 1) for t in tiles)
+    monkeypatch.setattr(autotune, "_decided", {})
+    monkeypatch.setattr(config, "static_config",
+                        lambda kernel, *a, **k: {"fwd": fwd, "bwd_dkdv": kv, "bwd_dq": dq}[kernel])
+    b, h, nq, nk = 2, 2, 70, 150
+    g = torch.Generator().manual_seed(13)
+    causal = kind == "causal"
+    if kind == "key_padding":      # [B, 1, 1, Nk]: packed once per batch, rows broadcast
+        mask = (torch.arange(nk) < torch.tensor([[101], [150]])).view(b, 1, 1, nk).expand(b, h, nq, nk)
+    elif kind == "query_rows":     # [1, 1, Nq, 1]: broadcast along keys, the dK/dV packing reads it in full
+        mask = (torch.rand(nq, generator=g) > 0.3).view(1, 1, nq, 1).expand(b, h, nq, nk)
+    else:
+        mask = torch.rand(b, h, nq, nk, generator=g) > 0.5
+        mask[0, 1, 5] = False      # a fully masked row
+        mask[1, 0, :, 40:] = False  # fully masked tiles
+    mask = mask.to(DEV)
+    q, k, v = qkv(b, h, nq, nk, 16, dtype=torch.float16)
+    out = check(sdpa(is_causal=causal), lambda q, k, v, m: math_attention(q, k, v, mask=m, causal=causal),
+                (q, k, v, mask), f"bool mask {kind} on {tiles}")
+    rows = mask[..., :].any(-1) if not causal else (mask & torch.ones(nq, nk, dtype=torch.bool, device=DEV)
+                                                   .tril()).any(-1)
+    assert (out[~rows] == 0).all()
+
+
 # ---------------------------------------------------------------------------------------- mask summary
 def test_mask_summary_matches_brute_force():
     g = torch.Generator().manual_seed(6)

@@ -109,16 +109,16 @@ def _variants(quick: bool):
     return out
 
 
-def _heavy(kernel, mask_kind, varlen, dropout, causal) -> bool:
-    """The ``heavy`` flag the launch code passes for this kernel (attention_fwd / attention_bwd)."""
-    return mask_kind != 0 or dropout or ((varlen or causal) and kernel != "fwd")
+def _heavy(kernel, mask_kind, varlen, dropout, causal, d, dtype) -> bool:
+    """The ``heavy`` flag the launch code passes for this kernel (config.is_heavy)."""
+    return config.is_heavy(kernel, mask_kind, dropout, varlen, causal, d, d, dtype)
 
 
 def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n, every=False) -> list:
     """(fwd, dK/dV, dQ) configs to compile for one variant: the i-th candidate of each kernel together (None:
     that kernel has fewer candidates, its table entry stands in and is compiled once). ``every``: every
     neighbour, also those the record lists as spilling."""
-    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout, causal),
+    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout, causal, d, dtype),
                                every=every)
              for kernel in config.KERNELS]
     return list(itertools.zip_longest(*lists))
@@ -140,7 +140,7 @@ def _note(results, name, variant, cfg, stack) -> None:
     results.append({"kernel": name, "dtype": dtype, "d": d, "mask": mk, "varlen": varlen, "dropout": dropout,
                     "causal": causal,
                     "stack": stack, "cfg": cfg, "candidates": [tuple(vars(c).values()) for c in config.candidates(
-                        tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout, causal), every=True)]})
+                        tuned, d, d, dtype, _heavy(tuned, mk, varlen, dropout, causal, d, dtype), every=True)]})
 
 
 def release_record(results) -> tuple:
@@ -157,7 +157,7 @@ def release_record(results) -> tuple:
         if kernel is None or r["stack"] is None:
             continue
         key = (kernel, config._bits(r["dtype"]), config._width_class(r["d"], r["d"]),
-               _heavy(kernel, r["mask"], r["varlen"], r["dropout"], r["causal"]))
+               _heavy(kernel, r["mask"], r["varlen"], r["dropout"], r["causal"], r["d"], r["dtype"]))
         cfg = tuple(r["cfg"])
         (spills if r["stack"] else clean).setdefault(key, set()).add(cfg)
         order.setdefault(key, r["candidates"])
@@ -194,7 +194,7 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
     scale = 1 / math.sqrt(d)
     summaries = []
 
-    def record(kernel, grid, args, kwargs):   # compile the summary kernel too; call every tile partial
+    def record(kernel, grid, args, kwargs):   # compile the summary / packing kernels too; every tile partial
         args[1].fill_(mask_summary.TILE_PARTIAL)
         summaries.append((kernel, grid, args, kwargs))
     mask_summary.launch = record
@@ -206,7 +206,10 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
                                 mask_kind == 2, *grads, kv_cfg=cfgs[1], q_cfg=cfgs[2], arch=arch)
     finally:
         mask_summary.launch = mask_summary._launch
-    return summaries[:1] + fwd + bwd
+    helpers = {}    # the summary and packing kernels, each compiled once
+    for launch in summaries:
+        helpers.setdefault(launch[0].__name__, launch)
+    return list(helpers.values()) + fwd + bwd
 
 
 def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates: bool = True, every: bool = False,
@@ -227,7 +230,7 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
             for cfgs in (_candidate_sets(*variant, every=every) if candidates and not quick else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
-        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout, causal))
+        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout, causal, d, dtype))
         for kernel, _grid, args, kwargs in _launches(*variant, cfgs, arch=arch):
             kw = dict(kwargs)
             options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))

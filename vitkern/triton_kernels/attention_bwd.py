@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from . import autotune, config, varlen_map
-from .attention_fwd import dropout_args, mask_for_kernel, mask_kind, tile_descriptors
+from .attention_fwd import dropout_args, mask_for_kernel, mask_kind, mask_strides, tile_descriptors
 from .mask_summary import col_lists, row_lists, tile_summary
-from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, chunk_columns, list_ends, load_rows,
+from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, chunk_columns, mask_bits_keep, list_ends, load_rows,
                        load_tma_rows, query_block_of_program, store_rows, tile_at)
 
 _INTERPRET = tl.constexpr(config.interpreting())
@@ -50,18 +50,26 @@ def _fma(a, b, c):
 
 
 @triton.jit
-def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, scale,
+def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_rows, first_col, scale,
            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
            KEY_BOUNDS: tl.constexpr):
     """P of a tile in either orientation: s the raw q.k products, lse2 / qi (query positions) / kj (key
     positions) broadcast to s's shape ([BM, 1] and [1, BN] for a query-major tile, the other way round for a
     key-major one), mask_ptrs the mask entries of the tile (read in bounds when MASK_KIND != 0: the tile lists
-    hand only partial tiles to a masked call).
+    hand only partial tiles to a masked call); a bool mask (MASK_KIND 1) comes packed (mask_bits.py): mask_ptrs
+    [R] the words of the tile's rows (queries, or keys when key-major), tile_rows [R] their positions,
+    first_col the tile's first column.
     KEY_BOUNDS: zero P of keys past k_len (the dQ kernel needs it; the dK/dV kernel never stores those rows)."""
     # Natural units first (one rounding, of a number near 0), then log2(e): lse's own rounding is then the
     # only one at the logits' magnitude, and it is the same for every key of the row.
     y = _fma(s, scale, -lse2)
-    if MASK_KIND != 0:
+    if MASK_KIND == 1:
+        if KEY_BOUNDS:      # query-major: rows are queries, words run along keys
+            keep = mask_bits_keep(mask_ptrs, first_col, tile_rows, q_len, s.shape[1], CHECK_Q)
+        else:
+            keep = mask_bits_keep(mask_ptrs, first_col, tile_rows, k_len, s.shape[1], CHECK_K)
+        y = tl.where(keep, y, float("-inf"))
+    elif MASK_KIND == 2:
         read = tl.full(s.shape, 1, tl.int1)
         if CHECK_Q:
             read = read & (qi < q_len)
@@ -195,8 +203,11 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h
                 q2 = load_rows(q_rows + offs_d2[None, :] * stride_qd, offs_m, q_len, offs_d2, head_dim, not CHECK_M,
                                EVEN_D)
             st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
-        pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len,
-                    mask_base + rows[None, :] * stride_mm, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False)
+        m_ptrs = mask_base      # bool: the keys' words of mask^T (mask_bits.py)
+        if MASK_KIND == 2:
+            m_ptrs = mask_base + rows[None, :] * stride_mm
+        pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len, m_ptrs, offs_n,
+                    q_start + t * BLOCK_M, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False)
         if GRAD_DK & GRADS:
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if BLOCK_DV2 > 0:
@@ -302,7 +313,9 @@ def _bwd_dkdv_kernel(
         q_base = Q + b64 * stride_qb + h64 * stride_qh
         do_base = DOut + b64 * stride_db + h64 * stride_dh
         row_base = bh.to(tl.int64) * seq_len_q
-        mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64)[:, None] * stride_mn
+        mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64) * stride_mn
+        if MASK_KIND == 2:
+            mask_base = mask_base[:, None]
         if HAS_SUMMARY:
             # The lists of mask_summary.col_lists: full tiles without checks, full tiles with them, partial tiles.
             e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn)
@@ -412,9 +425,11 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
                 k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, not CHECK_N,
                                EVEN_D)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
-        p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len,
-                   mask_base + offs_n.to(tl.int64)[None, :] * stride_mn, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
-                   True)
+        m_ptrs = mask_base      # bool: the queries' words (mask_bits.py)
+        if MASK_KIND == 2:
+            m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
+        p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len, m_ptrs, offs_m, t * BLOCK_N,
+                   scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, True)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if BLOCK_DV2 > 0:
             if USE_TMA:
@@ -497,7 +512,9 @@ def _bwd_dq_kernel(
 
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
-    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows * stride_mm      # bool: the rows' words
+    if MASK_KIND == 2:
+        mask_base = mask_base[:, None]
     dmask_base = DMask + b64 * stride_gb + h64 * stride_gh + rows[:, None] * stride_gm
     order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
     kv_descs = (KD, KD2, VD, VD2)     # TMA descriptors of K / V (two column chunks each) when USE_TMA
@@ -603,16 +620,18 @@ class _BackwardCall:
         self.mask, self.hints, self.mask_grad = mask, (max_q, max_k), bool(mask_grad)
         self.causal = bool(is_causal)
         self.varlen = cu_q is not None
-        # heavy: more live registers (mask, dropout, varlen bounds, causal loops), see config.backward_configs
-        self.heavy = mask is not None or dropout_p > 0 or self.varlen or bool(is_causal)
+        # heavy: more live registers (float mask entries, dropout, varlen bounds, causal loops): config.is_heavy
+        self.heavy = config.is_heavy("bwd_dq", mask_kind(mask), dropout_p > 0, self.varlen, is_causal, D, Dv,
+                                     q.dtype)
         self.out, self.lse = out, lse.contiguous()
         # Written by the dQ kernel, read by the dK/dV kernel launched after it.
         self.delta = torch.empty_like(self.lse)
         self.lse2 = torch.empty_like(self.lse)
         self.cu = (cu_q, cu_k) if self.varlen else (None, None)
         self.cu_args = (cu_q, cu_k) if self.varlen else (self.lse2, self.lse2)
-        self.mk = mask_for_kernel(mask) if mask is not None else self.lse2
-        self.m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+        # (mask, strides) as each kernel reads it: a bool mask packed along keys for dQ, along queries for dK/dV.
+        self.mk = {t: (mk, mask_strides(mask, mk, t)) for t in (False, True)
+                   for mk in [mask_for_kernel(mask, t) if mask is not None else self.lse2]}
         self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
         # Fusing the row statistics into the dQ kernel spills there for fp32 at head dims > 128.
         self.block_dv = config.padded_head_dim(Dv)
@@ -643,7 +662,7 @@ class _BackwardCall:
         looped = ((q, cfg.block_m), (dout, cfg.block_m)) if resident_keys else ((k, cfg.block_n), (v, cfg.block_n))
         descs = tile_descriptors(looped, self.lse2, self.tma)
         args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.lse2, self.delta,
-                *outs, self.mk, order, ends, *self.cu_args, seq, start, *descs,
+                *outs, self.mk[resident_keys][0], order, ends, *self.cu_args, seq, start, *descs,
                 *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
         return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags)
 
@@ -653,7 +672,7 @@ class _BackwardCall:
         dk, dv = self.grads[1:]
         grads = (GRAD_DV.value, GRAD_DK.value) if config.split_dkdv(*self.dims, self.dtype) else \
             (GRAD_DV.value | GRAD_DK.value,)
-        return [self._launch(_bwd_dkdv_kernel, cfg, True, (), (dk, dv), (*bs(dk), *bs(dv), *self.m_strides),
+        return [self._launch(_bwd_dkdv_kernel, cfg, True, (), (dk, dv), (*bs(dk), *bs(dv), *self.mk[True][1]),
                              (self.Hq, self.Hk, self.Hq // self.Hk), GRADS=g) for g in grads]
 
     def dq(self, cfg):
@@ -661,7 +680,7 @@ class _BackwardCall:
         dm = self.dmask if self.mask_grad else self.lse2
         g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
         return self._launch(_bwd_dq_kernel, cfg, False, (self.out,), (dq, dm),
-                            (*config.batch_strides(dq), *self.m_strides, *g_strides),
+                            (*config.batch_strides(dq), *self.mk[False][1], *g_strides),
                             (self.Hq, self.Hq // self.Hk), MASK_GRAD=self.mask_grad, FUSED_STATS=self.fused_stats)
 
     def row_stats(self, block_m: int) -> list:

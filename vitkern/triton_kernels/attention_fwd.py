@@ -3,9 +3,11 @@
 Features
 - one kernel for dense [B, H, N, D] batches and packed varlen batches (IS_VARLEN: cu_seqlens with a device-side
   program map, zero-length sequences, Nq != Nk, no host sync);
-- dense masks (MASK_KIND 1 bool / 2 float) read through their strides (stride-0 broadcast dims are never
-  materialized), with a per-tile summary (mask_summary.py): each query tile walks lists of its full tiles (the
-  unmasked loop body, no mask read, no branch) and then of its partial ones; empty tiles are never visited;
+- dense masks (MASK_KIND 1 bool / 2 float; stride-0 broadcast dims are never materialized), with a per-tile
+  summary (mask_summary.py): each query tile walks lists of its full tiles (the unmasked loop body, no mask
+  read, no branch) and then of its partial ones; empty tiles are never visited. A bool mask is read packed,
+  a bit per pair (mask_bits.py: 1-D word loads per row, a bit test and a select per score), a float mask
+  through its strides;
 - causal (top-left aligned, per sequence for varlen), grouped-query attention (Hq a multiple of Hk);
 - fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32x3 / tf32 is opted into
   with VITKERN_TRITON_FP32_PRECISION, see config.py);
@@ -36,6 +38,7 @@ import triton
 import triton.language as tl
 
 from . import autotune, config, varlen_map
+from .mask_bits import packed_bits
 from .mask_summary import row_lists, tile_summary
 from .tile_ops import (LN2, chunk_columns, dropout_keep, list_ends, load_rows, load_tma_rows, mask_scores,
                        query_block_of_program, store_rows, tile_at)
@@ -120,9 +123,12 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         if not RAW_MAX:
             s = s * scale
-        # (Mask pointers are built per tile: a [BLOCK_M, BLOCK_N] pointer tile would live in registers.)
-        s = mask_scores(s, offs_m, offs_n, q_len, k_len, mask_base + offs_n.to(tl.int64)[None, :] * stride_mn,
-                        MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
+        # A bool mask comes as the rows' packed words (mask_bits.py); a float mask's pointers are built per tile
+        # (a [BLOCK_M, BLOCK_N] pointer tile would live in registers).
+        m_ptrs = mask_base
+        if MASK_KIND == 2:
+            m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
+        s = mask_scores(s, offs_m, offs_n, t * BLOCK_N, q_len, k_len, m_ptrs, MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
         m_i = tl.maximum(m_i, tl.max(s, 1))
         o_new = m_i * to_log2
         # A row with no key so far keeps o = -inf; subtracting 0 instead keeps exp2 from making NaN. Without a
@@ -205,7 +211,10 @@ def _attention_fwd_kernel(
                            EVEN_D)
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
-    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows[:, None] * stride_mm
+    # Bool: each row's word 0 [BLOCK_M] (mask_bits.py); float: each row's first entry [BLOCK_M, 1].
+    mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows * stride_mm
+    if MASK_KIND == 2:
+        mask_base = mask_base[:, None]
     order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
     kv_descs = (KD, KD2, VD, VD2)     # TMA descriptors of K / V (two column chunks each) when USE_TMA
 
@@ -314,17 +323,34 @@ def dropout_args(seed, dropout_p: float) -> tuple[int, int, float]:
     return as_i32(s), as_i32(_dropout.threshold(dropout_p)), scale
 
 
+def _heavy(mask, dropout_p, q, v) -> bool:
+    return config.is_heavy("fwd", mask_kind(mask), dropout_p > 0, False, False, q.shape[3], v.shape[3], q.dtype)
+
+
 def mask_kind(mask) -> int:
     if mask is None:
         return 0
     return 1 if mask.dtype == torch.bool else 2
 
 
-def mask_for_kernel(mask):
-    """The mask tensor as the kernel reads it: bool as uint8 (same bytes, any strides), float as is."""
+def mask_for_kernel(mask, transposed: bool = False):
+    """The mask tensor as a kernel reads it: bool packed in 32-bit words (mask_bits.py: rows are queries, or keys
+    when ``transposed`` for the key-major dK/dV kernel), float as is."""
     if mask is not None and mask.dtype == torch.bool:
-        return mask.view(torch.uint8)
+        return packed_bits(mask, transposed)
     return mask
+
+
+def mask_strides(mask, mk, transposed: bool = False) -> tuple:
+    """(b, h, query, key) strides of the mask as the kernels take them, mk = mask_for_kernel(mask, transposed):
+    a packed bool mask gives its row stride in the place of the dim its rows run along (queries, or keys when
+    transposed); the kernels index the words themselves."""
+    if mask is None:
+        return 0, 0, 0, 0
+    if mask.dtype != torch.bool:
+        return mask.stride()
+    sb, sh, sr, _ = mk.stride()
+    return (sb, sh, 0, sr) if transposed else (sb, sh, sr, 0)
 
 
 def tile_descriptors(tensors_rows, dummy, use_tma: bool) -> tuple:
@@ -350,7 +376,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if cfg is None:
-        cfg = config.forward_config(D, Dv, q.dtype, heavy=mask is not None or dropout_p > 0)
+        cfg = config.forward_config(D, Dv, q.dtype, heavy=_heavy(mask, dropout_p, q, v))
     (block_d, block_d2), (block_dv, block_dv2) = config.head_split(D), config.head_split(Dv)
     varlen = cu_q is not None
     dummy = lse
@@ -362,7 +388,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
         num_m_blocks = config.cdiv(Nq, cfg.block_m)
         even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
     mk = mask_for_kernel(mask) if mask is not None else dummy
-    m_strides = mask.stride() if mask is not None else (0, 0, 0, 0)
+    m_strides = mask_strides(mask, mk)
     if mask is not None:
         order, ends = row_lists(tile_summary(mask, cfg.block_m, cfg.block_n), cfg.block_m, cfg.block_n, Nk,
                                 is_causal)
@@ -401,5 +427,5 @@ def attention_forward(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_c
                                 lse, cfg)
     # Every candidate rewrites all of out / lse: what tuning runs leave behind is overwritten.
     autotune.launch_tuned("fwd", q, v.shape[3], mask, is_causal, cu_q is not None, dropout_p > 0,
-                          mask is not None or dropout_p > 0, build)
+                          _heavy(mask, dropout_p, q, v), build)
     return out, lse

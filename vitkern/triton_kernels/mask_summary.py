@@ -175,7 +175,9 @@ def _tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
     if state.numel():
         launch(_tile_state_kernel, (state.numel(),),
                (base, state, *base.stride(), *state.stride(), hs, mt, nt, nq, nk),
-               dict(BLOCK_M=block_m, BLOCK_N=block_n, IS_BOOL=mask.dtype == torch.bool, num_warps=4))
+               # 8 warps for 128x128 tiles: with 4, a thread's 128 entries and their pointers spill (Triton 3.6).
+               dict(BLOCK_M=block_m, BLOCK_N=block_n, IS_BOOL=mask.dtype == torch.bool,
+                    num_warps=8 if block_m * block_n >= 128 * 128 else 4))
     # Tile dims broadcast (a key-padding mask has one row of tiles) are expanded: every query tile of a
     # key-padding mask is visited.
     MT, NT = math.ceil(Nq / block_m), math.ceil(Nk / block_n)

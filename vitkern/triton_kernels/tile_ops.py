@@ -89,6 +89,36 @@ def apply_mask_entries(s, mask_ptrs, read, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
+def mask_bits_keep(word_ptrs, first_col, rows, n_rows, BLOCK_C: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Bool [R, BLOCK_C]: the bits of columns [first_col, first_col + BLOCK_C) of a packed bool mask
+    (mask_bits.py), word_ptrs [R] pointing at each row's word 0; CHECK_ROWS: rows at or past n_rows (``rows``
+    their positions) are not read (False). first_col is a multiple of BLOCK_C. Each word is a 1-D load per
+    row; which word a column's bit lies in is fixed per register (the column's word index folds to a constant
+    in the MMA layout), so a score costs a bit test and, at the caller, a select."""
+    cols = tl.arange(0, BLOCK_C)
+    if BLOCK_C >= 32:
+        w0 = first_col // 32
+        words = _load_words(word_ptrs + w0, rows, n_rows, CHECK_ROWS)[:, None] + tl.zeros([1, BLOCK_C], tl.int32)
+        for j in tl.static_range(1, BLOCK_C // 32):
+            w = _load_words(word_ptrs + w0 + j, rows, n_rows, CHECK_ROWS)
+            words = tl.where((cols // 32)[None, :] == j, w[:, None], words)
+        keep = (words & (1 << (cols % 32))[None, :]) != 0
+    else:
+        w = _load_words(word_ptrs + first_col // 32, rows, n_rows, CHECK_ROWS) >> (first_col % 32)
+        keep = (w[:, None] & (1 << cols)[None, :]) != 0
+    return keep
+
+
+@triton.jit
+def _load_words(ptrs, rows, n_rows, CHECK_ROWS: tl.constexpr):
+    if CHECK_ROWS:
+        w = tl.load(ptrs, mask=rows < n_rows, other=0)
+    else:
+        w = tl.load(ptrs)
+    return w
+
+
+@triton.jit
 def chunk_columns(BLOCK: tl.constexpr, BLOCK2: tl.constexpr):
     """Column offsets of a head dim's two chunks (config.head_split): [0, BLOCK) and [BLOCK, BLOCK + BLOCK2);
     the second is a placeholder (the first again) when BLOCK2 == 0, for code that uses it only when > 0."""
@@ -116,16 +146,21 @@ def list_ends(ends):
 
 
 @triton.jit
-def mask_scores(s, offs_m, offs_n, q_len, k_len, mask_ptrs,
+def mask_scores(s, offs_m, offs_n, first_col, q_len, k_len, mask_ptrs,
                 MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
     """s [BM, BN] (scaled scores); offs_m / offs_n are positions inside the sequence (causal is top-left).
 
-    MASK_KIND: 0 none, 1 bool (True = takes part), 2 float (added to the scores): the entries at mask_ptrs
-    are read (the callers hand only tiles the mask summary calls partial to a masked call). CAUSAL / CHECK_N say
+    MASK_KIND: 0 none, 1 bool packed in words (mask_bits.py; mask_ptrs [BM] the rows' word pointers, the tile's
+    first column first_col), 2 float (added to the scores; mask_ptrs [BM, BN] the entries): the mask is read
+    (the callers hand only tiles the mask summary calls partial to a masked call). CAUSAL / CHECK_N say
     whether this tile can hold pairs above the diagonal / keys past k_len (callers split their loops so most
     tiles need neither); CHECK_M whether rows past q_len exist (only their mask reads matter).
     """
-    if MASK_KIND != 0:
+    if MASK_KIND == 1:
+        # Keys past the end have 0 bits; rows past q_len are not read.
+        keep = mask_bits_keep(mask_ptrs, first_col, offs_m, q_len, s.shape[1], CHECK_M)
+        s = tl.where(keep, s, float("-inf"))
+    elif MASK_KIND == 2:
         read = tl.full(s.shape, 1, tl.int1)
         if CHECK_M:
             read = read & (offs_m[:, None] < q_len)
