@@ -114,21 +114,28 @@ def test_split_head_dims_cost_their_width(rows, d):
 
 def test_masked_forward_full_tiles_run_the_unmasked_loop(rows):
     # The main loop of a masked forward walks the summary's full tiles: no mask load (one LDG per tile at most:
-    # the next tile's index in the list; K/V come by cp.async), and at d96 (where the tensor cores bound both)
-    # within 15% of the dense forward's bound.
+    # the next tile's index in the list; K/V come by cp.async). A bool mask is read as packed bits (mask_bits.py),
+    # so the kernel runs the dense tiles: issue 13's "within 15% of dense per visited tile" for its full tiles,
+    # and a partial tile (the bit test and select per score, version 5 in benchmarks/NOTES.md) under 2x dense.
     masked = [r for r in _family(rows, FWD) if r["mask"] == 1 and not (r["causal"] or r["dropout"])]
     assert sorted(r["head_dim"] for r in masked) == [64, 96]
     for r in masked:
         ops = r["loops"][0]["ops"]
         assert ops.get("LDG", 0) <= 1 and ops.get("LDGSTS", 0) > 0, ops
-    d96 = next(r for r in masked if r["head_dim"] == 96)
-    assert d96["cycles"]["bound"] <= 1.15 * _dense_forward(rows, 96)["cycles"]["bound"]
+        dense = _dense_forward(rows, r["head_dim"])
+        assert (r["block_m"], r["block_n"]) == (dense["block_m"], dense["block_n"])
+        assert r["per_tile"] <= 1.15 * dense["per_tile"], (r["head_dim"], r["per_tile"], dense["per_tile"])
+        assert r["cycles"]["bound"] <= 1.15 * dense["cycles"]["bound"], (r["cycles"], dense["cycles"])
+        worst = max(sass_report.per_tile(lp["length"], r["num_warps"], r["block_m"], r["block_n"])
+                    for lp in r["loops"])
+        assert worst <= 2 * dense["per_tile"], (r["head_dim"], worst)
 
 
 def test_light_forward_loads_through_tma(rows):
     # Issue 13: Hopper's TMA behind a capability check. On sm_90 the forward without mask or dropout reads K / V
-    # tiles with UTMALDG (no per-thread cp.async in its loop); masked and dropout forwards keep pointer tiles
-    # (issue-bound there, where a TMA tile's barrier work costs more than the address math it saves).
+    # tiles with UTMALDG (no per-thread cp.async in its loop); masked and dropout forwards keep pointer tiles for
+    # K / V (issue-bound there, where a TMA tile's barrier work costs more than the address math it saves), while
+    # a float mask's own tiles come by TMA in the partial-tile loop (mask_operand.py).
     fwd = _family(rows, FWD)
     light = [r for r in fwd if not (r["mask"] or r["dropout"])]
     heavy = [r for r in fwd if r["mask"] or r["dropout"]]
@@ -136,4 +143,6 @@ def test_light_forward_loads_through_tma(rows):
     for r in light:
         ops = r["loops"][0]["ops"]
         assert r["loop_tma"] and not ops.get("LDGSTS"), (r["head_dim"], ops)
-    assert not any(r["tma"] for r in heavy)
+    assert not any(r["loop_tma"] for r in heavy)
+    float_masked = [r for r in heavy if r["mask"] == 2]
+    assert float_masked and all(r["tma"] for r in float_masked)

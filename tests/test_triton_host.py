@@ -84,8 +84,8 @@ def test_mask_summary_is_remembered_until_the_mask_changes(stub, dtype):
     fw = config.forward_config(32, 32, torch.float16, heavy=heavy)
     assert (kv.block_m, kv.block_n) != (dq.block_m, dq.block_n)
     dq_summary = [] if (dq.block_m, dq.block_n) == (fw.block_m, fw.block_n) else ["_tile_state_kernel"]
-    assert stub == (["_attention_fwd_kernel"] + pack + dq_summary + ["_bwd_dq_kernel", "_tile_state_kernel",
-                                                                      "_bwd_dkdv_kernel"]), stub
+    assert stub == (["_attention_fwd_kernel"] + dq_summary + ["_bwd_dq_kernel"] + pack
+                    + ["_tile_state_kernel", "_bwd_dkdv_kernel"]), stub
     stub.clear()
     bwd()
     assert stub == ["_bwd_dq_kernel", "_bwd_dkdv_kernel"], stub

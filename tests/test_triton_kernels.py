@@ -649,6 +649,56 @@ def test_tma_varlen_keeps_each_sequence_to_itself(monkeypatch):
     assert_close(out[33:64, 0], exact[33:64, 0], exact[33:64, 0].to(out.dtype), "tma varlen head 0")
 
 
+BIAS_CASES = [  # (bias shape before expanding, expanded, nq, nk): rows not 16-byte aligned (copied, padded to 8
+    # entries) and aligned (read in place), broadcast batch / head, a key tile past the end
+    ((2, 2, 37, 21), None, 37, 21), ((1, 2, 19, 40), (2, 2, 19, 40), 19, 40), ((1, 1, 33, 17), (2, 3, 33, 17), 33, 17)]
+
+
+@needs_tma
+@pytest.mark.parametrize("shape,expand,nq,nk", BIAS_CASES)
+@pytest.mark.parametrize("tiles", [None, WIDE_TILES[0]], ids=str)
+def test_float_mask_tiles_through_tma(monkeypatch, shape, expand, nq, nk, tiles):
+    # A float mask (relative position bias) read as TMA tiles in the forward, dQ and the key-major dK/dV
+    # (transposed in shared memory), against float64 and, in the interpreter, bit for bit against its pointer
+    # path. -inf entries take pairs out (a NaN key there must not reach the output), a fully -inf row gives 0.
+    from vitkern.triton_kernels.mask_operand import mask_operand
+    if tiles is not None:
+        from vitkern.triton_kernels import autotune
+        fwd, kv, dq = (config.LaunchConfig(*t, 1, 1) for t in tiles)
+        monkeypatch.setattr(autotune, "_decided", {})
+        monkeypatch.setattr(config, "static_config",
+                            lambda kernel, *a, **k: {"fwd": fwd, "bwd_dkdv": kv, "bwd_dq": dq}[kernel])
+    g = torch.Generator().manual_seed(14)
+    bias = torch.randn(shape, generator=g) * 2
+    bias[..., 3, :] = -math.inf                       # a row with no key
+    bias[..., :, 5] = -math.inf                       # a key no query sees
+    bias = bias.to(DEV, torch.float16)
+    if expand:
+        bias = bias.expand(expand)
+    b, h = bias.shape[:2]
+    q, k, v = qkv(b, h, nq, nk, 32, dtype=torch.float16)
+    bias.requires_grad_(expand is None)
+    leaves = (q, k, v, bias) if expand is None else (q, k, v)
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "1")
+    for transposed in (False, True):
+        assert mask_operand(bias.detach(), bias, transposed, 32, 16, arch=None).tma
+    f = sdpa()
+    with torch.no_grad():
+        k_nan = k.detach().clone()
+        k_nan[:, :, 5] = float("nan")
+        isolated = f(q.detach(), k_nan, v.detach(), bias.detach())
+    out = check(f, lambda q, k, v, m: math_attention(q, k, v, mask=m), (q, k, v, bias), "tma bias")
+    assert (out[:, :, 3] == 0).all() and torch.equal(isolated, out.detach())
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEV, out.dtype)
+    got = grads_of(f(q, k, v, bias), leaves, dout)
+    monkeypatch.setenv("VITKERN_TRITON_TMA", "0")
+    assert not mask_operand(bias.detach(), bias, False, 32, 16, arch=None).tma
+    plain = f(q, k, v, bias)
+    if INTERPRETING:
+        assert torch.equal(out, plain)
+        assert all(torch.equal(a, b) for a, b in zip(got, grads_of(plain, leaves, dout)))
+
+
 # ---------------------------------------------------------------------------------------- input checks
 def test_unsupported_inputs_say_why(monkeypatch):
     be = get_backend("triton")

@@ -71,8 +71,8 @@ def test_every_neighbour_includes_the_recorded_spills(on_gpu):
         assert cands <= every and neighbours <= every and (bad & neighbours) <= every
 
 
-def _result(kernel, cfg, stack, cands, d=128, mask=2):   # a float mask: heavy
-    return {"kernel": kernel, "dtype": torch.float16, "d": d, "mask": mask, "varlen": False, "dropout": False,
+def _result(kernel, cfg, stack, cands, d=128, mask=2):   # a float mask with dropout: heavy
+    return {"kernel": kernel, "dtype": torch.float16, "d": d, "mask": mask, "varlen": False, "dropout": mask != 0,
             "causal": False, "stack": stack, "cfg": cfg, "candidates": cands}
 
 

@@ -105,20 +105,25 @@ def _variants(quick: bool):
     out += [(f32, 64, 0, False, False, False, 256), (b16, 96, 1, False, False, False, 197),
             (b16, 96, 0, True, True, True, 197), (b16, 96, 0, False, False, False, 256),
             (f16, 80, 2, True, False, True, 197), (f16, 128, 0, False, True, False, 197),
-            (f32, 256, 2, True, False, True, 197)]
+            (f32, 256, 2, True, False, True, 197),
+            # A float mask alone (relative position bias): the forward's light tiles when it comes through TMA.
+            (f16, 64, 2, False, False, False, 197), (b16, 128, 2, False, False, False, 197)]
     return out
 
 
-def _heavy(kernel, mask_kind, varlen, dropout, causal, d, dtype) -> bool:
-    """The ``heavy`` flag the launch code passes for this kernel (config.is_heavy)."""
-    return config.is_heavy(kernel, mask_kind, dropout, varlen, causal, d, d, dtype)
+def _heavy(kernel, mask_kind, varlen, dropout, causal, d, dtype, arch=90) -> bool:
+    """The ``heavy`` flag the launch code passes for this kernel (config.is_heavy; _launches' float masks have rows
+    of their own, so on sm_90 their tiles come through TMA: mask_operand.float_tiles_by_tma)."""
+    mask_tma = (mask_kind == 2 and dtype in config.TMA_DTYPES and arch >= 90 and config.tma_mode() != "0"
+                and config._descriptor_class() is not None)
+    return config.is_heavy(kernel, mask_kind, dropout, varlen, causal, d, d, dtype, mask_tma)
 
 
-def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n, every=False) -> list:
+def _candidate_sets(dtype, d, mask_kind, causal, varlen, dropout, n, every=False, arch=90) -> list:
     """(fwd, dK/dV, dQ) configs to compile for one variant: the i-th candidate of each kernel together (None:
     that kernel has fewer candidates, its table entry stands in and is compiled once). ``every``: every
     neighbour, also those the record lists as spilling."""
-    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout, causal, d, dtype),
+    lists = [config.candidates(kernel, d, d, dtype, _heavy(kernel, mask_kind, varlen, dropout, causal, d, dtype, arch),
                                every=every)
              for kernel in config.KERNELS]
     return list(itertools.zip_longest(*lists))
@@ -227,10 +232,12 @@ def check(quick: bool = False, arch: int = 90, verbose: bool = True, candidates:
     target = GPUTarget("cuda", arch, 32)
     failures, seen = [], {}     # compile key -> stack bytes (None: failed or unknown)
     jobs = [(variant, cfgs) for variant in _variants(quick) if head_dims is None or variant[1] in head_dims
-            for cfgs in (_candidate_sets(*variant, every=every) if candidates and not quick else [(None, None, None)])]
+            for cfgs in (_candidate_sets(*variant, every=every, arch=arch) if candidates and not quick
+                         else [(None, None, None)])]
     for variant, cfgs in jobs:
         dtype, d, mk, causal, varlen, dropout, n = variant
-        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype, _heavy("fwd", mk, varlen, dropout, causal, d, dtype))
+        fwd_cfg = cfgs[0] or config.static_config("fwd", d, d, dtype,
+                                                  _heavy("fwd", mk, varlen, dropout, causal, d, dtype, arch))
         for kernel, _grid, args, kwargs in _launches(*variant, cfgs, arch=arch):
             kw = dict(kwargs)
             options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
@@ -285,7 +292,7 @@ def compile_variants(variants, arch: int = 90, candidates: bool = True):
         raise RuntimeError("aot_check compiles real kernels: unset TRITON_INTERPRET")
     seen = set()
     for variant in variants:
-        for cfgs in (_candidate_sets(*variant) if candidates else [(None, None, None)]):
+        for cfgs in (_candidate_sets(*variant, arch=arch) if candidates else [(None, None, None)]):
             for kernel, _grid, args, kwargs in _launches(*variant, cfgs, arch=arch):
                 kw = dict(kwargs)
                 options = dict(num_warps=kw.pop("num_warps", 4), num_stages=kw.pop("num_stages", 3))
@@ -321,7 +328,8 @@ def main(argv=None) -> int:
         print("  ", f)
     if args.record:
         spills, table = release_record(results)
-        print(f"\n# config.TRITON_RECORDS entry for Triton {'.'.join(map(str, config.triton_version()))}, sm_{args.arch}:")
+        version = ".".join(map(str, config.triton_version()))
+        print(f"\n# config.TRITON_RECORDS entry for Triton {version}, sm_{args.arch}:")
         print(f"{config.triton_version()}: TritonRecord(")
         print("    {" + ",\n     ".join(f"{k!r}: {sorted(v)!r}".replace("[", "{").replace("]", "}")
                                        for k, v in sorted(spills.items())) + "},")

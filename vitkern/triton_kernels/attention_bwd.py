@@ -28,10 +28,11 @@ import triton
 import triton.language as tl
 
 from . import autotune, config, varlen_map
-from .attention_fwd import dropout_args, mask_for_kernel, mask_kind, mask_strides, tile_descriptors
+from .attention_fwd import dropout_args, tile_descriptors
+from .mask_operand import mask_kind, mask_operand
 from .mask_summary import col_lists, row_lists, tile_summary
-from .tile_ops import (LOG2E, _COL_MUL, _GOLDEN, _mix32, apply_mask_entries, chunk_columns, mask_bits_keep, list_ends, load_rows,
-                       load_tma_rows, query_block_of_program, store_rows, tile_at)
+from .tile_ops import (_COL_MUL, _GOLDEN, _mix32, LOG2E, apply_bias, chunk_columns, list_ends, load_rows, load_tma_rows,
+                       mask_bits_keep, query_block_of_program, store_rows, tile_at)
 
 _INTERPRET = tl.constexpr(config.interpreting())
 # Which gradients a dK/dV launch accumulates (its GRADS argument; config.split_dkdv says when it is one each).
@@ -52,13 +53,13 @@ def _fma(a, b, c):
 @triton.jit
 def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_rows, first_col, scale,
            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
-           KEY_BOUNDS: tl.constexpr):
+           KEY_BOUNDS: tl.constexpr, MASK_TMA: tl.constexpr):
     """P of a tile in either orientation: s the raw q.k products, lse2 / qi (query positions) / kj (key
     positions) broadcast to s's shape ([BM, 1] and [1, BN] for a query-major tile, the other way round for a
     key-major one), mask_ptrs the mask entries of the tile (read in bounds when MASK_KIND != 0: the tile lists
     hand only partial tiles to a masked call); a bool mask (MASK_KIND 1) comes packed (mask_bits.py): mask_ptrs
     [R] the words of the tile's rows (queries, or keys when key-major), tile_rows [R] their positions,
-    first_col the tile's first column.
+    first_col the tile's first column; a float mask's entries come loaded (a TMA tile) under MASK_TMA.
     KEY_BOUNDS: zero P of keys past k_len (the dQ kernel needs it; the dK/dV kernel never stores those rows)."""
     # Natural units first (one rounding, of a number near 0), then log2(e): lse's own rounding is then the
     # only one at the logits' magnitude, and it is the same for every key of the row.
@@ -75,7 +76,7 @@ def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_rows, first_col, scale
             read = read & (qi < q_len)
         if CHECK_K:
             read = read & (kj < k_len)
-        y = apply_mask_entries(y, mask_ptrs, read, MASK_KIND)
+        y = apply_bias(y, mask_ptrs, read, MASK_TMA)
     if CAUSAL:
         y = tl.where(kj <= qi, y, float("-inf"))
     if KEY_BOUNDS and CHECK_K:
@@ -158,12 +159,14 @@ def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
 
 @triton.jit
 def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2, Delta, row_base, mask_base,
-                order_base, t_lo, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
+                mask_tile, order_base, t_lo, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
+                stride_qm, stride_qd,
                 stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                PRECISION: tl.constexpr, GRADS: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+                PRECISION: tl.constexpr, GRADS: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+                MASK_TMA: tl.constexpr):
     """Accumulate dK / dV [BLOCK_N, *] of one key tile over query tiles [t_lo, t_hi) (LISTED: the tiles at
     those positions of the list at order_base, mask_summary.col_lists) of one query head, on key-major tiles
     [BLOCK_N, BLOCK_M]. MASK_KIND != 0 reads the mask on every tile (partial tiles only). Second column chunks
@@ -205,9 +208,14 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h
             st = tl.dot(k2, tl.trans(q2), st, input_precision=PRECISION)
         m_ptrs = mask_base      # bool: the keys' words of mask^T (mask_bits.py)
         if MASK_KIND == 2:
-            m_ptrs = mask_base + rows[None, :] * stride_mm
+            if MASK_TMA:        # a [queries, keys] tile, transposed in shared memory
+                m_desc, mb, mh, m_col = mask_tile
+                m_ptrs = tl.trans(load_tma_rows(m_desc, mb, mh, q_start + t * BLOCK_M, m_col, offs_m, q_len, BLOCK_M,
+                                                offs_n.shape[0], False))
+            else:
+                m_ptrs = mask_base + rows[None, :] * stride_mm
         pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len, m_ptrs, offs_n,
-                    q_start + t * BLOCK_M, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False)
+                    q_start + t * BLOCK_M, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False, MASK_TMA)
         if GRAD_DK & GRADS:
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             if BLOCK_DV2 > 0:
@@ -234,7 +242,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h
 @triton.jit(do_not_specialize=["num_n_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse2, Delta, DK, DV, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart, QD, QD2, DOD,
-    DOD2,
+    DOD2, MD,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -250,7 +258,7 @@ def _bwd_dkdv_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    PRECISION: tl.constexpr, GRADS: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, GRADS: tl.constexpr, USE_TMA: tl.constexpr, MASK_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -316,59 +324,68 @@ def _bwd_dkdv_kernel(
         mask_base = Mask + b64 * stride_mb + h64 * stride_mh + offs_n.to(tl.int64) * stride_mn
         if MASK_KIND == 2:
             mask_base = mask_base[:, None]
+        # MASK_TMA: float mask tiles through MD at (batch, head) coordinates 0 where it broadcasts (mask_operand.py)
+        mask_tile = (MD, b * stride_mb, h * stride_mh, n_start)
         if HAS_SUMMARY:
             # The lists of mask_summary.col_lists: full tiles without checks, full tiles with them, partial tiles.
             e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                           Delta, row_base, mask_base, order_base, 0, e_full, offs_n, cols, q_start,
+                                           Delta, row_base, mask_base, mask_tile, order_base, 0, e_full, offs_n, cols,
+                                           q_start,
                                            q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                                            stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                                            BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False,
-                                           False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN)
+                                           False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN, MASK_TMA)
             if IS_CAUSAL or not EVEN_M:
                 dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                               Delta, row_base, mask_base, order_base, e_full, e_edge, offs_n, cols,
+                                               Delta, row_base, mask_base, mask_tile, order_base, e_full, e_edge,
+                                               offs_n, cols,
                                                q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
                                                stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
                                                drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                                BLOCK_DV2, 0, True, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N,
-                                               EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN)
+                                               EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN, MASK_TMA)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                           Delta, row_base, mask_base, order_base, e_edge, e_part, offs_n, cols,
+                                           Delta, row_base, mask_base, mask_tile, order_base, e_edge, e_part, offs_n,
+                                           cols,
                                            q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                                            stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                                            BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True,
                                            HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, PRECISION, GRADS,
-                                           USE_TMA, IS_VARLEN)
+                                           USE_TMA, IS_VARLEN, MASK_TMA)
         else:
             t_full = t_first
             if IS_CAUSAL:
                 t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_first), t_end)
                 dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                               Delta, row_base, mask_base, order_base, t_first, t_full, offs_n, cols,
+                                               Delta, row_base, mask_base, mask_tile, order_base, t_first, t_full,
+                                               offs_n, cols,
                                                q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
                                                stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
                                                drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                                BLOCK_DV2, 0, False, HAS_DROPOUT, True, not EVEN_M, not EVEN_N, EVEN_D,
-                                               PRECISION, GRADS, USE_TMA, IS_VARLEN)
+                                               PRECISION, GRADS, USE_TMA, IS_VARLEN, MASK_TMA)
             # Below t_mid every query row of the tile is in range (no row checks on loads); the rest pay for them.
             t_mid = t_end
             if not EVEN_M:
                 t_mid = tl.maximum(tl.minimum(t_end, q_len // BLOCK_M), t_full)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                           Delta, row_base, mask_base, order_base, t_full, t_mid, offs_n, cols, q_start,
+                                           Delta, row_base, mask_base, mask_tile, order_base, t_full, t_mid, offs_n,
+                                           cols, q_start,
                                            q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                                            stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                                            BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
-                                           False, False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN)
+                                           False, False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN,
+                                           MASK_TMA)
             if not EVEN_M:
                 dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                               Delta, row_base, mask_base, order_base, t_mid, t_end, offs_n, cols,
+                                               Delta, row_base, mask_base, mask_tile, order_base, t_mid, t_end,
+                                               offs_n, cols,
                                                q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
                                                stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
                                                drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                                BLOCK_DV2, 0, False, HAS_DROPOUT, False, True, not EVEN_N, EVEN_D,
-                                               PRECISION, GRADS, USE_TMA, IS_VARLEN)
+                                               PRECISION, GRADS, USE_TMA, IS_VARLEN, MASK_TMA)
     dk_rows = DK + b64 * stride_dkb + hk.to(tl.int64) * stride_dkh + cols[:, None] * stride_dkn
     dv_rows = DV + b64 * stride_dvb + hk.to(tl.int64) * stride_dvh + cols[:, None] * stride_dvn
     if GRAD_DK & GRADS:
@@ -386,13 +403,15 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base, dmask_base,
-              order_base, t_lo, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd,
+def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base, mask_tile,
+              dmask_base, order_base, t_lo, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
+              stride_kn, stride_kd,
               stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               MASK_GRAD: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
-              EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+              EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+              MASK_TMA: tl.constexpr):
     """Accumulate dQ (and dq2, the second column chunk's) of one query tile over key tiles [t_lo, t_hi) (LISTED:
     the tiles at those positions of the list at order_base, mask_summary.row_lists); write dMask when asked.
     MASK_KIND != 0 reads the mask on every tile (partial tiles only). USE_TMA: K / V tiles through the
@@ -427,9 +446,14 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         m_ptrs = mask_base      # bool: the queries' words (mask_bits.py)
         if MASK_KIND == 2:
-            m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
+            if MASK_TMA:
+                m_desc, mb, mh, m_row = mask_tile
+                m_ptrs = load_tma_rows(m_desc, mb, mh, m_row, t * BLOCK_N, offs_m, q_len, offs_m.shape[0], BLOCK_N,
+                                       False)
+            else:
+                m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
         p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len, m_ptrs, offs_m, t * BLOCK_N,
-                   scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, True)
+                   scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, True, MASK_TMA)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if BLOCK_DV2 > 0:
             if USE_TMA:
@@ -454,7 +478,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Lse2, Delta, DQ, DMask, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq,
-    BlockStart, KD, KD2, VD, VD2,
+    BlockStart, KD, KD2, VD, VD2, MD,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -472,6 +496,7 @@ def _bwd_dq_kernel(
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_STATS: tl.constexpr, USE_TMA: tl.constexpr,
+    MASK_TMA: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -515,6 +540,7 @@ def _bwd_dq_kernel(
     mask_base = Mask + b64 * stride_mb + h64 * stride_mh + rows * stride_mm      # bool: the rows' words
     if MASK_KIND == 2:
         mask_base = mask_base[:, None]
+    mask_tile = (MD, b * stride_mb, h * stride_mh, m_start)     # MASK_TMA, as in the forward
     dmask_base = DMask + b64 * stride_gb + h64 * stride_gh + rows[:, None] * stride_gm
     order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
     kv_descs = (KD, KD2, VD, VD2)     # TMA descriptors of K / V (two column chunks each) when USE_TMA
@@ -539,38 +565,42 @@ def _bwd_dq_kernel(
         # The lists of mask_summary.row_lists, as in the forward.
         e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
         dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                            dmask_base, order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim,
+                            mask_tile, dmask_base, order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim,
                             head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                             scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                             BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
-                            USE_TMA, IS_VARLEN)
+                            USE_TMA, IS_VARLEN, MASK_TMA)
         if IS_CAUSAL or not EVEN_N:
             dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                                dmask_base, order_base, e_full, e_edge, offs_m, rows, k_start, q_len, k_len, head_dim,
+                                mask_tile, dmask_base, order_base, e_full, e_edge, offs_m, rows, k_start, q_len,
+                                k_len, head_dim,
                                 head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                                 scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                 BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
-                                PRECISION, USE_TMA, IS_VARLEN)
+                                PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
         dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                            dmask_base, order_base, e_edge, e_part, offs_m, rows, k_start, q_len, k_len, head_dim,
+                            mask_tile, dmask_base, order_base, e_edge, e_part, offs_m, rows, k_start, q_len, k_len,
+                            head_dim,
                             head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                             scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                             BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N,
-                            EVEN_D, PRECISION, USE_TMA, IS_VARLEN)
+                            EVEN_D, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
     else:
         dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                            dmask_base, order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len, head_dim,
+                            mask_tile, dmask_base, order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len,
+                            head_dim,
                             head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                             scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                             BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
-                            USE_TMA, IS_VARLEN)
+                            USE_TMA, IS_VARLEN, MASK_TMA)
         if IS_CAUSAL or not EVEN_N:
             dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                                dmask_base, order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim,
+                                mask_tile, dmask_base, order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len,
+                                head_dim,
                                 head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                                 scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                 BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
-                                PRECISION, USE_TMA, IS_VARLEN)
+                                PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
     dq_rows = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm
     store_rows(dq_rows + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), offs_m, q_len, offs_d,
                head_dim, EVEN_M, EVEN_D)
@@ -629,9 +659,7 @@ class _BackwardCall:
         self.lse2 = torch.empty_like(self.lse)
         self.cu = (cu_q, cu_k) if self.varlen else (None, None)
         self.cu_args = (cu_q, cu_k) if self.varlen else (self.lse2, self.lse2)
-        # (mask, strides) as each kernel reads it: a bool mask packed along keys for dQ, along queries for dK/dV.
-        self.mk = {t: (mk, mask_strides(mask, mk, t)) for t in (False, True)
-                   for mk in [mask_for_kernel(mask, t) if mask is not None else self.lse2]}
+        self.arch = arch
         self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
         # Fusing the row statistics into the dQ kernel spills there for fp32 at head dims > 128.
         self.block_dv = config.padded_head_dim(Dv)
@@ -650,7 +678,11 @@ class _BackwardCall:
     def static_configs(self) -> tuple:
         return config.backward_configs(*self.dims, self.dtype, heavy=self.heavy)
 
-    def _launch(self, kernel, cfg, resident_keys, head_tensors, outs, out_strides, heads, **kw):
+    def _mask(self, cfg, resident_keys: bool):
+        """The mask as the dK/dV (resident_keys: key-major tiles) or dQ kernel reads it (mask_operand.py)."""
+        return mask_operand(self.mask, self.lse2, resident_keys, cfg.block_m, cfg.block_n, self.arch)
+
+    def _launch(self, kernel, cfg, resident_keys, head_tensors, outs, out_strides, heads, mop, **kw):
         """The dK/dV or dQ launch: both take (inputs, row stats, outputs, mask and tile summary, program map,
         TMA descriptors of the looped-over tiles, strides, head counts, scalars) in the same order; the dQ kernel
         also reads out and lse. The dK/dV kernel loops over Q / dO tiles, the dQ kernel over K / V tiles."""
@@ -662,9 +694,10 @@ class _BackwardCall:
         looped = ((q, cfg.block_m), (dout, cfg.block_m)) if resident_keys else ((k, cfg.block_n), (v, cfg.block_n))
         descs = tile_descriptors(looped, self.lse2, self.tma)
         args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.lse2, self.delta,
-                *outs, self.mk[resident_keys][0], order, ends, *self.cu_args, seq, start, *descs,
+                *outs, mop.tensor, order, ends, *self.cu_args, seq, start, *descs, mop.desc,
                 *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
-        return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags)
+        return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags,
+                                                                                          MASK_TMA=mop.tma)
 
     def dkdv(self, cfg) -> list:
         """The dK/dV launch, or two (dV, then dK) where config.split_dkdv says both accumulators spill."""
@@ -672,16 +705,18 @@ class _BackwardCall:
         dk, dv = self.grads[1:]
         grads = (GRAD_DV.value, GRAD_DK.value) if config.split_dkdv(*self.dims, self.dtype) else \
             (GRAD_DV.value | GRAD_DK.value,)
-        return [self._launch(_bwd_dkdv_kernel, cfg, True, (), (dk, dv), (*bs(dk), *bs(dv), *self.mk[True][1]),
-                             (self.Hq, self.Hk, self.Hq // self.Hk), GRADS=g) for g in grads]
+        mop = self._mask(cfg, True)
+        return [self._launch(_bwd_dkdv_kernel, cfg, True, (), (dk, dv), (*bs(dk), *bs(dv), *mop.strides),
+                             (self.Hq, self.Hk, self.Hq // self.Hk), mop, GRADS=g) for g in grads]
 
     def dq(self, cfg):
         dq = self.grads[0]
         dm = self.dmask if self.mask_grad else self.lse2
         g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
+        mop = self._mask(cfg, False)
         return self._launch(_bwd_dq_kernel, cfg, False, (self.out,), (dq, dm),
-                            (*config.batch_strides(dq), *self.mk[False][1], *g_strides),
-                            (self.Hq, self.Hq // self.Hk), MASK_GRAD=self.mask_grad, FUSED_STATS=self.fused_stats)
+                            (*config.batch_strides(dq), *mop.strides, *g_strides),
+                            (self.Hq, self.Hq // self.Hk), mop, MASK_GRAD=self.mask_grad, FUSED_STATS=self.fused_stats)
 
     def row_stats(self, block_m: int) -> list:
         """The pre-pass launch when the dQ kernel does not compute the row statistics itself, else nothing."""

@@ -7,7 +7,8 @@ Features
   summary (mask_summary.py): each query tile walks lists of its full tiles (the unmasked loop body, no mask
   read, no branch) and then of its partial ones; empty tiles are never visited. A bool mask is read packed,
   a bit per pair (mask_bits.py: 1-D word loads per row, a bit test and a select per score), a float mask
-  through its strides;
+  through its strides, or on sm_90+ as TMA tiles (MASK_TMA, mask_operand.py: 16-bit entries with rows of
+  their own, copied once into 16-byte-aligned rows where needed);
 - causal (top-left aligned, per sequence for varlen), grouped-query attention (Hq a multiple of Hk);
 - fp16 / bf16 / fp32 (fp32 products are exact, input_precision="ieee", unless tf32x3 / tf32 is opted into
   with VITKERN_TRITON_FP32_PRECISION, see config.py);
@@ -23,8 +24,8 @@ Features
   per key (head dims, dtype, mask kind, causal, varlen, dropout; never lengths) by autotune.py.
 Limits
 - head dims > 256 are not served (register/shared-memory budget); float64 is not served;
-- the mask summary is recomputed for each call (forward and backward); a mask is assumed not to change between
-  the forward and the backward;
+- the mask summary, a bool mask's packing and a float mask's aligned copy are remembered while the mask is
+  unchanged (tensor_memo.py); a mask is assumed not to change between the forward and the backward;
 - Q / K / V tiles come through TMA descriptors on sm_90+ without a mask or dropout (config.use_tma: 16-bit,
   16-byte aligned strides; VITKERN_TRITON_TMA=0 turns it off), pointer tiles elsewhere (sm_80, fp32, odd
   strides, masks and dropout, the interpreter unless VITKERN_TRITON_TMA=1); the output stays a pointer store
@@ -38,7 +39,7 @@ import triton
 import triton.language as tl
 
 from . import autotune, config, varlen_map
-from .mask_bits import packed_bits
+from .mask_operand import float_tiles_by_tma, mask_kind, mask_operand
 from .mask_summary import row_lists, tile_summary
 from .tile_ops import (LN2, chunk_columns, dropout_keep, list_ends, load_rows, load_tma_rows, mask_scores,
                        query_block_of_program, store_rows, tile_at)
@@ -58,13 +59,15 @@ def _fma(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk, mask_base, order_base, t_lo, t_hi,
+def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk, mask_base, mask_tile, order_base,
+               t_lo, t_hi,
                offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
                stride_mn, stride_tn, scale, to_log2, seed, bh, drop_threshold, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DV2: tl.constexpr,
                MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr, CAUSAL: tl.constexpr,
                CHECK_M: tl.constexpr, CHECK_N: tl.constexpr, EVEN_D: tl.constexpr, RAW_MAX: tl.constexpr,
-               EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr):
+               EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
+               MASK_TMA: tl.constexpr):
     """Online-softmax update of (acc, acc2, m_i, o_i, l_i) over key tiles [t_lo, t_hi), or, LISTED, over the key
     tiles at positions [t_lo, t_hi) of the list at order_base (mask_summary.row_lists). MASK_KIND != 0: read
     the mask on every tile (the lists hand only partial tiles to such a loop: no branch, whose merged scores
@@ -82,7 +85,8 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
 
     USE_TMA: K / V tiles come through the TMA descriptors kv_descs = (k, k2, v, v2) (config.tma_descriptor; b, hk
     their batch and head coordinates) instead of pointer tiles; V rows past a packed sequence's end are zeroed
-    (keys past it are masked in the scores already)."""
+    (keys past it are masked in the scores already). MASK_TMA: a float mask's tiles through the descriptor of
+    mask_tile = (descriptor, batch, head, first row) (mask_operand.py), not through mask_base."""
     offs_d, offs_d2 = chunk_columns(BLOCK_D, BLOCK_D2)
     offs_dv, offs_dv2 = chunk_columns(BLOCK_DV, BLOCK_DV2)
     k_desc, k_desc2, v_desc, v_desc2 = kv_descs
@@ -127,8 +131,14 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
         # (a [BLOCK_M, BLOCK_N] pointer tile would live in registers).
         m_ptrs = mask_base
         if MASK_KIND == 2:
-            m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
-        s = mask_scores(s, offs_m, offs_n, t * BLOCK_N, q_len, k_len, m_ptrs, MASK_KIND, CAUSAL, CHECK_M, CHECK_N)
+            if MASK_TMA:
+                m_desc, mb, mh, m_row = mask_tile
+                m_ptrs = load_tma_rows(m_desc, mb, mh, m_row, t * BLOCK_N, offs_m, q_len, offs_m.shape[0], BLOCK_N,
+                                       False)
+            else:
+                m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
+        s = mask_scores(s, offs_m, offs_n, t * BLOCK_N, q_len, k_len, m_ptrs, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
+                        MASK_TMA)
         m_i = tl.maximum(m_i, tl.max(s, 1))
         o_new = m_i * to_log2
         # A row with no key so far keeps o = -inf; subtracting 0 instead keeps exp2 from making NaN. Without a
@@ -168,7 +178,7 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _attention_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart, QD, QD2, KD, KD2, VD, VD2,
+    Q, K, V, Out, Lse, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart, QD, QD2, KD, KD2, VD, VD2, MD,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -183,6 +193,7 @@ def _attention_fwd_kernel(
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    MASK_TMA: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -217,6 +228,8 @@ def _attention_fwd_kernel(
         mask_base = mask_base[:, None]
     order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
     kv_descs = (KD, KD2, VD, VD2)     # TMA descriptors of K / V (two column chunks each) when USE_TMA
+    # MASK_TMA: float mask tiles through MD at (batch, head) coordinates 0 where it broadcasts (mask_operand.py)
+    mask_tile = (MD, b * stride_mb, h * stride_mh, m_start)
 
     # Key tiles this query tile visits: [t_lo, t_hi); those below t_mid hold only in-range keys left of the
     # diagonal and skip the causal / bounds checks.
@@ -245,43 +258,48 @@ def _attention_fwd_kernel(
         # The lists of mask_summary.row_lists: full tiles without checks, full tiles with them, partial tiles.
         e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
         acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
-                                              mask_base, order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len,
+                                              mask_base, mask_tile, order_base, 0, e_full, offs_m, rows, k_start,
+                                              q_len, k_len,
                                               head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
                                               stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
                                               BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT,
                                               False, not EVEN_M, False, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION,
-                                              USE_TMA, IS_VARLEN)
+                                              USE_TMA, IS_VARLEN, MASK_TMA)
         if IS_CAUSAL or not EVEN_N:
             acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
-                                                  mask_base, order_base, e_full, e_edge, offs_m, rows, k_start, q_len,
+                                                  mask_base, mask_tile, order_base, e_full, e_edge, offs_m, rows,
+                                                  k_start, q_len,
                                                   k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
                                                   stride_vd, stride_mn, stride_tn, scale, to_log2, seed, pid_bh,
                                                   drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0,
                                                   True, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
-                                                  EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN)
+                                                  EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
         acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
-                                              mask_base, order_base, e_edge, e_part, offs_m, rows, k_start, q_len,
+                                              mask_base, mask_tile, order_base, e_edge, e_part, offs_m, rows, k_start,
+                                              q_len,
                                               k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
                                               stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
                                               BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True,
                                               HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
-                                              EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN)
+                                              EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
     else:
         acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
-                                              mask_base, order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len,
+                                              mask_base, mask_tile, order_base, t_lo, t_mid, offs_m, rows, k_start,
+                                              q_len, k_len,
                                               head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
                                               stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
                                               BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, False, HAS_DROPOUT,
                                               False, not EVEN_M, False, EVEN_D, RAW_MAX, EMULATE_FMA, PRECISION,
-                                              USE_TMA, IS_VARLEN)
+                                              USE_TMA, IS_VARLEN, MASK_TMA)
         if IS_CAUSAL or not EVEN_N:
             acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
-                                                  mask_base, order_base, t_mid, t_hi, offs_m, rows, k_start, q_len,
+                                                  mask_base, mask_tile, order_base, t_mid, t_hi, offs_m, rows,
+                                                  k_start, q_len,
                                                   k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn,
                                                   stride_vd, stride_mn, stride_tn, scale, to_log2, seed, pid_bh,
                                                   drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0,
                                                   False, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
-                                                  RAW_MAX, EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN)
+                                                  RAW_MAX, EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
 
     # l == 0 only for a row with no key (its max score gives p = 1 otherwise); a NaN l fails the test and stays.
     empty = l_i == 0.0
@@ -323,34 +341,9 @@ def dropout_args(seed, dropout_p: float) -> tuple[int, int, float]:
     return as_i32(s), as_i32(_dropout.threshold(dropout_p)), scale
 
 
-def _heavy(mask, dropout_p, q, v) -> bool:
-    return config.is_heavy("fwd", mask_kind(mask), dropout_p > 0, False, False, q.shape[3], v.shape[3], q.dtype)
-
-
-def mask_kind(mask) -> int:
-    if mask is None:
-        return 0
-    return 1 if mask.dtype == torch.bool else 2
-
-
-def mask_for_kernel(mask, transposed: bool = False):
-    """The mask tensor as a kernel reads it: bool packed in 32-bit words (mask_bits.py: rows are queries, or keys
-    when ``transposed`` for the key-major dK/dV kernel), float as is."""
-    if mask is not None and mask.dtype == torch.bool:
-        return packed_bits(mask, transposed)
-    return mask
-
-
-def mask_strides(mask, mk, transposed: bool = False) -> tuple:
-    """(b, h, query, key) strides of the mask as the kernels take them, mk = mask_for_kernel(mask, transposed):
-    a packed bool mask gives its row stride in the place of the dim its rows run along (queries, or keys when
-    transposed); the kernels index the words themselves."""
-    if mask is None:
-        return 0, 0, 0, 0
-    if mask.dtype != torch.bool:
-        return mask.stride()
-    sb, sh, sr, _ = mk.stride()
-    return (sb, sh, 0, sr) if transposed else (sb, sh, sr, 0)
+def _heavy(mask, dropout_p, q, v, arch=None) -> bool:
+    return config.is_heavy("fwd", mask_kind(mask), dropout_p > 0, False, False, q.shape[3], v.shape[3], q.dtype,
+                           float_tiles_by_tma(mask, arch))
 
 
 def tile_descriptors(tensors_rows, dummy, use_tma: bool) -> tuple:
@@ -376,7 +369,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
     B, Hq, Nq, D = q.shape
     Hk, Nk, Dv = k.shape[1], k.shape[2], v.shape[3]
     if cfg is None:
-        cfg = config.forward_config(D, Dv, q.dtype, heavy=_heavy(mask, dropout_p, q, v))
+        cfg = config.forward_config(D, Dv, q.dtype, heavy=_heavy(mask, dropout_p, q, v, arch))
     (block_d, block_d2), (block_dv, block_dv2) = config.head_split(D), config.head_split(Dv)
     varlen = cu_q is not None
     dummy = lse
@@ -387,8 +380,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
         block_seq = block_start = cu_q = cu_k = dummy
         num_m_blocks = config.cdiv(Nq, cfg.block_m)
         even_m, even_n = Nq % cfg.block_m == 0, Nk % cfg.block_n == 0
-    mk = mask_for_kernel(mask) if mask is not None else dummy
-    m_strides = mask_strides(mask, mk)
+    mop = mask_operand(mask, dummy, False, cfg.block_m, cfg.block_n, arch)
     if mask is not None:
         order, ends = row_lists(tile_summary(mask, cfg.block_m, cfg.block_n), cfg.block_m, cfg.block_n, Nk,
                                 is_causal)
@@ -402,9 +394,9 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
     # per-tile barrier work outweighs the address math it saves there (benchmarks/NOTES.md, version 4).
     tma = mask is None and dropout_p <= 0 and config.use_tma((q, k, v), arch)
     bs = config.batch_strides
-    args = (q, k, v, out, lse, mk, order, ends, cu_q, cu_k, block_seq, block_start,
-            *tile_descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)), dummy, tma),
-            *bs(q), *bs(k), *bs(v), *bs(out), *m_strides, *t_strides, *r_strides,
+    args = (q, k, v, out, lse, mop.tensor, order, ends, cu_q, cu_k, block_seq, block_start,
+            *tile_descriptors(((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n)), dummy, tma), mop.desc,
+            *bs(q), *bs(k), *bs(v), *bs(out), *mop.strides, *t_strides, *r_strides,
             Hq, Hq // Hk, num_m_blocks, Nq, Nk, D, Dv, scale, scale * LOG2E_HOST if raw_max else LOG2E_HOST,
             d_seed, d_thr, d_scale)
     kwargs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D2=block_d2, BLOCK_DV=block_dv,
@@ -412,7 +404,7 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
                   IS_CAUSAL=bool(is_causal), IS_VARLEN=varlen, HAS_DROPOUT=dropout_p > 0, EVEN_M=even_m, EVEN_N=even_n,
                   EVEN_D=(D == block_d + block_d2 and Dv == block_dv + block_dv2), RAW_MAX=raw_max,
                   EMULATE_FMA=config.interpreting(), PRECISION=config.input_precision(q.dtype), USE_TMA=tma,
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  MASK_TMA=mop.tma, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return [(_attention_fwd_kernel, (num_m_blocks * B * Hq,), args, kwargs)]
 
 

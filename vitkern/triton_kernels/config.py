@@ -105,14 +105,17 @@ def _release_table(kernels: tuple):
 
 
 def is_heavy(kernel: str, mask_kind: int, dropout: bool, varlen: bool, causal: bool, d: int, dv: int,
-             dtype: torch.dtype) -> bool:
-    """The tables' ``heavy`` for one kernel (KERNELS) of a call: more live registers per score. A float mask
-    (mask_kind 2: a partial tile holds a [BLOCK_M, BLOCK_N] tile of entries) and dropout (the hash) are heavy
-    everywhere, varlen bounds and causal loops in the backward. A bool mask (1) is read as packed words
-    (mask_bits.py) and runs the light tiles for 16-bit dtypes up to width 128; fp32 and width 256 tiles leave
-    no registers for it (their light tiles spill 8-24 B with it)."""
-    bool_heavy = mask_kind == 1 and (dtype == torch.float32 or computed_width(d, dv) > 128)
-    return mask_kind == 2 or bool_heavy or bool(dropout) or (bool(varlen or causal) and kernel != "fwd")
+             dtype: torch.dtype, mask_tma: bool = False) -> bool:
+    """The tables' ``heavy`` for one kernel (KERNELS) of a call: more live registers per score. Dropout (the
+    hash) is heavy everywhere, varlen bounds and causal loops in the backward. A float mask (mask_kind 2) is
+    heavy where its partial tiles hold a [BLOCK_M, BLOCK_N] tile of entry pointers; the forward reading them as
+    TMA tiles (``mask_tma``, mask_operand.py) runs the light tiles up to width 128 (the backward's dQ, which also
+    writes dMask, spills there at d128). A bool mask (1) is read as packed words (mask_bits.py) and runs the light
+    tiles for 16-bit dtypes up to width 128. Width 256 and fp32 tiles leave no registers for a mask (their
+    light tiles spill 8-24 B with one)."""
+    roomy = dtype != torch.float32 and computed_width(d, dv) <= 128
+    light_mask = mask_kind == 0 or (roomy and (mask_kind == 1 or (mask_tma and kernel == "fwd")))
+    return not light_mask or bool(dropout) or (bool(varlen or causal) and kernel != "fwd")
 
 
 @_release_table(("fwd",))
@@ -197,17 +200,18 @@ MAX_BLOCK = 128
 # the tile lists and the one-warpgroup heavy tiles (aot_check --record in a scratch venv for 3.6.0), in two
 # passes: a replaced table entry (below) has neighbours of its own, which the second pass compiles; the spills
 # are the union of both. (The d256 entries changed on 2026-12-05 after that: their new neighbours are not in it.)
-# Width classes 64 and 96 were recorded again on 2026-12-07 (aot_check --record --head-dims 64,80,96, both
-# releases), when bool masks moved to the light tiles (is_heavy).
+# Width classes 64, 96, 128 and 256 were recorded again on 2026-12-07 (aot_check --record --head-dims ..., both
+# releases), when bool masks and TMA float masks moved to the light tiles (is_heavy); under 3.6 width 128 in two
+# passes (its replaced d128 forward entry went back to the table's own, whose neighbours the second compiled).
 _SPILLS_3_8 = {
     ('bwd_dkdv', '16', 64, False): {(64, 128, 4, 1), (128, 128, 8, 1)},
     ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
     ('bwd_dkdv', '16', 96, False): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
     ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2)},
     ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1)},
-    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 256, False): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
-    ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
     ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (16, 16, 8, 3), (32, 16, 8, 2)},
     ('bwd_dkdv', '32', 128, False): {(16, 16, 8, 1), (16, 32, 4, 1)},
     ('bwd_dkdv', '32', 128, True): {(16, 16, 8, 2), (16, 32, 8, 1)},
@@ -215,24 +219,24 @@ _SPILLS_3_8 = {
     ('bwd_dq', '16', 64, False): {(128, 64, 4, 2)},
     ('bwd_dq', '16', 64, True): {(128, 64, 4, 2), (128, 128, 8, 2)},
     ('bwd_dq', '16', 96, False): {(128, 64, 4, 1), (128, 128, 8, 1)},
-    ('bwd_dq', '16', 96, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
+    ('bwd_dq', '16', 96, True): {(128, 32, 4, 2)},
     ('bwd_dq', '16', 128, False): {(128, 64, 4, 1)},
     ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
     ('bwd_dq', '16', 256, False): {(128, 32, 4, 2), (128, 64, 8, 2)},
-    ('bwd_dq', '16', 256, True): {(128, 16, 4, 2), (128, 16, 8, 1), (128, 32, 8, 2)},
+    ('bwd_dq', '16', 256, True): {(128, 16, 4, 2), (128, 16, 8, 1)},
     ('bwd_dq', '32', 64, True): {(16, 16, 8, 1)},
     ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
     ('bwd_dq', '32', 256, True): {(32, 16, 8, 1)},
-    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
-    ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ('fwd', '16', 64, False): {(128, 128, 4, 3), (128, 128, 8, 4)},
+    ('fwd', '16', 64, True): {(128, 64, 4, 3)},
     ('fwd', '16', 96, False): {(128, 128, 4, 2), (128, 128, 8, 1)},
-    ('fwd', '16', 96, True): {(128, 64, 4, 2), (128, 128, 8, 2)},
-    ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 8, 3)},
-    ('fwd', '16', 128, True): {(64, 64, 4, 1), (64, 64, 4, 2), (128, 32, 4, 1), (128, 32, 4, 2)},
+    ('fwd', '16', 96, True): {(128, 64, 4, 2)},
+    ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 8, 1), (128, 128, 8, 3)},
+    ('fwd', '16', 128, True): {(128, 32, 4, 2)},
     ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
-    ('fwd', '16', 256, True): {(128, 16, 4, 3), (128, 32, 8, 3)},
+    ('fwd', '16', 256, True): {(128, 16, 4, 3)},
     ('fwd', '32', 64, False): {(64, 32, 8, 2)},
     ('fwd', '32', 64, True): {(32, 16, 8, 3)},
     ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
@@ -247,17 +251,18 @@ _TABLE_3_8 = {
     ('fwd', '32', 256, True): LaunchConfig(16, 16, 8, 1),
 }
 
-# Triton 3.6.0 (torch 2.11's: the lent GPU machines'). The d128 forward's 128x128 / 8 warps spills 16 B with 2
-# stages (fp16 varlen) and none with 3.
+# Triton 3.6.0 (torch 2.11's: the lent GPU machines'). The d128 forward's 128x128 / 8 warps spilled 16 B with 2
+# stages (fp16 varlen) while Q came by pointers, so 3 stages stood in; with Q through TMA it is clean, and 3
+# stages need 288 KB of shared memory with a float mask's TMA tiles: the table's own 2 stages again.
 _SPILLS_3_6 = {
     ('bwd_dkdv', '16', 64, False): {(64, 128, 4, 1), (64, 128, 8, 2), (128, 128, 8, 1)},
     ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
     ('bwd_dkdv', '16', 96, False): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
     ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2)},
     ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1)},
-    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 256, False): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
-    ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
     ('bwd_dkdv', '32', 64, False): {(32, 16, 8, 1)},
     ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1)},
     ('bwd_dkdv', '32', 128, False): {(32, 32, 8, 1)},
@@ -271,18 +276,18 @@ _SPILLS_3_6 = {
     ('bwd_dq', '16', 128, False): {(128, 64, 4, 1)},
     ('bwd_dq', '16', 128, True): {(128, 32, 4, 2), (128, 64, 8, 2)},
     ('bwd_dq', '16', 256, False): {(128, 32, 4, 2), (128, 64, 8, 2)},
-    ('bwd_dq', '16', 256, True): {(128, 16, 4, 2), (128, 16, 8, 1), (128, 32, 8, 2)},
+    ('bwd_dq', '16', 256, True): {(128, 16, 4, 2), (128, 16, 8, 1)},
     ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
-    ('fwd', '16', 64, False): {(128, 128, 4, 3)},
-    ('fwd', '16', 64, True): {(128, 64, 4, 3), (128, 128, 8, 3)},
+    ('fwd', '16', 64, False): {(128, 128, 4, 3), (128, 128, 8, 4)},
+    ('fwd', '16', 64, True): {(128, 64, 4, 3)},
     ('fwd', '16', 96, False): {(128, 128, 4, 2), (128, 128, 8, 1)},
-    ('fwd', '16', 96, True): {(128, 64, 4, 2), (128, 128, 8, 2)},
-    ('fwd', '16', 128, False): {(128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 1), (128, 128, 8, 2), (128, 128, 8, 4)},
-    ('fwd', '16', 128, True): {(32, 64, 4, 2), (32, 128, 8, 2), (64, 64, 4, 1), (64, 64, 4, 2), (64, 64, 8, 2), (128, 32, 4, 1), (128, 32, 4, 2)},
+    ('fwd', '16', 96, True): {(128, 64, 4, 2)},
+    ('fwd', '16', 128, False): {(64, 128, 8, 3), (128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 1), (128, 128, 8, 3), (128, 128, 8, 4)},
+    ('fwd', '16', 128, True): {(128, 32, 4, 2)},
     ('fwd', '16', 256, False): {(128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2)},
-    ('fwd', '16', 256, True): {(128, 16, 4, 3), (128, 32, 8, 3)},
+    ('fwd', '16', 256, True): {(128, 16, 4, 3)},
     ('fwd', '32', 64, False): {(64, 32, 8, 2)},
     ('fwd', '32', 64, True): {(32, 16, 8, 3)},
     ('fwd', '32', 128, False): {(32, 16, 4, 1), (32, 32, 4, 2), (64, 16, 4, 2)},
@@ -290,7 +295,6 @@ _SPILLS_3_6 = {
 }
 _TABLE_3_6 = {
     ('bwd_dkdv', '32', 64, True): LaunchConfig(16, 16, 8, 2),
-    ('fwd', '16', 128, False): LaunchConfig(128, 128, 8, 3),
 }
 
 

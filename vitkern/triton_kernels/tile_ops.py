@@ -76,16 +76,14 @@ def store_rows(ptrs, x, rows, n_rows, cols, n_cols, EVEN_ROWS: tl.constexpr, EVE
 
 
 @triton.jit
-def apply_mask_entries(s, mask_ptrs, read, MASK_KIND: tl.constexpr):
-    """s with the mask entries at mask_ptrs (loaded where ``read``) applied: bool (MASK_KIND 1) keeps True pairs,
-    float (2) adds; a -inf entry takes the pair out even when its score is NaN (NaN + -inf would be NaN)."""
-    if MASK_KIND == 1:
-        keep = tl.load(mask_ptrs, mask=read, other=1)
-        s = tl.where(keep != 0, s, float("-inf"))
+def apply_bias(s, mask_ptrs, read, LOADED: tl.constexpr):
+    """s plus the float mask entries at mask_ptrs (loaded where ``read``; LOADED: mask_ptrs holds the entries
+    themselves, a TMA tile); a -inf entry takes the pair out even when its score is NaN (NaN + -inf is NaN)."""
+    if LOADED:
+        bias = mask_ptrs.to(tl.float32)
     else:
         bias = tl.load(mask_ptrs, mask=read, other=0.0).to(tl.float32)
-        s = tl.where(bias == float("-inf"), float("-inf"), s + bias)
-    return s
+    return tl.where(bias == float("-inf"), float("-inf"), s + bias)
 
 
 @triton.jit
@@ -147,11 +145,13 @@ def list_ends(ends):
 
 @triton.jit
 def mask_scores(s, offs_m, offs_n, first_col, q_len, k_len, mask_ptrs,
-                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
+                MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
+                MASK_TMA: tl.constexpr = False):
     """s [BM, BN] (scaled scores); offs_m / offs_n are positions inside the sequence (causal is top-left).
 
     MASK_KIND: 0 none, 1 bool packed in words (mask_bits.py; mask_ptrs [BM] the rows' word pointers, the tile's
-    first column first_col), 2 float (added to the scores; mask_ptrs [BM, BN] the entries): the mask is read
+    first column first_col), 2 float (added to the scores; mask_ptrs [BM, BN] the entries' pointers, or under
+    MASK_TMA the entries, a TMA tile; mask_operand.py): the mask is read
     (the callers hand only tiles the mask summary calls partial to a masked call). CAUSAL / CHECK_N say
     whether this tile can hold pairs above the diagonal / keys past k_len (callers split their loops so most
     tiles need neither); CHECK_M whether rows past q_len exist (only their mask reads matter).
@@ -166,7 +166,7 @@ def mask_scores(s, offs_m, offs_n, first_col, q_len, k_len, mask_ptrs,
             read = read & (offs_m[:, None] < q_len)
         if CHECK_N:
             read = read & (offs_n[None, :] < k_len)
-        s = apply_mask_entries(s, mask_ptrs, read, MASK_KIND)
+        s = apply_bias(s, mask_ptrs, read, MASK_TMA)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
     if CHECK_N:
