@@ -32,7 +32,7 @@ from .attention_fwd import dropout_args, tile_descriptors
 from .mask_operand import mask_kind, mask_operand
 from .mask_summary import col_lists, row_lists, tile_summary
 from .tile_ops import (_COL_MUL, _GOLDEN, _mix32, LOG2E, apply_bias, chunk_columns, list_ends, load_rows, load_tma_rows,
-                       mask_bits_keep, query_block_of_program, store_rows, tile_at)
+                       mask_bits_keep, query_block_of_program, query_tile_mask, store_rows, tile_at)
 
 _INTERPRET = tl.constexpr(config.interpreting())
 # Which gradients a dK/dV launch accumulates (its GRADS argument; config.split_dkdv says when it is one each).
@@ -444,14 +444,8 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
                 k2 = load_rows(k_rows + offs_d2[None, :] * stride_kd, offs_n, k_len, offs_d2, head_dim, not CHECK_N,
                                EVEN_D)
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
-        m_ptrs = mask_base      # bool: the queries' words (mask_bits.py)
-        if MASK_KIND == 2:
-            if MASK_TMA:
-                m_desc, mb, mh, m_row = mask_tile
-                m_ptrs = load_tma_rows(m_desc, mb, mh, m_row, t * BLOCK_N, offs_m, q_len, offs_m.shape[0], BLOCK_N,
-                                       False)
-            else:
-                m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
+        m_ptrs = query_tile_mask(mask_base, mask_tile, offs_m, offs_n, t * BLOCK_N, q_len, stride_mn, MASK_KIND,
+                                 MASK_TMA)
         p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len, m_ptrs, offs_m, t * BLOCK_N,
                    scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, True, MASK_TMA)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

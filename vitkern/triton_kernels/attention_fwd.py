@@ -42,7 +42,7 @@ from . import autotune, config, varlen_map
 from .mask_operand import float_tiles_by_tma, mask_kind, mask_operand
 from .mask_summary import row_lists, tile_summary
 from .tile_ops import (LN2, chunk_columns, dropout_keep, list_ends, load_rows, load_tma_rows, mask_scores,
-                       query_block_of_program, store_rows, tile_at)
+                       query_block_of_program, query_tile_mask, store_rows, tile_at)
 
 LOG2E_HOST = 1 / math.log(2)
 
@@ -127,16 +127,8 @@ def _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         if not RAW_MAX:
             s = s * scale
-        # A bool mask comes as the rows' packed words (mask_bits.py); a float mask's pointers are built per tile
-        # (a [BLOCK_M, BLOCK_N] pointer tile would live in registers).
-        m_ptrs = mask_base
-        if MASK_KIND == 2:
-            if MASK_TMA:
-                m_desc, mb, mh, m_row = mask_tile
-                m_ptrs = load_tma_rows(m_desc, mb, mh, m_row, t * BLOCK_N, offs_m, q_len, offs_m.shape[0], BLOCK_N,
-                                       False)
-            else:
-                m_ptrs = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
+        m_ptrs = query_tile_mask(mask_base, mask_tile, offs_m, offs_n, t * BLOCK_N, q_len, stride_mn, MASK_KIND,
+                                 MASK_TMA)
         s = mask_scores(s, offs_m, offs_n, t * BLOCK_N, q_len, k_len, m_ptrs, MASK_KIND, CAUSAL, CHECK_M, CHECK_N,
                         MASK_TMA)
         m_i = tl.maximum(m_i, tl.max(s, 1))

@@ -117,6 +117,23 @@ def _load_words(ptrs, rows, n_rows, CHECK_ROWS: tl.constexpr):
 
 
 @triton.jit
+def query_tile_mask(mask_base, mask_tile, offs_m, offs_n, first_col, q_len, stride_mn,
+                    MASK_KIND: tl.constexpr, MASK_TMA: tl.constexpr):
+    """What a query-major tile (forward, dQ) of keys offs_n (from first_col) hands mask_scores / the backward's
+    _probs as its mask: a bool mask's row words mask_base [BM] as they are (mask_bits.py); a float mask's entries
+    as a TMA tile (MASK_TMA: mask_tile = (descriptor, batch, head, first row), mask_operand.py) or as pointers
+    built per tile from the rows' mask_base [BM, 1] (a [BM, BN] pointer tile would live in registers)."""
+    m = mask_base
+    if MASK_KIND == 2:
+        if MASK_TMA:
+            desc, b, h, row = mask_tile
+            m = load_tma_rows(desc, b, h, row, first_col, offs_m, q_len, offs_m.shape[0], offs_n.shape[0], False)
+        else:
+            m = mask_base + offs_n.to(tl.int64)[None, :] * stride_mn
+    return m
+
+
+@triton.jit
 def chunk_columns(BLOCK: tl.constexpr, BLOCK2: tl.constexpr):
     """Column offsets of a head dim's two chunks (config.head_split): [0, BLOCK) and [BLOCK, BLOCK + BLOCK2);
     the second is a placeholder (the first again) when BLOCK2 == 0, for code that uses it only when > 0."""
