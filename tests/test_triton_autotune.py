@@ -118,7 +118,12 @@ def test_candidates(monkeypatch):
                     cands = config.candidates(kernel, d, d, dtype, heavy)
                     spills = config.SPILLS.get((kernel, bits, width, heavy), set())
                     assert cands[0] == config.static_config(kernel, d, d, dtype, heavy)
-                    assert 2 <= len(cands) == len(set(cands)) <= 1 + config.MAX_NEIGHBOURS
+                    assert len(cands) == len(set(cands)) <= 1 + config.MAX_NEIGHBOURS
+                    # A neighbour to time unless the record lists every one as spilling (16-bit d256 dK/dV with
+                    # a float mask, causal and dropout: 16x128 is the only clean tile under 3.6 and 3.8).
+                    clean = [n for n in config._neighbours(kernel, cands[0])
+                             if (n.block_m, n.block_n, n.num_warps, n.num_stages) not in spills]
+                    assert len(cands) >= 2 or not clean, (kernel, dtype, d, heavy, clean)
                     for c in cands[1:]:
                         assert (c.block_m, c.block_n, c.num_warps, c.num_stages) not in spills
                         assert 16 <= min(c.block_m, c.block_n) and max(c.block_m, c.block_n) <= 128
