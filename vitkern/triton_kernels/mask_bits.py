@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import mask_summary
-from ..tensor_memo import TensorMemo, memo_allowed
+from ..tensor_memo import TensorMemo
 
 GROUP_COLS = 128       # columns packed by one program (4 words); the widest kernel tile
 _WORD = 32
@@ -65,22 +65,15 @@ def words_per_row(n_cols: int) -> int:
 def packed_bits(mask: Tensor, transposed: bool = False) -> Tensor:
     """mask bool [B, H, Nq, Nk] (any strides) -> int32 [B, H, Nq, W] (or [B, H, Nk, W] of mask^T when
     ``transposed``), see the module doc; stride 0 where the mask broadcasts B, H or the packed rows."""
-    root = mask if mask._base is None else mask._base
     key = (bool(transposed), tuple(mask.shape), mask.stride(), mask.storage_offset())
-    hit = _BITS.get(root, key)
-    if hit is None:
-        hit = _pack(mask, transposed)
-        if mask_summary.launch is mask_summary._launch and memo_allowed(root):
-            _BITS.put(root, key, hit)
-    return hit
+    return mask_summary.remembered(_BITS, mask, key, lambda: _pack(mask, transposed))
 
 
 def _pack(mask: Tensor, transposed: bool) -> Tensor:
     view = mask.transpose(-1, -2) if transposed else mask
     B, H, R, C = view.shape
-    # Narrow broadcast batch, head and row dims; the packed (column) dim is read in full.
-    idx = tuple(slice(0, 1) if view.stride(i) == 0 and view.shape[i] > 1 else slice(None) for i in range(3))
-    base = view[idx].view(torch.uint8)
+    # Broadcast batch, head and row dims narrowed; the packed (column) dim is read in full.
+    base = mask_summary.distinct_slice(view, 3).view(torch.uint8)
     bs, hs, rs = base.shape[:3]
     groups = triton.cdiv(C, GROUP_COLS)
     bits = torch.empty(bs, hs, rs, words_per_row(C), dtype=torch.int32, device=mask.device)

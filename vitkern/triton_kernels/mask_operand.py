@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import config, mask_summary
 from .mask_bits import packed_bits
-from ..tensor_memo import TensorMemo, memo_allowed
+from ..tensor_memo import TensorMemo
 
 
 class MaskOperand(NamedTuple):
@@ -71,18 +71,16 @@ def _tma_view(mask: Tensor) -> Optional[Tensor]:
     broadcast (a key-padding mask: TMA would read one row)."""
     if mask.stride(2) == 0 and mask.shape[2] > 1:
         return None
-    idx = tuple(slice(0, 1) if mask.stride(i) == 0 and mask.shape[i] > 1 else slice(None) for i in range(2))
-    base = mask[idx]
+    base = mask_summary.distinct_slice(mask, 2)
     if config.tma_layout_ok(base):
         return base
-    root = mask if mask._base is None else mask._base
-    key = ("tma", tuple(mask.shape), mask.stride(), mask.storage_offset())
-    hit = _ALIGNED.get(root, key)
-    if hit is None:
-        bs, hs, nq, nk = base.shape
-        padded = base.new_zeros(bs, hs, nq, -(-nk // 8) * 8)
-        hit = padded[..., :nk]
-        hit.copy_(base)
-        if mask_summary.launch is mask_summary._launch and memo_allowed(root):
-            _ALIGNED.put(root, key, hit)
-    return hit
+    key = (tuple(mask.shape), mask.stride(), mask.storage_offset())
+    return mask_summary.remembered(_ALIGNED, mask, key, lambda: _aligned_copy(base))
+
+
+def _aligned_copy(base: Tensor) -> Tensor:
+    """base [B', H', Nq, Nk] copied into rows padded to 8 entries (16 bytes), viewed back to Nk columns."""
+    bs, hs, nq, nk = base.shape
+    copy = base.new_zeros(bs, hs, nq, -(-nk // 8) * 8)[..., :nk]
+    copy.copy_(base)
+    return copy

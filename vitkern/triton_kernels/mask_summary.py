@@ -36,9 +36,23 @@ class TileSummary:
     lists: dict = field(default_factory=dict)   # row_lists' / col_lists' results
 
 
-def _distinct_slice(mask: Tensor) -> Tensor:
-    idx = tuple(slice(0, 1) if mask.stride(i) == 0 and mask.shape[i] > 1 else slice(None) for i in range(4))
+def distinct_slice(mask: Tensor, dims: int = 4) -> Tensor:
+    """mask with its broadcast (stride-0) dims among the first ``dims`` narrowed to size 1."""
+    idx = tuple(slice(0, 1) if mask.stride(i) == 0 and mask.shape[i] > 1 else slice(None) for i in range(dims))
     return mask[idx]
+
+
+def remembered(memo: TensorMemo, mask: Tensor, key, make):
+    """make()'s result for ``mask``, kept in ``memo`` under its root tensor (the user's mask: the backend gets a
+    new expanded view per call) and ``key`` (which must hold the view's geometry) while the mask is unchanged;
+    not kept while aot_check compiles instead of launching, nor while tracing or capturing (memo_allowed)."""
+    root = mask if mask._base is None else mask._base
+    hit = memo.get(root, key)
+    if hit is None:
+        hit = make()
+        if launch is _launch and memo_allowed(root):
+            memo.put(root, key, hit)
+    return hit
 
 
 @triton.jit
@@ -89,14 +103,8 @@ _SUMMARIES = TensorMemo()
 def tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
     """mask bool/float [B, Hq, Nq, Nk] (any strides) -> TileSummary of block_m x block_n tiles (see module doc).
     Remembered while the mask is unchanged (vitkern/tensor_memo.py)."""
-    root = mask if mask._base is None else mask._base
     key = (mask.dtype, tuple(mask.shape), mask.stride(), mask.storage_offset(), block_m, block_n)
-    hit = _SUMMARIES.get(root, key)
-    if hit is None:
-        hit = _tile_summary(mask, block_m, block_n)
-        if launch is _launch and memo_allowed(root):   # (not while aot_check compiles instead of running)
-            _SUMMARIES.put(root, key, hit)
-    return hit
+    return remembered(_SUMMARIES, mask, key, lambda: _tile_summary(mask, block_m, block_n))
 
 
 # Order of the key tiles in a query tile's list (row_lists): full tiles without, then with, checks; then
@@ -166,7 +174,7 @@ def col_lists(summary: TileSummary, block_m: int, block_n: int, n_q: int, causal
 
 def _tile_summary(mask: Tensor, block_m: int, block_n: int) -> TileSummary:
     B, H, Nq, Nk = mask.shape
-    base = _distinct_slice(mask)
+    base = distinct_slice(mask)
     if base.dtype == torch.bool:
         base = base.view(torch.uint8)
     bs, hs, nq, nk = base.shape
