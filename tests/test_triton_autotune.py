@@ -104,7 +104,9 @@ def test_key_has_no_lengths():
               autotune.key("fwd", a, 16, torch.ones(1), False, True, False),
               autotune.key("fwd", a, 16, None, True, True, False),
               autotune.key("fwd", a, 16, None, False, False, False),
-              autotune.key("fwd", a, 16, None, False, True, True)]
+              autotune.key("fwd", a, 16, None, False, True, True),
+              # a float mask read by TMA tiles (light) or by pointers (heavy): candidate lists of their own
+              autotune.key("fwd", a, 16, None, False, True, False, heavy=True)]
     assert len({base, *others}) == 1 + len(others)
 
 

@@ -699,6 +699,24 @@ def test_float_mask_tiles_through_tma(monkeypatch, shape, expand, nq, nk, tiles)
         assert all(torch.equal(a, b) for a, b in zip(got, grads_of(plain, leaves, dout)))
 
 
+def test_mask_gradient_comes_back_contiguous(monkeypatch):
+    # The Triton backend pads dMask's rows to 16 bytes for its TMA tile stores (base.dmask_buffer); the caller
+    # still gets a plain [B, H, Nq, Nk] tensor, as from torch's SDPA (its values: test_float_mask_tiles_through_tma;
+    # in the interpreter, bit for bit those of the pointer store into an unpadded buffer).
+    q, k, v = qkv(1, 2, 9, 13, 16, dtype=torch.float16)
+    bias = (torch.randn(1, 2, 9, 13, generator=torch.Generator().manual_seed(3)) * 2).to(DEV, torch.float16)
+    bias.requires_grad_()
+    dout = torch.randn(1, 2, 9, 16, generator=torch.Generator().manual_seed(4)).to(DEV, torch.float16)
+    grads = []
+    for tma in ("1", "0"):
+        monkeypatch.setenv("VITKERN_TRITON_TMA", tma)
+        got, = torch.autograd.grad(sdpa()(q, k, v, bias), bias, dout)
+        assert got.is_contiguous() and got.shape == bias.shape, tma
+        grads.append(got)
+    if INTERPRETING:
+        assert torch.equal(*grads)
+
+
 # ---------------------------------------------------------------------------------------- input checks
 def test_unsupported_inputs_say_why(monkeypatch):
     be = get_backend("triton")

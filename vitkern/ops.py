@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .backends.base import empty_bhnd
+from .backends.base import dmask_buffer, empty_bhnd
 
 _LIB = torch.library.Library("vitkern", "DEF")
 _LIB.define("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? cu_seqlens_q, "
@@ -71,7 +71,7 @@ def _fwd_impl(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max
 def _bwd_impl(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q, max_seqlen_k, scale,
               is_causal, dropout_p, mask_grad, backend):
     if _degenerate(q, k):
-        return _zero_grads(q, k, v, mask, mask_grad)
+        return _zero_grads(q, k, v, mask, mask_grad, backend)
     args = (dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seed, scale,
             is_causal, dropout_p, mask_grad)
     if _autocast_on(q):
@@ -85,16 +85,17 @@ for _key in ("CPU", "CUDA"):
     _LIB.impl("attention_bwd", _bwd_impl, _key)
 
 
-def _grad_buffers(q, k, v, mask, mask_grad):
+def _grad_buffers(q, k, v, mask, mask_grad, backend):
     b, hq, nq, d = q.shape
     hk, nk = k.shape[1], k.shape[2]
-    dmask = (q.new_empty((b, hq, nq, nk), dtype=mask.dtype) if mask_grad else q.new_empty(0))
+    dmask = dmask_buffer(b, hq, nq, nk, mask, backends.get(backend).pads_dmask_rows) if mask_grad \
+        else q.new_empty(0)
     return (empty_bhnd(b, hq, nq, d, q), empty_bhnd(b, hk, nk, d, k), empty_bhnd(b, hk, nk, v.shape[3], v),
             dmask)
 
 
-def _zero_grads(q, k, v, mask, mask_grad):
-    grads = _grad_buffers(q, k, v, mask, mask_grad)
+def _zero_grads(q, k, v, mask, mask_grad, backend):
+    grads = _grad_buffers(q, k, v, mask, mask_grad, backend)
     for g in grads:
         g.zero_()
     return grads
@@ -110,7 +111,7 @@ def _attention_fwd_fake(q, k, v, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seq
 @torch.library.register_fake("vitkern::attention_bwd", lib=_LIB)
 def _attention_bwd_fake(dout, q, k, v, out, lse, mask, cu_seqlens_q, cu_seqlens_k, seed, max_seqlen_q,
                         max_seqlen_k, scale, is_causal, dropout_p, mask_grad, backend):
-    return _grad_buffers(q, k, v, mask, mask_grad)
+    return _grad_buffers(q, k, v, mask, mask_grad, backend)
 
 
 # ------------------------------------------------------------------------------------------ autograd
@@ -128,6 +129,11 @@ def _grads(ctx, dout, bwd):
     max_q, max_k, scale, is_causal, dropout_p, backend = ctx.args
     dq, dk, dv, dmask = bwd(dout, q, k, v, out, lse, mask, cu_q, cu_k, seed, max_q, max_k, scale, is_causal,
                             dropout_p, ctx.mask_grad, backend)
+    if ctx.mask_grad and not dmask.is_contiguous() and not any(s == 0 and n > 1
+                                                               for s, n in zip(mask.stride(), mask.shape)):
+        # A padded-row buffer (base.dmask_buffer) would reach the caller as it is (a mask that broadcasts gets a
+        # fresh sum instead): hand back a plain tensor, as torch's SDPA does.
+        dmask = dmask.contiguous()
     return dq, dk, dv, (dmask if ctx.mask_grad else None), None, None, None, None, None, None, None, None, None
 
 

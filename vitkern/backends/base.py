@@ -12,8 +12,8 @@ Canonical layout (the op layer converts both public layouts to it with views, ne
     seed None, or an int64 [1] CPU tensor: dropout seed (see vitkern/dropout.py)
 
 forward  -> out [B, Hq, Nq, Dv] laid out as ``empty_bhnd`` makes it, lse [B, Hq, Nq] float32, float64 for float64 inputs (-inf: no key, NaN: a NaN score)
-backward -> dq, dk, dv laid out by ``empty_bhnd`` like q, k, v; dmask [B, Hq, Nq, Nk] when mask_grad,
-            else an empty tensor. It must use the ``out`` and ``lse`` it is given (P = exp(s - lse),
+backward -> dq, dk, dv laid out by ``empty_bhnd`` like q, k, v; dmask [B, Hq, Nq, Nk] when mask_grad (laid
+            out by ``dmask_buffer`` with the backend's ``pads_dmask_rows``), else an empty tensor. It must use the ``out`` and ``lse`` it is given (P = exp(s - lse),
             delta = rowsum(dout * out)), never recompute them: a caller may pass values merged over calls.
 A query row with no key left gives out = 0, lse = -inf and zero gradients.
 """
@@ -31,10 +31,22 @@ def empty_bhnd(b: int, h: int, n: int, d: int, like: Tensor, dtype: Optional[tor
     return torch.empty(b, n, h, d, dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
 
 
+def dmask_buffer(b: int, h: int, nq: int, nk: int, like: Tensor, padded: bool) -> Tensor:
+    """A zeroed [b, h, nq, nk] tensor of like's dtype for the mask's gradient; ``padded``: its rows padded to a
+    multiple of 16 bytes (a view of the first nk columns), so that a GPU kernel can store it in TMA tiles."""
+    if not padded:
+        return like.new_zeros((b, h, nq, nk))
+    per_16_bytes = max(1, 16 // like.element_size())
+    return like.new_zeros((b, h, nq, -(-nk // per_16_bytes) * per_16_bytes))[..., :nk]
+
+
 class Backend:
     """Base class of a backend; subclasses set ``name`` and override the methods."""
 
     name: str = ""
+    # Whether backward's dmask comes with rows padded to 16 bytes (dmask_buffer); the op layer's fake tensors and
+    # empty-input path lay it out the same way.
+    pads_dmask_rows: bool = False
 
     def available(self) -> bool:
         """Whether this install can run the backend at all."""

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import register
-from .base import Backend, empty_bhnd
+from .base import Backend, dmask_buffer, empty_bhnd
 
 MAX_HEAD_DIM = 256
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -54,6 +54,7 @@ _INTERP_PROBLEM: Optional[str] = None
 
 class TritonBackend(Backend):
     name = "triton"
+    pads_dmask_rows = True      # the dQ kernel stores dMask tiles through TMA on sm_90
 
     def available(self) -> bool:
         return importlib.util.find_spec("triton") is not None and (torch.cuda.is_available() or _interpreting())
@@ -108,7 +109,7 @@ class TritonBackend(Backend):
         dk = empty_bhnd(b, hk, nk, d, k)
         dv = empty_bhnd(b, hk, nk, v.shape[3], v)
         # Tiles the kernels skip (masked out, causal, empty rows) are never written: dmask starts at zero.
-        dmask = q.new_zeros((b, hq, nq, nk), dtype=mask.dtype) if mask_grad else q.new_empty(0)
+        dmask = dmask_buffer(b, hq, nq, nk, mask, self.pads_dmask_rows) if mask_grad else q.new_empty(0)
         with _on_device(q):
             return attention_backward(dout, q, k, v, out, lse, mask, cu_q, cu_k, max_q, max_k, seed, scale,
                                       is_causal, dropout_p, mask_grad, dq, dk, dv, dmask)

@@ -106,8 +106,10 @@ def _variants(quick: bool):
             (b16, 96, 0, True, True, True, 197), (b16, 96, 0, False, False, False, 256),
             (f16, 80, 2, True, False, True, 197), (f16, 128, 0, False, True, False, 197),
             (f32, 256, 2, True, False, True, 197),
-            # A float mask alone (relative position bias): the forward's light tiles when it comes through TMA.
-            (f16, 64, 2, False, False, False, 197), (b16, 128, 2, False, False, False, 197)]
+            # A float mask alone (relative position bias): the light tiles when it comes through TMA (and dMask
+            # goes out through TMA), at each width class that has them.
+            (f16, 64, 2, False, False, False, 197), (b16, 128, 2, False, False, False, 197),
+            (b16, 80, 2, False, False, False, 197)]
     return out
 
 
@@ -181,7 +183,7 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
     from . import mask_summary
     from .attention_bwd import backward_launches
     from .attention_fwd import forward_launches
-    from ..backends.base import empty_bhnd
+    from ..backends.base import dmask_buffer, empty_bhnd
     b, hq, hk = (1, 4, 2) if varlen else (2, 4, 2)
     q = torch.randn(b, n, hq, d, dtype=dtype).transpose(1, 2)
     k = torch.randn(b, n, hk, d, dtype=dtype).transpose(1, 2)
@@ -206,7 +208,7 @@ def _launches(dtype, d, mask_kind, causal, varlen, dropout, n, cfgs=(None, None,
     try:
         fwd = forward_launches(q, k, v, mask, cu, cu, -1, -1, seed, scale, causal, p, out, lse, cfgs[0], arch)
         grads = (empty_bhnd(b, hq, n, d, q), empty_bhnd(b, hk, n, d, k), empty_bhnd(b, hk, n, d, v),
-                 torch.zeros(b, hq, n, n, dtype=dtype) if mask_kind == 2 else q.new_empty(0))
+                 dmask_buffer(b, hq, n, n, q, True) if mask_kind == 2 else q.new_empty(0))
         bwd = backward_launches(out, q, k, v, out, lse, mask, cu, cu, -1, -1, seed, scale, causal, p,
                                 mask_kind == 2, *grads, kv_cfg=cfgs[1], q_cfg=cfgs[2], arch=arch)
     finally:

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from . import autotune, config, varlen_map
 from .attention_fwd import dropout_args, tile_descriptors
-from .mask_operand import mask_kind, mask_operand
+from .mask_operand import float_tiles_by_tma, mask_kind, mask_operand
 from .mask_summary import col_lists, row_lists, tile_summary
 from .tile_ops import (_COL_MUL, _GOLDEN, _mix32, LOG2E, apply_bias, chunk_columns, list_ends, load_rows, load_tma_rows,
                        mask_bits_keep, query_block_of_program, query_tile_mask, store_rows, tile_at)
@@ -79,7 +79,7 @@ def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_rows, first_col, scale
         y = apply_bias(y, mask_ptrs, read, MASK_TMA)
     if CAUSAL:
         y = tl.where(kj <= qi, y, float("-inf"))
-    if KEY_BOUNDS and CHECK_K:
+    if KEY_BOUNDS and CHECK_K and MASK_KIND != 1:     # a bool mask's words have 0 bits past the last key
         y = tl.where(kj < k_len, y, float("-inf"))
     return tl.math.exp2(y * LOG2E)
 
@@ -404,16 +404,18 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base, mask_tile,
-              dmask_base, order_base, t_lo, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
+              dmask_base, dmask_tile, order_base, t_lo, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
               stride_kn, stride_kd,
               stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale,
               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_DV2: tl.constexpr, MASK_KIND: tl.constexpr, LISTED: tl.constexpr, HAS_DROPOUT: tl.constexpr,
               MASK_GRAD: tl.constexpr, CAUSAL: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr,
               EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr, IS_VARLEN: tl.constexpr,
-              MASK_TMA: tl.constexpr):
+              MASK_TMA: tl.constexpr, DMASK_TMA: tl.constexpr):
     """Accumulate dQ (and dq2, the second column chunk's) of one query tile over key tiles [t_lo, t_hi) (LISTED:
-    the tiles at those positions of the list at order_base, mask_summary.row_lists); write dMask when asked.
+    the tiles at those positions of the list at order_base, mask_summary.row_lists); write dMask when asked
+    (DMASK_TMA: as tiles through the descriptor of dmask_tile = (desc, b, h, first row); TMA clips the rows and
+    columns past the ends, and no mask comes with varlen, so a tile never reaches another sequence's rows).
     MASK_KIND != 0 reads the mask on every tile (partial tiles only). USE_TMA: K / V tiles through the
     descriptors kv_descs = (k, k2, v, v2), as in the forward; rows past a packed sequence's end are zeroed in
     both (dQ += dS K takes K as an operand, and 0 * NaN there would reach this sequence)."""
@@ -460,8 +462,13 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
             dp = tl.where(_keep(seed, bh, rows, cols, drop_threshold, False), dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if MASK_GRAD:
-            store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn, ds.to(dmask_base.dtype.element_ty),
-                       offs_m, q_len, offs_n, k_len, not CHECK_M, not CHECK_N)
+            if DMASK_TMA:
+                g_desc, gb, gh, g_row = dmask_tile
+                g_desc.store([gb, gh, g_row, t * BLOCK_N],
+                             ds.to(dmask_base.dtype.element_ty).reshape(1, 1, ds.shape[0], BLOCK_N))
+            else:
+                store_rows(dmask_base + offs_n.to(tl.int64)[None, :] * stride_gn,
+                           ds.to(dmask_base.dtype.element_ty), offs_m, q_len, offs_n, k_len, not CHECK_M, not CHECK_N)
         ds = ds.to(k.dtype)
         dq += tl.dot(ds, k, input_precision=PRECISION)
         if BLOCK_D2 > 0:
@@ -472,7 +479,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Lse2, Delta, DQ, DMask, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq,
-    BlockStart, KD, KD2, VD, VD2, MD,
+    BlockStart, KD, KD2, VD, VD2, MD, GD,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -490,7 +497,7 @@ def _bwd_dq_kernel(
     MASK_KIND: tl.constexpr, HAS_SUMMARY: tl.constexpr, IS_CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, MASK_GRAD: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
     EVEN_D: tl.constexpr, PRECISION: tl.constexpr, FUSED_STATS: tl.constexpr, USE_TMA: tl.constexpr,
-    MASK_TMA: tl.constexpr,
+    MASK_TMA: tl.constexpr, DMASK_TMA: tl.constexpr,
 ):
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
@@ -536,6 +543,7 @@ def _bwd_dq_kernel(
         mask_base = mask_base[:, None]
     mask_tile = (MD, b * stride_mb, h * stride_mh, m_start)     # MASK_TMA, as in the forward
     dmask_base = DMask + b64 * stride_gb + h64 * stride_gh + rows[:, None] * stride_gm
+    dmask_tile = (GD, b, h, m_start)        # DMASK_TMA
     order_base = TileOrder + b64 * stride_tb + h64 * stride_th + pid_m * stride_tm
     kv_descs = (KD, KD2, VD, VD2)     # TMA descriptors of K / V (two column chunks each) when USE_TMA
 
@@ -559,42 +567,47 @@ def _bwd_dq_kernel(
         # The lists of mask_summary.row_lists, as in the forward.
         e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
         dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                            mask_tile, dmask_base, order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim,
+                            mask_tile, dmask_base, dmask_tile,
+                            order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim,
                             head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                             scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                             BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
-                            USE_TMA, IS_VARLEN, MASK_TMA)
+                            USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
         if IS_CAUSAL or not EVEN_N:
             dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                                mask_tile, dmask_base, order_base, e_full, e_edge, offs_m, rows, k_start, q_len,
+                                mask_tile, dmask_base, dmask_tile,
+                                order_base, e_full, e_edge, offs_m, rows, k_start, q_len,
                                 k_len, head_dim,
                                 head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                                 scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                 BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
-                                PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
+                                PRECISION, USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
         dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                            mask_tile, dmask_base, order_base, e_edge, e_part, offs_m, rows, k_start, q_len, k_len,
+                            mask_tile, dmask_base, dmask_tile,
+                            order_base, e_edge, e_part, offs_m, rows, k_start, q_len, k_len,
                             head_dim,
                             head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                             scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                             BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N,
-                            EVEN_D, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
+                            EVEN_D, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
     else:
         dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                            mask_tile, dmask_base, order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len,
+                            mask_tile, dmask_base, dmask_tile,
+                            order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len,
                             head_dim,
                             head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                             scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                             BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
-                            USE_TMA, IS_VARLEN, MASK_TMA)
+                            USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
         if IS_CAUSAL or not EVEN_N:
             dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
-                                mask_tile, dmask_base, order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len,
+                                mask_tile, dmask_base, dmask_tile,
+                                order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len,
                                 head_dim,
                                 head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
                                 scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                 BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
-                                PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
+                                PRECISION, USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
     dq_rows = DQ + b64 * stride_dqb + h64 * stride_dqh + rows[:, None] * stride_dqm
     store_rows(dq_rows + offs_d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty), offs_m, q_len, offs_d,
                head_dim, EVEN_M, EVEN_D)
@@ -646,7 +659,8 @@ class _BackwardCall:
         self.varlen = cu_q is not None
         # heavy: more live registers (float mask entries, dropout, varlen bounds, causal loops): config.is_heavy
         self.heavy = config.is_heavy("bwd_dq", mask_kind(mask), dropout_p > 0, self.varlen, is_causal, D, Dv,
-                                     q.dtype)
+                                     q.dtype, float_tiles_by_tma(mask, arch)
+                                     and (not mask_grad or config.use_tma((dmask,), arch)))
         self.out, self.lse = out, lse.contiguous()
         # Written by the dQ kernel, read by the dK/dV kernel launched after it.
         self.delta = torch.empty_like(self.lse)
@@ -676,7 +690,7 @@ class _BackwardCall:
         """The mask as the dK/dV (resident_keys: key-major tiles) or dQ kernel reads it (mask_operand.py)."""
         return mask_operand(self.mask, self.lse2, resident_keys, cfg.block_m, cfg.block_n, self.arch)
 
-    def _launch(self, kernel, cfg, resident_keys, head_tensors, outs, out_strides, heads, mop, **kw):
+    def _launch(self, kernel, cfg, resident_keys, head_tensors, outs, out_strides, heads, mop, out_descs=(), **kw):
         """The dK/dV or dQ launch: both take (inputs, row stats, outputs, mask and tile summary, program map,
         TMA descriptors of the looped-over tiles, strides, head counts, scalars) in the same order; the dQ kernel
         also reads out and lse. The dK/dV kernel loops over Q / dO tiles, the dQ kernel over K / V tiles."""
@@ -688,7 +702,7 @@ class _BackwardCall:
         looped = ((q, cfg.block_m), (dout, cfg.block_m)) if resident_keys else ((k, cfg.block_n), (v, cfg.block_n))
         descs = tile_descriptors(looped, self.lse2, self.tma)
         args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.lse2, self.delta,
-                *outs, mop.tensor, order, ends, *self.cu_args, seq, start, *descs, mop.desc,
+                *outs, mop.tensor, order, ends, *self.cu_args, seq, start, *descs, mop.desc, *out_descs,
                 *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
         return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags,
                                                                                           MASK_TMA=mop.tma)
@@ -708,9 +722,14 @@ class _BackwardCall:
         dm = self.dmask if self.mask_grad else self.lse2
         g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
         mop = self._mask(cfg, False)
+        # dMask [B, Hq, Nq, Nk] as TMA tile stores where it can be (16-bit, rows 16-byte aligned: dmask_buffer pads
+        # them): a pointer store costs ~1,500 instructions per 128x64 tile on sm_90, 64-bit address math per entry.
+        g_tma = self.mask_grad and config.use_tma((dm,), self.arch)
+        g_desc = config.tma_descriptor(dm, cfg.block_m, cfg.block_n) if g_tma else self.lse2
         return self._launch(_bwd_dq_kernel, cfg, False, (self.out,), (dq, dm),
                             (*config.batch_strides(dq), *mop.strides, *g_strides),
-                            (self.Hq, self.Hq // self.Hk), mop, MASK_GRAD=self.mask_grad, FUSED_STATS=self.fused_stats)
+                            (self.Hq, self.Hq // self.Hk), mop, (g_desc,), MASK_GRAD=self.mask_grad,
+                            FUSED_STATS=self.fused_stats, DMASK_TMA=g_tma)
 
     def row_stats(self, block_m: int) -> list:
         """The pre-pass launch when the dQ kernel does not compute the row statistics itself, else nothing."""

@@ -79,15 +79,17 @@ def _device_name(kind: str, index: Optional[int]) -> str:
 
 
 def key(kernel: str, q: torch.Tensor, dv: int, mask, causal: bool, varlen: bool, dropout: bool,
-        mask_grad: bool = False) -> str:
-    """The cache key of one kernel for one call (a string: it is also the JSON file's key)."""
+        mask_grad: bool = False, heavy: bool = False) -> str:
+    """The cache key of one kernel for one call (a string: it is also the JSON file's key). ``heavy`` (its tile
+    class, config.is_heavy) is part of it: the same mask kind can be read two ways (a float mask by TMA tiles or by
+    pointers: its rows, dtype and the GPU decide), with candidate lists of their own."""
     dev = q.device
     index = dev.index if dev.index is not None or dev.type != "cuda" else torch.cuda.current_device()
     mask_kind = "none" if mask is None else "bool" if mask.dtype == torch.bool else "float"
     parts = [_device_name(dev.type, index), f"triton {triton.__version__}", kernel, f"d={q.shape[-1]}",
              f"dv={dv}", str(q.dtype).replace("torch.", ""), f"precision={config.input_precision(q.dtype)}",
              f"mask={mask_kind}", f"causal={int(bool(causal))}", f"varlen={int(bool(varlen))}",
-             f"dropout={int(bool(dropout))}", f"tma={config.tma_mode()}"]
+             f"dropout={int(bool(dropout))}", f"tma={config.tma_mode()}", f"heavy={int(bool(heavy))}"]
     if kernel == "bwd_dq":
         parts.append(f"mask_grad={int(bool(mask_grad))}")
     return "|".join(parts)
@@ -251,7 +253,7 @@ def _decide(sig, kernel, q, dv, mask, causal, varlen, dropout, heavy, build, res
     if not enabled(q.device):
         cfg = _decided[sig] = config.static_config(kernel, d, dv, dtype, heavy)
         return cfg
-    k = key(kernel, q, dv, mask, causal, varlen, dropout, mask_grad)
+    k = key(kernel, q, dv, mask, causal, varlen, dropout, mask_grad, heavy)
     cfg, tuned = choose(k, lambda: config.candidates(kernel, d, dv, dtype, heavy), build, q.device)
     if tuned and reset is not None:
         reset()

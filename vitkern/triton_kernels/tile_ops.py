@@ -186,7 +186,7 @@ def mask_scores(s, offs_m, offs_n, first_col, q_len, k_len, mask_ptrs,
         s = apply_bias(s, mask_ptrs, read, MASK_TMA)
     if CAUSAL:
         s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-    if CHECK_N:
+    if CHECK_N and MASK_KIND != 1:      # a bool mask's words have 0 bits past the last key (mask_bits.py)
         s = tl.where(offs_n[None, :] < k_len, s, float("-inf"))
     return s
 
