@@ -699,12 +699,15 @@ def test_float_mask_tiles_through_tma(monkeypatch, shape, expand, nq, nk, tiles)
         assert all(torch.equal(a, b) for a, b in zip(got, grads_of(plain, leaves, dout)))
 
 
-def test_mask_gradient_comes_back_contiguous(monkeypatch):
+@pytest.mark.parametrize("shape", [(1, 2, 9, 13), (1, 1, 1, 13)], ids=["own-rows", "key-padding"])
+def test_mask_gradient_comes_back_contiguous(monkeypatch, shape):
     # The Triton backend pads dMask's rows to 16 bytes for its TMA tile stores (base.dmask_buffer); the caller
-    # still gets a plain [B, H, Nq, Nk] tensor, as from torch's SDPA (its values: test_float_mask_tiles_through_tma;
-    # in the interpreter, bit for bit those of the pointer store into an unpadded buffer).
+    # still gets a plain tensor of the mask's shape, as from torch's SDPA (its values:
+    # test_float_mask_tiles_through_tma; in the interpreter, bit for bit those of the pointer store into an
+    # unpadded buffer). A key-padding row [B, 1, 1, N] is read by pointers (TMA would read one row) while its
+    # gradient still goes out as TMA tiles.
     q, k, v = qkv(1, 2, 9, 13, 16, dtype=torch.float16)
-    bias = (torch.randn(1, 2, 9, 13, generator=torch.Generator().manual_seed(3)) * 2).to(DEV, torch.float16)
+    bias = (torch.randn(shape, generator=torch.Generator().manual_seed(3)) * 2).to(DEV, torch.float16)
     bias.requires_grad_()
     dout = torch.randn(1, 2, 9, 16, generator=torch.Generator().manual_seed(4)).to(DEV, torch.float16)
     grads = []
