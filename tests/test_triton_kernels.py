@@ -699,6 +699,25 @@ def test_float_mask_tiles_through_tma(monkeypatch, shape, expand, nq, nk, tiles)
         assert all(torch.equal(a, b) for a, b in zip(got, grads_of(plain, leaves, dout)))
 
 
+def test_float_mask_full_tiles_on_raw_scores():
+    # A float mask's all-zero tiles run on raw scores (one FFMA and one EX2 a score, no scale multiply) and its
+    # partial tiles after them on scaled scores; the row max changes units in between (attention_fwd, BIAS_SCALED).
+    # Rows here meet full tiles (keys 0-31, 64-69 past the last 16-key tile boundary), then partial ones (a bias
+    # on keys 32-47, -inf on a few keys of 48-63), with scores such that either side holds a row's max. Raw dots
+    # of ~500 under a scale of 0.01: a row max left in raw units would put every scaled score's weight at 0.
+    # 16-bit (fp32 tiles keep one unit throughout).
+    q, k, v = qkv(2, 2, 40, 70, 32, dtype=torch.float16)
+    with torch.no_grad():
+        q.mul_(30)
+    g = torch.Generator().manual_seed(21)
+    bias = torch.zeros(2, 2, 40, 70)
+    bias[..., 32:48] = torch.randn(2, 2, 40, 16, generator=g) * 4
+    bias[:, :, ::3, 50:53] = -math.inf
+    bias = bias.to(DEV, torch.float16).requires_grad_()
+    check(sdpa(scale=0.01), lambda q, k, v, m: math_attention(q, k, v, mask=m, scale=0.01), (q, k, v, bias),
+          "raw then scaled", recompute_scale=0.01)
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 9, 13), (1, 1, 1, 13)], ids=["own-rows", "key-padding"])
 def test_mask_gradient_comes_back_contiguous(monkeypatch, shape):
     # The Triton backend pads dMask's rows to 16 bytes for its TMA tile stores (base.dmask_buffer); the caller

@@ -41,7 +41,7 @@ import triton.language as tl
 from . import autotune, config, varlen_map
 from .mask_operand import float_tiles_by_tma, mask_kind, mask_operand
 from .mask_summary import row_lists, tile_summary
-from .tile_ops import (LN2, chunk_columns, dropout_keep, list_ends, load_rows, load_tma_rows, mask_scores,
+from .tile_ops import (LN2, LOG2E, chunk_columns, dropout_keep, list_ends, load_rows, load_tma_rows, mask_scores,
                        query_block_of_program, query_tile_mask, store_rows, tile_at)
 
 LOG2E_HOST = 1 / math.log(2)
@@ -187,6 +187,9 @@ def _attention_fwd_kernel(
     RAW_MAX: tl.constexpr, EMULATE_FMA: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     MASK_TMA: tl.constexpr,
 ):
+    # RAW_MAX with a float mask: raw scores (one FFMA and one EX2 a score) on the mask-free full tiles, scaled
+    # ones (the bias is in their units) on the partial tiles after them.
+    BIAS_SCALED: tl.constexpr = RAW_MAX and MASK_KIND == 2 and HAS_SUMMARY
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
         BLOCK_M, IS_CAUSAL, IS_VARLEN)
@@ -266,14 +269,22 @@ def _attention_fwd_kernel(
                                                   drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0,
                                                   True, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
                                                   EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
+        part_to_log2 = to_log2
+        if BIAS_SCALED:
+            # A float mask is added to scaled scores: from here on the row max is in their units (rounding is
+            # monotone, so max(s) * scale is the max of the scaled scores); o_i, which l and acc are relative
+            # to, stays. The full tiles before ran on raw scores: no multiply per score there.
+            m_i = m_i * scale
+            part_to_log2 = LOG2E
         acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
                                               mask_base, mask_tile, order_base, e_edge, e_part, offs_m, rows, k_start,
                                               q_len,
                                               k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-                                              stride_mn, stride_tn, scale, to_log2, seed, pid_bh, drop_threshold,
+                                              stride_mn, stride_tn, scale, part_to_log2, seed, pid_bh, drop_threshold,
                                               BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True,
-                                              HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
-                                              EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
+                                              HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
+                                              RAW_MAX and not BIAS_SCALED, EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN,
+                                              MASK_TMA)
     else:
         acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
                                               mask_base, mask_tile, order_base, t_lo, t_mid, offs_m, rows, k_start,
@@ -300,9 +311,12 @@ def _attention_fwd_kernel(
     out = acc * inv_l[:, None]
     # lse = m * scale + ln(sum exp((s - m) * scale)): the offset's own rounding (o = m * c rounded, the residual
     # exact through an FMA) is taken out, so a rounded scale * log2(e) is never multiplied by a large m.
-    m_nat = m_i * scale if RAW_MAX else m_i
+    end_to_log2 = to_log2
+    if BIAS_SCALED:
+        end_to_log2 = LOG2E
+    m_nat = m_i * scale if RAW_MAX and not BIAS_SCALED else m_i
     lse = tl.where(empty, float("-inf"),
-                   m_nat + (tl.math.log2(l_safe) - _fma(m_i, to_log2, -o_i, EMULATE_FMA)) * LN2)
+                   m_nat + (tl.math.log2(l_safe) - _fma(m_i, end_to_log2, -o_i, EMULATE_FMA)) * LN2)
     offs_dv = tl.arange(0, BLOCK_DV)
     o_rows = Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
     store_rows(o_rows + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv,
@@ -381,7 +395,9 @@ def forward_launches(q, k, v, mask, cu_q, cu_k, max_q, max_k, seed, scale, is_ca
         order = ends = dummy
         t_strides, r_strides = (0, 0, 0, 0), (0, 0, 0)
     d_seed, d_thr, d_scale = dropout_args(seed, dropout_p)
-    raw_max = scale > 0 and mask_kind(mask) != 2
+    # Raw scores need scale > 0 (rounding is monotone). A float mask's partial tiles take scaled ones; fp32 tiles
+    # keep one unit throughout (their registers have no room for the switch: a 64x16 candidate spills 8 B).
+    raw_max = scale > 0 and not (mask_kind(mask) == 2 and q.dtype == torch.float32)
     # TMA for the light kernel only: with a mask or dropout its loops are issue-bound, and a TMA load's
     # per-tile barrier work outweighs the address math it saves there (benchmarks/NOTES.md, version 4).
     tma = mask is None and dropout_p <= 0 and config.use_tma((q, k, v), arch)
