@@ -95,11 +95,15 @@ def test_dense_forward_meets_the_hopper_issue_budget(rows):
     assert all(r["per_tile"] <= 2100 for r in dense), [(r["head_dim"], r["per_tile"]) for r in dense]
 
 
-def _dense_forward(rows, d):
-    sel = [r for r in _family(rows, FWD) if r["dtype"] == "bfloat16" and r["head_dim"] == d
+def _dense_row(rows, kernel, d):
+    sel = [r for r in rows if r["kernel"] == kernel and r["dtype"] == "bfloat16" and r["head_dim"] == d
            and not (r["mask"] or r["causal"] or r["varlen"] or r["dropout"])]
-    assert len(sel) == 1, (d, sel)
+    assert len(sel) == 1, (kernel, d, sel)
     return sel[0]
+
+
+def _dense_forward(rows, d):
+    return _dense_row(rows, FWD[0], d)
 
 
 @pytest.mark.parametrize("d", [80, 96])
@@ -146,13 +150,6 @@ def test_light_forward_loads_through_tma(rows):
     assert not any(r["loop_tma"] for r in heavy)
     float_masked = [r for r in heavy if r["mask"] == 2]
     assert float_masked and all(r["tma"] for r in float_masked)
-
-
-def _dense_row(rows, kernel, d):
-    sel = [r for r in rows if r["kernel"] == kernel and r["dtype"] == "bfloat16" and r["head_dim"] == d
-           and not (r["mask"] or r["causal"] or r["varlen"] or r["dropout"])]
-    assert len(sel) == 1, (kernel, d, sel)
-    return sel[0]
 
 
 def test_float_mask_runs_the_dense_tiles(rows):

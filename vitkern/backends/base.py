@@ -13,8 +13,9 @@ Canonical layout (the op layer converts both public layouts to it with views, ne
 
 forward  -> out [B, Hq, Nq, Dv] laid out as ``empty_bhnd`` makes it, lse [B, Hq, Nq] float32, float64 for float64 inputs (-inf: no key, NaN: a NaN score)
 backward -> dq, dk, dv laid out by ``empty_bhnd`` like q, k, v; dmask [B, Hq, Nq, Nk] when mask_grad (laid
-            out by ``dmask_buffer`` with the backend's ``pads_dmask_rows``), else an empty tensor. It must use the ``out`` and ``lse`` it is given (P = exp(s - lse),
-            delta = rowsum(dout * out)), never recompute them: a caller may pass values merged over calls.
+            out by ``dmask_buffer`` with the backend's ``pads_dmask_rows``), else an empty tensor. It must use
+            the ``out`` and ``lse`` it is given (P = exp(s - lse), delta = rowsum(dout * out)), never recompute
+            them: a caller may pass values merged over calls.
 A query row with no key left gives out = 0, lse = -inf and zero gradients.
 """
 from __future__ import annotations

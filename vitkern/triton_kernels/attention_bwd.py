@@ -658,9 +658,11 @@ class _BackwardCall:
         self.causal = bool(is_causal)
         self.varlen = cu_q is not None
         # heavy: more live registers (float mask entries, dropout, varlen bounds, causal loops): config.is_heavy
+        # dMask [B, Hq, Nq, Nk] as TMA tile stores where it can be (16-bit, rows 16-byte aligned: dmask_buffer pads
+        # them): a pointer store costs ~1,500 instructions per 128x64 tile on sm_90, 64-bit address math per entry.
+        self.dmask_tma = self.mask_grad and config.use_tma((dmask,), arch)
         self.heavy = config.is_heavy("bwd_dq", mask_kind(mask), dropout_p > 0, self.varlen, is_causal, D, Dv,
-                                     q.dtype, float_tiles_by_tma(mask, arch)
-                                     and (not mask_grad or config.use_tma((dmask,), arch)))
+                                     q.dtype, float_tiles_by_tma(mask, arch) and (self.dmask_tma or not mask_grad))
         self.out, self.lse = out, lse.contiguous()
         # Written by the dQ kernel, read by the dK/dV kernel launched after it.
         self.delta = torch.empty_like(self.lse)
@@ -722,14 +724,11 @@ class _BackwardCall:
         dm = self.dmask if self.mask_grad else self.lse2
         g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
         mop = self._mask(cfg, False)
-        # dMask [B, Hq, Nq, Nk] as TMA tile stores where it can be (16-bit, rows 16-byte aligned: dmask_buffer pads
-        # them): a pointer store costs ~1,500 instructions per 128x64 tile on sm_90, 64-bit address math per entry.
-        g_tma = self.mask_grad and config.use_tma((dm,), self.arch)
-        g_desc = config.tma_descriptor(dm, cfg.block_m, cfg.block_n) if g_tma else self.lse2
+        g_desc = config.tma_descriptor(dm, cfg.block_m, cfg.block_n) if self.dmask_tma else self.lse2
         return self._launch(_bwd_dq_kernel, cfg, False, (self.out,), (dq, dm),
                             (*config.batch_strides(dq), *mop.strides, *g_strides),
                             (self.Hq, self.Hq // self.Hk), mop, (g_desc,), MASK_GRAD=self.mask_grad,
-                            FUSED_STATS=self.fused_stats, DMASK_TMA=g_tma)
+                            FUSED_STATS=self.fused_stats, DMASK_TMA=self.dmask_tma)
 
     def row_stats(self, block_m: int) -> list:
         """The pre-pass launch when the dQ kernel does not compute the row statistics itself, else nothing."""

@@ -190,6 +190,9 @@ def _attention_fwd_kernel(
     # RAW_MAX with a float mask: raw scores (one FFMA and one EX2 a score) on the mask-free full tiles, scaled
     # ones (the bias is in their units) on the partial tiles after them.
     BIAS_SCALED: tl.constexpr = RAW_MAX and MASK_KIND == 2 and HAS_SUMMARY
+    tail_to_log2 = to_log2      # the last loop's (the partial tiles' under BIAS_SCALED), which the LSE takes too
+    if BIAS_SCALED:
+        tail_to_log2 = LOG2E
     b, h, hk, pid_m, pid_bh, m_start, q_start, q_len, k_start, k_len = query_block_of_program(
         tl.program_id(0), num_m_blocks, num_heads, groups, BlockSeq, BlockStart, CuQ, CuK, seq_len_q, seq_len_k,
         BLOCK_M, IS_CAUSAL, IS_VARLEN)
@@ -269,18 +272,16 @@ def _attention_fwd_kernel(
                                                   drop_threshold, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0,
                                                   True, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D, RAW_MAX,
                                                   EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA)
-        part_to_log2 = to_log2
         if BIAS_SCALED:
             # A float mask is added to scaled scores: from here on the row max is in their units (rounding is
             # monotone, so max(s) * scale is the max of the scaled scores); o_i, which l and acc are relative
             # to, stays. The full tiles before ran on raw scores: no multiply per score there.
             m_i = m_i * scale
-            part_to_log2 = LOG2E
         acc, acc2, m_i, o_i, l_i = _fwd_tiles(acc, acc2, m_i, o_i, l_i, q, q2, k_base, v_base, kv_descs, b, hk,
                                               mask_base, mask_tile, order_base, e_edge, e_part, offs_m, rows, k_start,
                                               q_len,
                                               k_len, head_dim, head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd,
-                                              stride_mn, stride_tn, scale, part_to_log2, seed, pid_bh, drop_threshold,
+                                              stride_mn, stride_tn, scale, tail_to_log2, seed, pid_bh, drop_threshold,
                                               BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, MASK_KIND, True,
                                               HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
                                               RAW_MAX and not BIAS_SCALED, EMULATE_FMA, PRECISION, USE_TMA, IS_VARLEN,
@@ -311,12 +312,9 @@ def _attention_fwd_kernel(
     out = acc * inv_l[:, None]
     # lse = m * scale + ln(sum exp((s - m) * scale)): the offset's own rounding (o = m * c rounded, the residual
     # exact through an FMA) is taken out, so a rounded scale * log2(e) is never multiplied by a large m.
-    end_to_log2 = to_log2
-    if BIAS_SCALED:
-        end_to_log2 = LOG2E
     m_nat = m_i * scale if RAW_MAX and not BIAS_SCALED else m_i
     lse = tl.where(empty, float("-inf"),
-                   m_nat + (tl.math.log2(l_safe) - _fma(m_i, end_to_log2, -o_i, EMULATE_FMA)) * LN2)
+                   m_nat + (tl.math.log2(l_safe) - _fma(m_i, tail_to_log2, -o_i, EMULATE_FMA)) * LN2)
     offs_dv = tl.arange(0, BLOCK_DV)
     o_rows = Out + b64 * stride_ob + h64 * stride_oh + rows[:, None] * stride_om
     store_rows(o_rows + offs_dv[None, :] * stride_od, out.to(Out.dtype.element_ty), offs_m, q_len, offs_dv,

@@ -207,8 +207,7 @@ VARIANT_SETS = ("static", "quick", "test", "candidates")
 def variants(which: str) -> list:
     """aot_check's variant tuples (dtype, d, mask kind, causal, varlen, dropout, n) of a named set; "test" is a
     small set covering each kernel family with dense, masked (bool; float with its gradient), varlen+dropout forward
-    and head dims 64..256
-    (80 and 96 in two column chunks; 256 with dK/dV in two launches)."""
+    and head dims 64..256 (80 and 96 in two column chunks; 256 with dK/dV in two launches)."""
     import torch
     if which in ("static", "candidates"):
         base = aot_check._variants(False)
