@@ -170,3 +170,24 @@ def test_float_mask_runs_the_dense_tiles(rows):
         if kernel == "_bwd_dq_kernel":
             for lp in r["loops"]:
                 assert lp["ops"].get("UTMASTG") and not lp["ops"].get("STG"), lp["ops"]
+
+
+def test_varlen_and_causal_backward_run_the_dense_tiles(rows):
+    # A packed (varlen) batch and a causal mask, without dropout: since the row statistics come as one 8-byte
+    # (-lse, delta) pair a query (version 8 in benchmarks/NOTES.md), their bounds and diagonal loops fit beside
+    # the dense tiles of 16-bit dtypes up to width 128 (config.is_heavy). Before, they ran dK/dV on 32-query steps
+    # (3,024 / 3,184 per 128x64 tile at head dim 64 against dense 2,688) and, at head dim 128, dQ on 32-key steps.
+    # The check-free loop (interior tiles) within 10% of dense per tile; no loop (diagonal, ragged edge) past 2x.
+    for kernel in BWD:
+        for causal, dims in ((False, [64, 128]), (True, [64])):
+            sel = [r for r in rows if r["kernel"] == kernel and r["varlen"] != causal and r["causal"] == causal
+                   and not (r["dropout"] or r["mask"])]
+            assert sorted(r["head_dim"] for r in sel) == dims, (kernel, causal, sel)
+            for r in sel:
+                dense = _dense_row(rows, kernel, r["head_dim"])
+                assert (r["block_m"], r["block_n"], r["num_warps"]) == \
+                    (dense["block_m"], dense["block_n"], dense["num_warps"]), (kernel, r["head_dim"], causal)
+                costs = [sass_report.per_tile(lp["length"], r["num_warps"], r["block_m"], r["block_n"])
+                         for lp in r["loops"]]
+                assert min(costs) <= 1.1 * dense["per_tile"], (kernel, r["head_dim"], causal, costs, dense["per_tile"])
+                assert max(costs) <= 2 * dense["per_tile"], (kernel, r["head_dim"], causal, costs, dense["per_tile"])

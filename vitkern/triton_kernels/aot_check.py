@@ -105,6 +105,7 @@ def _variants(quick: bool):
     out += [(f32, 64, 0, False, False, False, 256), (b16, 96, 1, False, False, False, 197),
             (b16, 96, 0, True, True, True, 197), (b16, 96, 0, False, False, False, 256),
             (f16, 80, 2, True, False, True, 197), (f16, 128, 0, False, True, False, 197),
+            (b16, 96, 0, False, True, False, 197),     # varlen alone: the light tiles at width 96 too
             (f32, 256, 2, True, False, True, 197),
             # A float mask alone (relative position bias): the light tiles when it comes through TMA (and dMask
             # goes out through TMA), at each width class that has them.

@@ -4,7 +4,7 @@ With P = softmax(S) (regenerated from the saved LSE), dP = dO V^T (dropout appli
 = rowsum(P * dP), dS = P * (dP - delta):
     dV = P_dropped^T dO,   dK = scale * dS^T Q,   dQ = scale * dS K,   dMask = dS (float mask, when asked).
 - ``_bwd_dq_kernel``: one program per (query tile, query head) walks its key tiles. It first writes the row
-  statistics both kernels read (delta, and lse2 = lse with +inf for rows that had no key, so P comes out 0
+  statistics both kernels read (delta, and nlse = -lse, -inf for rows that had no key, so P comes out 0
   there), so no separate pre-pass is launched; it also writes dMask;
 - ``_bwd_dkdv_kernel`` (launched second): one program per (key tile, key/value head) walks the query tiles of
   every query head of its group (GQA sums in registers), so dK/dV are written once: deterministic. It computes
@@ -38,6 +38,9 @@ _INTERPRET = tl.constexpr(config.interpreting())
 # Which gradients a dK/dV launch accumulates (its GRADS argument; config.split_dkdv says when it is one each).
 GRAD_DV = tl.constexpr(1)
 GRAD_DK = tl.constexpr(2)
+# A row's (nlse, delta) pair read as one int64 (_load_row_stats) for a row past the end: nlse = -inf (bits
+# 0xff800000, the low half), delta = 0.
+_NEG_INF_NO_DELTA = tl.constexpr(0xFF800000)
 
 
 
@@ -51,10 +54,10 @@ def _fma(a, b, c):
 
 
 @triton.jit
-def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_rows, first_col, scale,
+def _probs(s, nlse, qi, kj, q_len, k_len, mask_ptrs, tile_rows, first_col, scale,
            MASK_KIND: tl.constexpr, CAUSAL: tl.constexpr, CHECK_Q: tl.constexpr, CHECK_K: tl.constexpr,
            KEY_BOUNDS: tl.constexpr, MASK_TMA: tl.constexpr):
-    """P of a tile in either orientation: s the raw q.k products, lse2 / qi (query positions) / kj (key
+    """P of a tile in either orientation: s the raw q.k products, nlse / qi (query positions) / kj (key
     positions) broadcast to s's shape ([BM, 1] and [1, BN] for a query-major tile, the other way round for a
     key-major one), mask_ptrs the mask entries of the tile (read in bounds when MASK_KIND != 0: the tile lists
     hand only partial tiles to a masked call); a bool mask (MASK_KIND 1) comes packed (mask_bits.py): mask_ptrs
@@ -63,7 +66,7 @@ def _probs(s, lse2, qi, kj, q_len, k_len, mask_ptrs, tile_rows, first_col, scale
     KEY_BOUNDS: zero P of keys past k_len (the dQ kernel needs it; the dK/dV kernel never stores those rows)."""
     # Natural units first (one rounding, of a number near 0), then log2(e): lse's own rounding is then the
     # only one at the logits' magnitude, and it is the same for every key of the row.
-    y = _fma(s, scale, -lse2)
+    y = _fma(s, scale, nlse)
     if MASK_KIND == 1:
         if KEY_BOUNDS:      # query-major: rows are queries, words run along keys
             keep = mask_bits_keep(mask_ptrs, first_col, tile_rows, q_len, s.shape[1], CHECK_Q)
@@ -100,15 +103,31 @@ def _keep(seed, bh, rows, cols, threshold, KEY_MAJOR: tl.constexpr):
 
 
 @triton.jit
-def _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr):
-    # Rows past q_len read lse2 = +inf (P = 0) and delta = 0: they add nothing.
-    if CHECK_M:
-        lse2 = tl.load(Lse2 + row_ptr, mask=offs_m < q_len, other=float("inf"))
-        delta = tl.load(Delta + row_ptr, mask=offs_m < q_len, other=0.0)
+def _load_row_stats(Stats, row_ptr, offs_m, q_len, CHECK_M: tl.constexpr, PAIRED: tl.constexpr):
+    """(nlse, delta) of rows ``row_ptr`` from the interleaved pairs of Stats [rows, 2]. PAIRED: one 8-byte load a
+    row (the key-major dK/dV tile gives each thread 16 query columns: 16 loads a tile instead of 32), read as one
+    int64 whose halves are the two floats (little-endian: nlse low), so the address is the row index times 8 as a
+    plain float buffer's is times 4 (a [rows, 2] tile and tl.split cost 3-4 address instructions a load in the tile
+    lists' loops). Otherwise two 4-byte loads (the dK-only launch of head dim 256, whose 4 query columns a thread
+    gain little from pairs and whose registers spilled 8 B with them under Triton 3.6).
+    Rows past q_len read nlse = -inf (P = 0) and delta = 0: they add nothing."""
+    if PAIRED:
+        ptrs = Stats.to(tl.pointer_type(tl.int64)) + row_ptr
+        if CHECK_M:
+            x = tl.load(ptrs, mask=offs_m < q_len, other=_NEG_INF_NO_DELTA)
+        else:
+            x = tl.load(ptrs)
+        nlse = x.to(tl.int32).to(tl.float32, bitcast=True)
+        delta = (x >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     else:
-        lse2 = tl.load(Lse2 + row_ptr)
-        delta = tl.load(Delta + row_ptr)
-    return lse2, delta
+        ptrs = Stats + 2 * row_ptr
+        if CHECK_M:
+            nlse = tl.load(ptrs, mask=offs_m < q_len, other=float("-inf"))
+            delta = tl.load(ptrs + 1, mask=offs_m < q_len, other=0.0)
+        else:
+            nlse = tl.load(ptrs)
+            delta = tl.load(ptrs + 1)
+    return nlse, delta
 
 
 @triton.jit
@@ -117,25 +136,26 @@ def _row_dot(o, do):
 
 
 @triton.jit
-def _write_row_stats(delta, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M: tl.constexpr):
-    """delta (= rowsum(o * do), from the caller) and lse2 = lse (+inf for rows that had no key: P comes out 0
-    there) of one query tile, stored for the dK/dV kernel and returned."""
+def _write_row_stats(delta, Lse, Stats, row_ptr, offs_m, q_len, EVEN_M: tl.constexpr):
+    """delta (= rowsum(o * do), from the caller) and nlse = -lse (-inf for rows that had no key: P comes out 0
+    there) of one query tile, stored as pairs (nlse, delta) in Stats [rows, 2] for the dK/dV kernel and returned.
+    Negated once a row here, so that P's FFMA takes it as its addend: the key-major dK/dV tile negated each of its
+    16 query columns' lse every tile (a LOP3 each, 5% of the d64 loop)."""
     if EVEN_M:
         lse = tl.load(Lse + row_ptr)
     else:
         lse = tl.load(Lse + row_ptr, mask=offs_m < q_len, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse)
+    nlse = tl.where(lse == float("-inf"), float("-inf"), -lse)
+    ptrs = Stats + 2 * row_ptr[:, None] + tl.arange(0, 2)[None, :]
     if EVEN_M:
-        tl.store(Delta + row_ptr, delta)
-        tl.store(Lse2 + row_ptr, lse2)
+        tl.store(ptrs, tl.join(nlse, delta))
     else:
-        tl.store(Delta + row_ptr, delta, mask=offs_m < q_len)
-        tl.store(Lse2 + row_ptr, lse2, mask=offs_m < q_len)
-    return lse2, delta
+        tl.store(ptrs, tl.join(nlse, delta), mask=(offs_m < q_len)[:, None])
+    return nlse, delta
 
 
 @triton.jit(do_not_specialize=["num_rows"])
-def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
+def _bwd_row_stats_kernel(Out, DOut, Lse, Stats,
                           stride_ob, stride_oh, stride_om, stride_od,
                           stride_db, stride_dh, stride_dm, stride_dd,
                           num_heads, num_rows, head_dim_v,
@@ -153,12 +173,12 @@ def _bwd_row_stats_kernel(Out, DOut, Lse, Delta, Lse2,
                   offs_m, num_rows, offs_dv, head_dim_v, False, False)
     do = load_rows(DOut + b * stride_db + h * stride_dh + rows[:, None] * stride_dm + offs_dv[None, :] * stride_dd,
                    offs_m, num_rows, offs_dv, head_dim_v, False, False)
-    _write_row_stats(_row_dot(o, do), Lse, Lse2, Delta, pid_bh.to(tl.int64) * num_rows + rows, offs_m, num_rows,
+    _write_row_stats(_row_dot(o, do), Lse, Stats, pid_bh.to(tl.int64) * num_rows + rows, offs_m, num_rows,
                      False)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2, Delta, row_base, mask_base,
+def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Stats, row_base, mask_base,
                 mask_tile, order_base, t_lo, t_hi, offs_n, cols, q_start, q_len, k_len, head_dim, head_dim_v,
                 stride_qm, stride_qd,
                 stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
@@ -181,7 +201,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h
     for i in range(t_lo, t_hi):
         t = tile_at(order_base, i, stride_tm, LISTED)
         offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = q_start + offs_m.to(tl.int64)
+        rows = q_start + offs_m.to(tl.uint32).to(tl.int64)      # zero-extended: no sign words in the row math
         if USE_TMA:
             first = q_start + t * BLOCK_M
             q = load_tma_rows(q_desc, b, h, first, 0, offs_m, q_len, BLOCK_M, BLOCK_D, zero_rows)
@@ -197,7 +217,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h
             if BLOCK_DV2 > 0:
                 do2 = load_rows(do_rows + offs_dv2[None, :] * stride_dd, offs_m, q_len, offs_dv2, head_dim_v,
                                 not CHECK_M, EVEN_D)
-        lse2, delta = _load_row_stats(Lse2, Delta, row_base + rows, offs_m, q_len, CHECK_M)
+        nlse, delta = _load_row_stats(Stats, row_base + rows, offs_m, q_len, CHECK_M, GRADS != GRAD_DK)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         if BLOCK_D2 > 0:
             if USE_TMA:
@@ -214,7 +234,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h
                                                 offs_n.shape[0], False))
             else:
                 m_ptrs = mask_base + rows[None, :] * stride_mm
-        pt = _probs(st, lse2[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len, m_ptrs, offs_n,
+        pt = _probs(st, nlse[None, :], offs_m[None, :], offs_n[:, None], q_len, k_len, m_ptrs, offs_n,
                     q_start + t * BLOCK_M, scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, False, MASK_TMA)
         if GRAD_DK & GRADS:
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -241,7 +261,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h
 
 @triton.jit(do_not_specialize=["num_n_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse2, Delta, DK, DV, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart, QD, QD2, DOD,
+    Q, K, V, DOut, Stats, DK, DV, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq, BlockStart, QD, QD2, DOD,
     DOD2, MD,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -329,24 +349,24 @@ def _bwd_dkdv_kernel(
         if HAS_SUMMARY:
             # The lists of mask_summary.col_lists: full tiles without checks, full tiles with them, partial tiles.
             e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_cb + h64 * stride_ch + pid_n * stride_cn)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                           Delta, row_base, mask_base, mask_tile, order_base, 0, e_full, offs_n, cols,
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Stats,
+                                           row_base, mask_base, mask_tile, order_base, 0, e_full, offs_n, cols,
                                            q_start,
                                            q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                                            stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
                                            BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV, BLOCK_DV2, 0, True, HAS_DROPOUT, False,
                                            False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN, MASK_TMA)
             if IS_CAUSAL or not EVEN_M:
-                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                               Delta, row_base, mask_base, mask_tile, order_base, e_full, e_edge,
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Stats,
+                                               row_base, mask_base, mask_tile, order_base, e_full, e_edge,
                                                offs_n, cols,
                                                q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
                                                stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
                                                drop_threshold, drop_scale, BLOCK_M, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                                BLOCK_DV2, 0, True, HAS_DROPOUT, IS_CAUSAL, not EVEN_M, not EVEN_N,
                                                EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN, MASK_TMA)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                           Delta, row_base, mask_base, mask_tile, order_base, e_edge, e_part, offs_n,
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Stats,
+                                           row_base, mask_base, mask_tile, order_base, e_edge, e_part, offs_n,
                                            cols,
                                            q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                                            stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
@@ -357,8 +377,8 @@ def _bwd_dkdv_kernel(
             t_full = t_first
             if IS_CAUSAL:
                 t_full = tl.minimum(tl.maximum(tl.cdiv(n_start + BLOCK_N - 1, BLOCK_M), t_first), t_end)
-                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                               Delta, row_base, mask_base, mask_tile, order_base, t_first, t_full,
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Stats,
+                                               row_base, mask_base, mask_tile, order_base, t_first, t_full,
                                                offs_n, cols,
                                                q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
                                                stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
@@ -369,8 +389,8 @@ def _bwd_dkdv_kernel(
             t_mid = t_end
             if not EVEN_M:
                 t_mid = tl.maximum(tl.minimum(t_end, q_len // BLOCK_M), t_full)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                           Delta, row_base, mask_base, mask_tile, order_base, t_full, t_mid, offs_n,
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Stats,
+                                           row_base, mask_base, mask_tile, order_base, t_full, t_mid, offs_n,
                                            cols, q_start,
                                            q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd, stride_dm,
                                            stride_dd, stride_mm, stride_tm, scale, seed, bh, drop_threshold, drop_scale,
@@ -378,8 +398,8 @@ def _bwd_dkdv_kernel(
                                            False, False, not EVEN_N, EVEN_D, PRECISION, GRADS, USE_TMA, IS_VARLEN,
                                            MASK_TMA)
             if not EVEN_M:
-                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Lse2,
-                                               Delta, row_base, mask_base, mask_tile, order_base, t_mid, t_end,
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, q_base, do_base, qdo_descs, b, h, Stats,
+                                               row_base, mask_base, mask_tile, order_base, t_mid, t_end,
                                                offs_n, cols,
                                                q_start, q_len, k_len, head_dim, head_dim_v, stride_qm, stride_qd,
                                                stride_dm, stride_dd, stride_mm, stride_tm, scale, seed, bh,
@@ -403,7 +423,7 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base, mask_tile,
+def _dq_tiles(dq, dq2, q, q2, do, do2, nlse, delta, k_base, v_base, kv_descs, b, hk, mask_base, mask_tile,
               dmask_base, dmask_tile, order_base, t_lo, t_hi, offs_m, rows, k_start, q_len, k_len, head_dim, head_dim_v,
               stride_kn, stride_kd,
               stride_vn, stride_vd, stride_mn, stride_gn, stride_tn, scale, seed, bh, drop_threshold, drop_scale,
@@ -448,7 +468,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
             s = tl.dot(q2, tl.trans(k2), s, input_precision=PRECISION)
         m_ptrs = query_tile_mask(mask_base, mask_tile, offs_m, offs_n, t * BLOCK_N, q_len, stride_mn, MASK_KIND,
                                  MASK_TMA)
-        p = _probs(s, lse2[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len, m_ptrs, offs_m, t * BLOCK_N,
+        p = _probs(s, nlse[:, None], offs_m[:, None], offs_n[None, :], q_len, k_len, m_ptrs, offs_m, t * BLOCK_N,
                    scale, MASK_KIND, CAUSAL, CHECK_M, CHECK_N, True, MASK_TMA)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if BLOCK_DV2 > 0:
@@ -478,7 +498,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b,
 
 @triton.jit(do_not_specialize=["num_m_blocks", "seq_len_q", "seq_len_k", "seed", "drop_threshold"])
 def _bwd_dq_kernel(
-    Q, K, V, Out, DOut, Lse, Lse2, Delta, DQ, DMask, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq,
+    Q, K, V, Out, DOut, Lse, Stats, DQ, DMask, Mask, TileOrder, TileEnds, CuQ, CuK, BlockSeq,
     BlockStart, KD, KD2, VD, VD2, MD, GD,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -532,9 +552,9 @@ def _bwd_dq_kernel(
         if BLOCK_DV2 > 0:
             delta += _row_dot(load_rows(o_rows + offs_dv2[None, :] * stride_od, offs_m, q_len, offs_dv2,
                                         head_dim_v, EVEN_M, EVEN_D), do2)
-        lse2, delta = _write_row_stats(delta, Lse, Lse2, Delta, row_ptr, offs_m, q_len, EVEN_M)
+        nlse, delta = _write_row_stats(delta, Lse, Stats, row_ptr, offs_m, q_len, EVEN_M)
     else:
-        lse2, delta = _load_row_stats(Lse2, Delta, row_ptr, offs_m, q_len, not EVEN_M)
+        nlse, delta = _load_row_stats(Stats, row_ptr, offs_m, q_len, not EVEN_M, True)
 
     k_base = K + b64 * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + hk.to(tl.int64) * stride_vh
@@ -566,7 +586,7 @@ def _bwd_dq_kernel(
     if HAS_SUMMARY:
         # The lists of mask_summary.row_lists, as in the forward.
         e_full, e_edge, e_part = list_ends(TileEnds + b64 * stride_rb + h64 * stride_rh + pid_m * stride_rm)
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, nlse, delta, k_base, v_base, kv_descs, b, hk, mask_base,
                             mask_tile, dmask_base, dmask_tile,
                             order_base, 0, e_full, offs_m, rows, k_start, q_len, k_len, head_dim,
                             head_dim_v, stride_kn, stride_kd, stride_vn, stride_vd, stride_mn, stride_gn, stride_tn,
@@ -574,7 +594,7 @@ def _bwd_dq_kernel(
                             BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
                             USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
         if IS_CAUSAL or not EVEN_N:
-            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, nlse, delta, k_base, v_base, kv_descs, b, hk, mask_base,
                                 mask_tile, dmask_base, dmask_tile,
                                 order_base, e_full, e_edge, offs_m, rows, k_start, q_len,
                                 k_len, head_dim,
@@ -582,7 +602,7 @@ def _bwd_dq_kernel(
                                 scale, seed, pid_bh, drop_threshold, drop_scale, BLOCK_N, BLOCK_D, BLOCK_D2, BLOCK_DV,
                                 BLOCK_DV2, 0, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N, EVEN_D,
                                 PRECISION, USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, nlse, delta, k_base, v_base, kv_descs, b, hk, mask_base,
                             mask_tile, dmask_base, dmask_tile,
                             order_base, e_edge, e_part, offs_m, rows, k_start, q_len, k_len,
                             head_dim,
@@ -591,7 +611,7 @@ def _bwd_dq_kernel(
                             BLOCK_DV2, MASK_KIND, True, HAS_DROPOUT, MASK_GRAD, IS_CAUSAL, not EVEN_M, not EVEN_N,
                             EVEN_D, PRECISION, USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
     else:
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, nlse, delta, k_base, v_base, kv_descs, b, hk, mask_base,
                             mask_tile, dmask_base, dmask_tile,
                             order_base, t_lo, t_mid, offs_m, rows, k_start, q_len, k_len,
                             head_dim,
@@ -600,7 +620,7 @@ def _bwd_dq_kernel(
                             BLOCK_DV2, 0, False, HAS_DROPOUT, MASK_GRAD, False, not EVEN_M, False, EVEN_D, PRECISION,
                             USE_TMA, IS_VARLEN, MASK_TMA, DMASK_TMA)
         if IS_CAUSAL or not EVEN_N:
-            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_base, v_base, kv_descs, b, hk, mask_base,
+            dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, nlse, delta, k_base, v_base, kv_descs, b, hk, mask_base,
                                 mask_tile, dmask_base, dmask_tile,
                                 order_base, t_mid, t_hi, offs_m, rows, k_start, q_len, k_len,
                                 head_dim,
@@ -665,10 +685,9 @@ class _BackwardCall:
                                      q.dtype, float_tiles_by_tma(mask, arch) and (self.dmask_tma or not mask_grad))
         self.out, self.lse = out, lse.contiguous()
         # Written by the dQ kernel, read by the dK/dV kernel launched after it.
-        self.delta = torch.empty_like(self.lse)
-        self.lse2 = torch.empty_like(self.lse)
+        self.stats = torch.empty((*self.lse.shape, 2), dtype=torch.float32, device=self.lse.device)   # (nlse, delta)
         self.cu = (cu_q, cu_k) if self.varlen else (None, None)
-        self.cu_args = (cu_q, cu_k) if self.varlen else (self.lse2, self.lse2)
+        self.cu_args = (cu_q, cu_k) if self.varlen else (self.stats, self.stats)
         self.arch = arch
         self.scalars = (self.Nq, self.Nk, D, Dv, scale, *dropout_args(seed, dropout_p))
         # Fusing the row statistics into the dQ kernel spills there for fp32 at head dims > 128.
@@ -690,7 +709,7 @@ class _BackwardCall:
 
     def _mask(self, cfg, resident_keys: bool):
         """The mask as the dK/dV (resident_keys: key-major tiles) or dQ kernel reads it (mask_operand.py)."""
-        return mask_operand(self.mask, self.lse2, resident_keys, cfg.block_m, cfg.block_n, self.arch)
+        return mask_operand(self.mask, self.stats, resident_keys, cfg.block_m, cfg.block_n, self.arch)
 
     def _launch(self, kernel, cfg, resident_keys, head_tensors, outs, out_strides, heads, mop, out_descs=(), **kw):
         """The dK/dV or dQ launch: both take (inputs, row stats, outputs, mask and tile summary, program map,
@@ -698,12 +717,12 @@ class _BackwardCall:
         also reads out and lse. The dK/dV kernel loops over Q / dO tiles, the dQ kernel over K / V tiles."""
         bs = config.batch_strides
         seq, start, blocks, order, ends, t_str, r_str, flags = _tiling(
-            cfg, resident_keys, self.mask, self.causal, *self.cu, self.Nq, self.Nk, *self.hints, self.lse2)
+            cfg, resident_keys, self.mask, self.causal, *self.cu, self.Nq, self.Nk, *self.hints, self.stats)
         q, k, v, dout = self.inputs
         strided = (q, k, v) + head_tensors + (dout,)
         looped = ((q, cfg.block_m), (dout, cfg.block_m)) if resident_keys else ((k, cfg.block_n), (v, cfg.block_n))
-        descs = tile_descriptors(looped, self.lse2, self.tma)
-        args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.lse2, self.delta,
+        descs = tile_descriptors(looped, self.stats, self.tma)
+        args = (q, k, v, *head_tensors, dout, *(() if resident_keys else (self.lse,)), self.stats,
                 *outs, mop.tensor, order, ends, *self.cu_args, seq, start, *descs, mop.desc, *out_descs,
                 *(x for t in strided for x in bs(t)), *out_strides, *t_str, *r_str, *heads, blocks, *self.scalars)
         return kernel, (blocks * self.B * heads[1 if resident_keys else 0],), args, dict(self.common, **kw, **flags,
@@ -721,10 +740,10 @@ class _BackwardCall:
 
     def dq(self, cfg):
         dq = self.grads[0]
-        dm = self.dmask if self.mask_grad else self.lse2
+        dm = self.dmask if self.mask_grad else self.stats
         g_strides = self.dmask.stride() if self.mask_grad else (0, 0, 0, 0)
         mop = self._mask(cfg, False)
-        g_desc = config.tma_descriptor(dm, cfg.block_m, cfg.block_n) if self.dmask_tma else self.lse2
+        g_desc = config.tma_descriptor(dm, cfg.block_m, cfg.block_n) if self.dmask_tma else self.stats
         return self._launch(_bwd_dq_kernel, cfg, False, (self.out,), (dq, dm),
                             (*config.batch_strides(dq), *mop.strides, *g_strides),
                             (self.Hq, self.Hq // self.Hk), mop, (g_desc,), MASK_GRAD=self.mask_grad,
@@ -736,7 +755,7 @@ class _BackwardCall:
             return []
         dout, bs = self.inputs[3], config.batch_strides
         return [(_bwd_row_stats_kernel, (config.cdiv(self.Nq, block_m) * self.B * self.Hq,),
-                 (self.out, dout, self.lse, self.delta, self.lse2, *bs(self.out), *bs(dout), self.Hq, self.Nq,
+                 (self.out, dout, self.lse, self.stats, *bs(self.out), *bs(dout), self.Hq, self.Nq,
                   self.dims[1]),
                  dict(BLOCK_M=block_m, BLOCK_DV=self.block_dv))]
 

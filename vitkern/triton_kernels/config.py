@@ -107,7 +107,9 @@ def _release_table(kernels: tuple):
 def is_heavy(kernel: str, mask_kind: int, dropout: bool, varlen: bool, causal: bool, d: int, dv: int,
              dtype: torch.dtype, mask_tma: bool = False) -> bool:
     """The tables' ``heavy`` for one kernel (KERNELS) of a call: more live registers per score. Dropout (the
-    hash) is heavy everywhere, varlen bounds and causal loops in the backward. A float mask (mask_kind 2) is
+    hash) is heavy everywhere; causal loops and varlen bounds in the backward of fp32 and width 256 (16-bit tiles
+    up to width 128 hold them on the light tiles, both releases, since the row statistics come as one 8-byte pair
+    a query: benchmarks/NOTES.md version 8). A float mask (mask_kind 2) is
     heavy where its partial tiles hold a [BLOCK_M, BLOCK_N] tile of entry pointers; read as TMA tiles
     (``mask_tma``, mask_operand.py; in the backward with dMask stored as TMA tiles too) it runs the light tiles up
     to width 128. A bool mask (1) is read as packed words (mask_bits.py) and runs the light tiles for 16-bit
@@ -115,7 +117,7 @@ def is_heavy(kernel: str, mask_kind: int, dropout: bool, varlen: bool, causal: b
     with one)."""
     roomy = dtype != torch.float32 and computed_width(d, dv) <= 128
     light_mask = mask_kind == 0 or (roomy and (mask_kind == 1 or mask_tma))
-    return not light_mask or bool(dropout) or (bool(varlen or causal) and kernel != "fwd")
+    return not light_mask or bool(dropout) or (bool(varlen or causal) and not roomy and kernel != "fwd")
 
 
 @_release_table(("fwd",))
@@ -160,7 +162,8 @@ def split_dkdv(d: int, dv: int, dtype: torch.dtype) -> bool:
 def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -> tuple:
     """(dK/dV kernel tiles, dQ kernel tiles). Each kernel keeps a wide tile resident (keys for dK/dV, queries
     for dQ) and loops over narrow tiles of the other side; see forward_config. ``heavy`` here also covers
-    varlen and causal (their bounds checks and extra loops cost registers in the dK/dV kernel)."""
+    causal and varlen where is_heavy says so (their bounds checks and extra loops cost registers in the dK/dV
+    kernel)."""
     if interpreting():
         return LaunchConfig(16, 32, 1, 1), LaunchConfig(32, 16, 1, 1)
     width = computed_width(d, dv)
@@ -172,7 +175,7 @@ def backward_configs(d: int, dv: int, dtype: torch.dtype, heavy: bool = False) -
         return LaunchConfig(16, 16, 4, 1), LaunchConfig(16, 16, 8, 1)
     # dK/dV computes key-major tiles (S^T = K Q^T), so its M dimension is the key tile: >= 64 keys per
     # warpgroup keeps every product on wgmma (sm_90). One stage: the second one spills at N = 197.
-    if width <= 64:     # (heavy dK/dV: 64 query rows a step spill with causal or varlen)
+    if width <= 64:     # (heavy dK/dV: dropout's hash, or a float mask by pointers, beside 64 query rows spill)
         kv = LaunchConfig(32, 128, 8, 1) if heavy else LaunchConfig(64, 128, 8, 1)
         return kv, LaunchConfig(128, 64, 8, 2)
     if width <= 96:     # dense: 32 query rows a step fit beside 128 keys x 96 (16 at 128); heavy as at 128
@@ -206,20 +209,26 @@ MAX_BLOCK = 128
 # Width classes 64 and 128 once more later that day, when the backward with a TMA float mask (dMask stored as TMA
 # tiles) moved to the light tiles, and 96 after a float-mask-alone variant joined it (a full aot_check, every
 # candidate, ran clean under both releases after bool masks' partial tiles lost a select); the 3.6 d128 light
-# forward keeps its earlier (superset) entry.
+# forward keeps its earlier (superset) entry. Every width class again in a second session that day (a full
+# --record under each release), after the backward kernels read their row statistics as one 8-byte pair and
+# causal / varlen moved to the light tiles: the backward keys are that record's; the forward keys (kernel unchanged)
+# keep their supersets; under 3.8 the fp32 heavy d128 dK/dV entry moved to 3 stages, under 3.6 the fp32 heavy d64
+# dQ entry to 2.
 _SPILLS_3_8 = {
     ('bwd_dkdv', '16', 64, False): {(64, 128, 4, 1), (64, 128, 8, 2), (128, 128, 8, 1)},
-    ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (64, 128, 8, 1)},
     ('bwd_dkdv', '16', 96, False): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
-    ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2)},
-    ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
-    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1)},
+    ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (16, 128, 8, 2)},
     ('bwd_dkdv', '16', 256, False): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
-    ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (16, 16, 8, 3), (32, 16, 8, 2)},
-    ('bwd_dkdv', '32', 128, False): {(16, 16, 8, 1), (16, 32, 4, 1)},
-    ('bwd_dkdv', '32', 128, True): {(16, 16, 8, 2), (16, 32, 8, 1)},
-    ('bwd_dkdv', '32', 256, False): {(16, 16, 8, 1)},
+    ('bwd_dkdv', '32', 64, False): {(16, 32, 8, 1)},
+    ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (16, 16, 8, 3)},
+    ('bwd_dkdv', '32', 128, False): {(16, 32, 4, 1)},
+    ('bwd_dkdv', '32', 128, True): {(16, 32, 4, 2), (16, 32, 8, 2)},
+    ('bwd_dkdv', '32', 256, False): {(16, 32, 4, 1)},
+    ('bwd_dkdv', '32', 256, True): {(16, 32, 4, 1)},
     ('bwd_dq', '16', 64, False): {(128, 64, 4, 2)},
     ('bwd_dq', '16', 64, True): {(128, 64, 4, 2)},
     ('bwd_dq', '16', 96, False): {(128, 64, 4, 1), (128, 128, 8, 1)},
@@ -250,7 +259,7 @@ _SPILLS_3_8 = {
 # Static table entries that spill under the release, replaced (aot_check.release_record's choice).
 _TABLE_3_8 = {
     ('bwd_dkdv', '32', 64, True): LaunchConfig(16, 16, 8, 2),
-    ('bwd_dkdv', '32', 128, True): LaunchConfig(16, 32, 8, 2),
+    ('bwd_dkdv', '32', 128, True): LaunchConfig(16, 32, 8, 3),
     ('bwd_dq', '32', 64, True): LaunchConfig(16, 16, 8, 2),
     ('fwd', '32', 256, True): LaunchConfig(16, 16, 8, 1),
 }
@@ -260,19 +269,19 @@ _TABLE_3_8 = {
 # stages need 288 KB of shared memory with a float mask's TMA tiles: the table's own 2 stages again.
 _SPILLS_3_6 = {
     ('bwd_dkdv', '16', 64, False): {(64, 128, 4, 1), (64, 128, 8, 2), (128, 128, 8, 1)},
-    ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
+    ('bwd_dkdv', '16', 64, True): {(32, 128, 4, 1), (64, 128, 8, 1)},
     ('bwd_dkdv', '16', 96, False): {(32, 128, 4, 1), (32, 128, 8, 2), (64, 128, 8, 1)},
     ('bwd_dkdv', '16', 96, True): {(16, 128, 4, 1), (16, 128, 8, 2)},
     ('bwd_dkdv', '16', 128, False): {(16, 128, 4, 1), (32, 128, 8, 1)},
-    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
+    ('bwd_dkdv', '16', 128, True): {(16, 128, 4, 1), (16, 128, 8, 2)},
     ('bwd_dkdv', '16', 256, False): {(16, 64, 8, 1), (16, 128, 4, 1), (32, 128, 8, 1)},
     ('bwd_dkdv', '16', 256, True): {(16, 64, 8, 1), (16, 128, 4, 1), (16, 128, 8, 2), (32, 128, 8, 1)},
-    ('bwd_dkdv', '32', 64, False): {(32, 16, 8, 1)},
-    ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1)},
+    ('bwd_dkdv', '32', 64, False): {(16, 32, 8, 1)},
+    ('bwd_dkdv', '32', 64, True): {(16, 16, 8, 1), (16, 16, 8, 3)},
     ('bwd_dkdv', '32', 128, False): {(32, 32, 8, 1)},
-    ('bwd_dkdv', '32', 128, True): {(16, 32, 4, 1)},
-    ('bwd_dkdv', '32', 256, False): {(16, 16, 8, 1)},
-    ('bwd_dkdv', '32', 256, True): {(16, 16, 4, 2), (16, 32, 4, 1)},
+    ('bwd_dkdv', '32', 128, True): {(16, 32, 4, 1), (32, 32, 8, 1)},
+    ('bwd_dkdv', '32', 256, False): {(16, 32, 4, 1)},
+    ('bwd_dkdv', '32', 256, True): {(16, 32, 4, 1)},
     ('bwd_dq', '16', 64, False): {(128, 64, 4, 2)},
     ('bwd_dq', '16', 64, True): {(128, 64, 4, 2)},
     ('bwd_dq', '16', 96, False): {(128, 64, 4, 1), (128, 128, 8, 1)},
@@ -281,9 +290,11 @@ _SPILLS_3_6 = {
     ('bwd_dq', '16', 128, True): {(128, 32, 4, 2)},
     ('bwd_dq', '16', 256, False): {(128, 32, 4, 2), (128, 64, 8, 2)},
     ('bwd_dq', '16', 256, True): {(128, 16, 4, 2), (128, 16, 8, 1)},
+    ('bwd_dq', '32', 64, True): {(16, 16, 8, 1)},
     ('bwd_dq', '32', 128, False): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 128, True): {(16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)},
     ('bwd_dq', '32', 256, False): {(32, 16, 8, 1)},
+    ('bwd_dq', '32', 256, True): {(32, 16, 8, 1)},
     ('fwd', '16', 64, False): {(128, 128, 4, 3), (128, 128, 8, 4)},
     ('fwd', '16', 64, True): {(128, 64, 4, 3)},
     ('fwd', '16', 96, False): {(128, 128, 4, 2), (128, 128, 8, 1)},
@@ -299,6 +310,7 @@ _SPILLS_3_6 = {
 }
 _TABLE_3_6 = {
     ('bwd_dkdv', '32', 64, True): LaunchConfig(16, 16, 8, 2),
+    ('bwd_dq', '32', 64, True): LaunchConfig(16, 16, 8, 2),
 }
 
 

@@ -206,8 +206,8 @@ VARIANT_SETS = ("static", "quick", "test", "candidates")
 
 def variants(which: str) -> list:
     """aot_check's variant tuples (dtype, d, mask kind, causal, varlen, dropout, n) of a named set; "test" is a
-    small set covering each kernel family with dense, masked (bool; float with its gradient), varlen+dropout forward
-    and head dims 64..256 (80 and 96 in two column chunks; 256 with dK/dV in two launches)."""
+    small set covering each kernel family with dense, masked (bool; float with its gradient), causal, varlen (alone,
+    and both with dropout) and head dims 64..256 (80 and 96 in two column chunks; 256 with dK/dV in two launches)."""
     import torch
     if which in ("static", "candidates"):
         base = aot_check._variants(False)
@@ -222,6 +222,8 @@ def variants(which: str) -> list:
             (b16, 64, 1, False, False, False, 197), (b16, 96, 1, False, False, False, 197),
             (b16, 64, 2, False, False, False, 197),
             (b16, 128, 2, True, False, True, 197), (b16, 64, 0, True, True, True, 197),
+            (b16, 64, 0, False, True, False, 197), (b16, 128, 0, False, True, False, 197),
+            (b16, 64, 0, True, False, False, 197),
             (b16, 256, 0, False, False, False, 256), (b16, 256, 2, True, False, True, 197)]
 
 
