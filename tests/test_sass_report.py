@@ -179,8 +179,8 @@ def test_varlen_and_causal_backward_run_the_dense_tiles(rows):
     # (3,024 / 3,184 per 128x64 tile at head dim 64 against dense 2,688) and, at head dim 128, dQ on 32-key steps.
     # The check-free loop (interior tiles) within 10% of dense per tile; no loop (diagonal, ragged edge) past 2x.
     for kernel in BWD:
-        for causal, dims in ((False, [64, 128]), (True, [64])):
-            sel = [r for r in rows if r["kernel"] == kernel and r["varlen"] != causal and r["causal"] == causal
+        for varlen, causal, dims in ((True, False, [64, 128]), (False, True, [64])):
+            sel = [r for r in rows if r["kernel"] == kernel and r["varlen"] == varlen and r["causal"] == causal
                    and not (r["dropout"] or r["mask"])]
             assert sorted(r["head_dim"] for r in sel) == dims, (kernel, causal, sel)
             for r in sel:
