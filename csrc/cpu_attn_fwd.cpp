@@ -6,8 +6,10 @@
 // packs one key tile at a time (cpu_tile_products.h).
 #include "cpu_attn_fwd.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -166,9 +168,35 @@ int64_t last_visited(const ForwardArgs<T>& a, const QueryTile& w, const uint8_t*
   return w.k_hi;
 }
 
+// What the key tile at j0 of w should fetch while its softmax runs: the K and V rows of w's next key tile, or
+// after the last one the query rows and first key tile of `next` (the thread's next item, if any); K and V only
+// when the products have not packed that key tile already. K and V are capped at kAheadBytes: a 1024-key fp32
+// tile (512 KB) would evict the current tile's own working set.
+constexpr int64_t kAheadBytes = 128 * 1024;
+
+template <typename Products>
+void queue_inputs(LinesAhead& ahead, const Products& prod, const Problem& p, int64_t bn, const QueryTile& w,
+                  int64_t j0, const QueryTile* next) {
+  using E = std::remove_const_t<std::remove_pointer_t<decltype(prod.q.data)>>;
+  constexpr int64_t e = sizeof(E);
+  ahead.clear();
+  const QueryTile* keys_of = &w;
+  int64_t k0 = j0 + bn;
+  if (k0 >= w.k_hi) {
+    if (next == nullptr) return;
+    keys_of = next, k0 = next->k_lo;
+    ahead.add(prod.q.row(next->b, next->h, next->q0), next->q1 - next->q0, prod.q.sn * e, p.D * e);
+  }
+  const int64_t hk = keys_of->h / (p.Hq / p.Hk);
+  if (prod.keys_packed(keys_of->b, hk, keys_of->k_lo, keys_of->k_hi, k0)) return;
+  const int64_t rows = std::min({bn, keys_of->k_hi - k0, kAheadBytes / ((p.D + p.Dv) * e)});
+  ahead.add(prod.k.row(keys_of->b, hk, k0), rows, prod.k.sn * e, p.D * e);
+  ahead.add(prod.v.row(keys_of->b, hk, k0), rows, prod.v.sn * e, p.Dv * e);
+}
+
 template <typename T, typename Products>
-void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T* s_buf, T* o_buf, T* m_buf,
-                  T* l_buf) {
+void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, const QueryTile* next,
+                  LinesAhead* ahead, T* s_buf, T* o_buf, T* m_buf, T* l_buf) {
   const Problem& p = *a.p;
   const int64_t bn = a.tiles.bn, ld = a.tiles.ld();
   const int64_t mq = w.q1 - w.q0, hk = w.h / (p.Hq / p.Hk), ldo = prod.o_ld();
@@ -187,7 +215,10 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, T
     if constexpr (Products::kLowp) prod.scores(w, hk, j0, t.nb, s_buf, ld, /*scaled=*/!t.raw);
     else prod.scores(w, hk, j0, t.nb, s_buf, ld);
     NoFeed none;
+    if (ahead) queue_inputs(*ahead, prod, p, bn, w, j0, next);
+    const int64_t per_row = ahead ? (ahead->lines() + mq - 1) / mq : 0;
     for (int64_t r = 0; r < mq; ++r) {
+      if (ahead) ahead->issue(per_row);
       if constexpr (Products::kLowp)
         softmax_row<T, true>(a, w, t, r, s_buf + r * ld, prod.p_row(r), prod.p_k, m_buf + r, l_buf + r,
                              o_buf + r * ldo, o_live, false, none);
@@ -296,14 +327,21 @@ void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, c
     std::vector<T> s_buf((strips ? 2 : 1) * rows * a.tiles.ld()), o_buf(rows * prod.o_ld()), m_buf(a.tiles.bm),
         l_buf(a.tiles.bm);
     std::vector<KeyTile> visit;
-    for (int64_t idx = next.fetch_add(1); idx < int64_t(items.size()); idx = next.fetch_add(1)) {
+    LinesAhead ahead;
+    const int64_t n = int64_t(items.size());
+    const char* knob = std::getenv("VITKERN_CPU_FETCH_AHEAD");  // 0: off, for measuring it
+    const bool fetch_ahead = !(knob && knob[0] == '0');
+    // Each item is claimed one ahead, so its inputs can be fetched while the current one computes.
+    for (int64_t idx = next.fetch_add(1), after = idx < n ? next.fetch_add(1) : n; idx < n;
+         idx = after, after = idx < n ? next.fetch_add(1) : n) {
       if constexpr (decltype(prod)::kLowp) {
         if (strips) {
           forward_tile_strips(a, prod, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data(), visit);
           continue;
         }
       }
-      forward_tile<T>(a, prod, items[idx], s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data());
+      forward_tile<T>(a, prod, items[idx], after < n ? &items[after] : nullptr, fetch_ahead ? &ahead : nullptr, s_buf.data(), o_buf.data(),
+                      m_buf.data(), l_buf.data());
     }
     prod.finish();
   });

@@ -152,6 +152,20 @@ constexpr MicroKernel<ATrans> kKernels[kMr + 1] = {nullptr,
                                                    micro_kernel<5, ATrans>,
                                                    micro_kernel<6, ATrans>};
 
+// C[m, nc] = alpha · op(A)[m, kc] · B (+ C when add), B's 16-column panels panel_stride floats apart from bp.
+template <bool ATrans>
+VITKERN_AVX2_TARGET void run_panels(int64_t m, int64_t nc, int64_t kc, float alpha, const float* a, int64_t lda,
+                                    const float* bp, int64_t panel_stride, bool add, float* c, int64_t ldc) {
+  for (int64_t i0 = 0; i0 < m; i0 += kMr) {
+    const int64_t rows = std::min<int64_t>(kMr, m - i0);
+    const float* ap = ATrans ? a + i0 : a + i0 * lda;
+    const MicroKernel<ATrans> kernel = kKernels<ATrans>[rows];
+    for (int64_t jp = 0; jp < nc; jp += kNr)
+      kernel(kc, ap, lda, bp + (jp / kNr) * panel_stride, c + i0 * ldc + jp, ldc, alpha, add,
+             std::min<int64_t>(kNr, nc - jp));
+  }
+}
+
 template <bool ATrans>
 VITKERN_AVX2_TARGET void blocked(bool b_trans, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                                  int64_t lda, const float* b, int64_t ldb, bool add_c, float* c, int64_t ldc) {
@@ -162,15 +176,8 @@ VITKERN_AVX2_TARGET void blocked(bool b_trans, int64_t m, int64_t n, int64_t k, 
     for (int64_t k0 = 0; k0 < k; k0 += kKc) {
       const int64_t kc = std::min(kKc, k - k0);
       pack_b(b_trans, b, ldb, k0, kc, j0, nc, packed.data());
-      const bool add = add_c || k0 > 0;
-      for (int64_t i0 = 0; i0 < m; i0 += kMr) {
-        const int64_t rows = std::min<int64_t>(kMr, m - i0);
-        const float* ap = ATrans ? a + k0 * lda + i0 : a + i0 * lda + k0;
-        const MicroKernel<ATrans> kernel = kKernels<ATrans>[rows];
-        for (int64_t jp = 0; jp < nc; jp += kNr)
-          kernel(kc, ap, lda, packed.data() + (jp / kNr) * kc * kNr, c + i0 * ldc + j0 + jp, ldc, alpha, add,
-                 std::min<int64_t>(kNr, nc - jp));
-      }
+      run_panels<ATrans>(m, nc, kc, alpha, ATrans ? a + k0 * lda : a + k0, lda, packed.data(), kc * kNr,
+                         add_c || k0 > 0, c + j0, ldc);
     }
   }
 }
@@ -182,6 +189,23 @@ void sgemm_avx2(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, flo
   const bool add_c = beta != 0.0f;
   if (a_trans) return blocked<true>(b_trans, m, n, k, alpha, a, lda, b, ldb, add_c, c, ldc);
   blocked<false>(b_trans, m, n, k, alpha, a, lda, b, ldb, add_c, c, ldc);
+}
+
+int64_t sgemm_avx2_panels_size(int64_t n, int64_t k) { return (n + kNr - 1) / kNr * kNr * k; }
+
+void sgemm_avx2_pack(bool b_trans, int64_t n, int64_t k, const float* b, int64_t ldb, float* bp) {
+  pack_b(b_trans, b, ldb, 0, k, 0, n, bp);
+}
+
+// blocked()'s loops over panels packed once for the whole of k: a k-slice of a panel is a pointer offset.
+void sgemm_avx2_packed(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* bp,
+                       float beta, float* c, int64_t ldc) {
+  for (int64_t j0 = 0; j0 < n; j0 += kNc) {
+    const int64_t nc = std::min(kNc, n - j0);
+    for (int64_t k0 = 0; k0 < k; k0 += kKc)
+      run_panels<false>(m, nc, std::min(kKc, k - k0), alpha, a + k0, lda, bp + (j0 / kNr) * k * kNr + k0 * kNr,
+                        k * kNr, beta != 0.0f || k0 > 0, c + j0, ldc);
+  }
 }
 
 }  // namespace vitkern_cpu

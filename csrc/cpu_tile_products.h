@@ -13,6 +13,7 @@
 #include "cpu_attn_work.h"
 #include "cpu_blas.h"
 #include "cpu_lowp_gemm.h"
+#include "cpu_sgemm_avx2.h"
 #include "cpu_sgemm_avx512.h"
 
 namespace vitkern_cpu {
@@ -40,6 +41,40 @@ struct KeysTransposed {
   }
 };
 
+// K and V of keys [lo, hi) of (b, hk) as the own AVX2 GEMM's packed B panels (sgemm_avx2_pack), one block per
+// key tile, each packed when first used and kept until another (b, hk, lo, hi) is asked for: the query tiles of
+// a long sequence (16 of 4,096 tokens) and of a masked one (32-query tiles) then share one packing of K and V
+// instead of each repacking every key tile.
+struct KeyPanelsAvx2 {
+  std::vector<float> k, v;
+  std::vector<uint8_t> ready;
+  int64_t b = -1, hk = -1, lo = -1, hi = -1, bn = 0, k_tile = 0, v_tile = 0;
+  // The panels of key tile [j0, j0 + nb) of the range: Kᵀ (D x nb) into *kp, V (nb x Dv) into *vp.
+  void tile(Strided<const float> ks, Strided<const float> vs, int64_t b_, int64_t hk_, int64_t lo_, int64_t hi_,
+            int64_t bn_, int64_t D, int64_t Dv, int64_t j0, int64_t nb, const float** kp, const float** vp) {
+    if (b_ != b || hk_ != hk || lo_ != lo || hi_ != hi || bn_ != bn) {
+      b = b_, hk = hk_, lo = lo_, hi = hi_, bn = bn_;
+      k_tile = sgemm_avx2_panels_size(bn, D), v_tile = sgemm_avx2_panels_size(Dv, bn);
+      const int64_t tiles = (hi - lo + bn - 1) / bn;
+      if (int64_t(k.size()) < tiles * k_tile) k.resize(tiles * k_tile);
+      if (int64_t(v.size()) < tiles * v_tile) v.resize(tiles * v_tile);
+      ready.assign(tiles, 0);
+    }
+    const int64_t t = (j0 - lo) / bn;
+    float* kt = k.data() + t * k_tile;
+    float* vt = v.data() + t * v_tile;
+    if (!ready[t]) {
+      sgemm_avx2_pack(/*b_trans=*/true, nb, D, ks.row(b, hk, j0), ks.sn, kt);
+      sgemm_avx2_pack(/*b_trans=*/false, Dv, nb, vs.row(b, hk, j0), vs.sn, vt);
+      ready[t] = 1;
+    }
+    *kp = kt, *vp = vt;
+  }
+  bool holds(int64_t b_, int64_t hk_, int64_t lo_, int64_t hi_, int64_t j0) const {
+    return b_ == b && hk_ == hk && lo_ == lo && hi_ == hi && ready[(j0 - lo) / bn];
+  }
+};
+
 template <typename T>
 struct BlasProducts {
   static constexpr bool kLowp = false;
@@ -50,20 +85,36 @@ struct BlasProducts {
   // With the own AVX-512 GEMM, Kᵀ of keys [k_lo, k_hi) of (b, hk) as one panel (transpose_panel_f32), made when a
   // query tile of another key range starts: the query tiles of a long sequence reuse it.
   KeysTransposed<T> kt;
+  // With the own AVX2 GEMM (float only), the key tiles' K and V panels, shared by the query tiles of a key range.
+  KeyPanelsAvx2 panels;
+  const float *k_panel = nullptr, *v_panel = nullptr;  // the current key tile's, set by scores()
+  int64_t bn;
 
-  BlasProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, const Problem& p, Tiles)
-      : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)), own(p.fp32_gemm) {}
+  BlasProducts(Strided<const T> q_, Strided<const T> k_, Strided<const T> v_, const Problem& p, Tiles t)
+      : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)), own(p.fp32_gemm), bn(t.bn) {}
   int64_t o_ld() const { return Dv; }
   void start(const QueryTile&) {}
+  // Whether key tile j0 of keys [lo, hi) of (b, hk) is packed already, so its K and V rows will not be read.
+  bool keys_packed(int64_t b, int64_t hk, int64_t lo, int64_t hi, int64_t j0) const {
+    return own == Fp32Gemm::kAvx2 && panels.holds(b, hk, lo, hi, j0);
+  }
   // S[mq, nb] = scale · Q[q0:q1] · K[j0:j0+nb]ᵀ of query head w.h, kv head hk.
   void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, T* s, int64_t ld) {
     const int64_t mq = w.q1 - w.q0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (own == Fp32Gemm::kAvx2) {
+        panels.tile(k, v, w.b, hk, w.k_lo, w.k_hi, bn, D, Dv, j0, nb, &k_panel, &v_panel);
+        return sgemm_avx2_packed(mq, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k_panel, 0.0f, s, ld);
+      }
+    }
     if (const T* panel = kt.columns(own, k, w.b, hk, w.k_lo, w.k_hi, D, j0))
       return gemm_nn<T>(mq, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, panel, kt.ld, T(0), s, ld, own);
     gemm_nt<T>(mq, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k.row(w.b, hk, j0), k.sn, T(0), s, ld, own);
   }
   // O[mq, Dv] (+)= P[mq, nb] · V[j0:j0+nb].
   void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const T* s, int64_t ld, T* o, bool add) {
+    if constexpr (std::is_same_v<T, float>)
+      if (own == Fp32Gemm::kAvx2) return sgemm_avx2_packed(w.q1 - w.q0, Dv, nb, 1.0f, s, ld, v_panel, add, o, Dv);
     gemm_nn<T>(w.q1 - w.q0, Dv, nb, T(1), s, ld, v.row(w.b, hk, j0), v.sn, T(add ? 1 : 0), o, Dv, own);
   }
   void finish() {}
@@ -92,6 +143,9 @@ struct LowpProducts {
                TilePath path_);
   int64_t o_ld() const { return Dvp; }
   void start(const QueryTile& w);
+  bool keys_packed(int64_t b, int64_t hk, int64_t lo, int64_t hi, int64_t) const {
+    return b == packed_b && hk == packed_hk && lo == packed_lo && hi == packed_hi;
+  }
   // S = Q·Kᵀ of the tile, times scale when `scaled` (else the raw dot products; the exp pass applies the scale).
   void scores(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, float* s, int64_t ld, bool scaled);
   // Row r of the bf16 P tile of the current key tile: p_k entries, those past nb zero.
