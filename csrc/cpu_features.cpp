@@ -202,6 +202,19 @@ std::string cpu_features_json() {
   return o.str();
 }
 
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(__linux__)
+    for (int name : {_SC_LEVEL3_CACHE_SIZE, _SC_LEVEL2_CACHE_SIZE}) {
+      const long v = sysconf(name);
+      if (v > 0) return int64_t(v);
+    }
+#endif
+    return int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
 }  // namespace vitkern_cpu
 
 // Not a tensor op: a catch-all kernel, callable as torch.ops.vitkern_cpu.cpu_features() (vitkern.info, benchmarks).

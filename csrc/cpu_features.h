@@ -55,6 +55,9 @@ bool path_runs(TilePath p, at::ScalarType dt, std::string* why);
 // error if it cannot run here for that dtype — else the fastest that runs. float64 always computes in float64.
 TilePath chosen_path(at::ScalarType dt);
 
+// The last-level cache's size in bytes as the OS reports it (L3, else L2), 32 MiB when it reports none.
+int64_t last_level_cache_bytes();
+
 // {"compiled": [...], "cpu": {...}, "chosen": {"float32": ..., "bfloat16": ..., "float16": ...}} as JSON.
 std::string cpu_features_json();
 

@@ -24,10 +24,11 @@ inline void prefetch_for_write(const void* p, int64_t bytes) {
 class LinesAhead {
  public:
   void clear() { n_ranges_ = k_ = r_ = 0, line_ = end_ = 0, lines_ = 0; }
-  // rows rows of `bytes` bytes, `stride` bytes apart from p on (at most kMaxRanges ranges; more are dropped).
-  void add(const void* p, int64_t rows, int64_t stride, int64_t bytes) {
+  // rows rows of `bytes` bytes, `stride` bytes apart from p on (at most kMaxRanges ranges; more are dropped);
+  // write: fetched for writing (prefetchw where the target has it).
+  void add(const void* p, int64_t rows, int64_t stride, int64_t bytes, bool write = false) {
     if (n_ranges_ == kMaxRanges || rows <= 0 || bytes <= 0) return;
-    ranges_[n_ranges_++] = {static_cast<const char*>(p), rows, stride, bytes};
+    ranges_[n_ranges_++] = {static_cast<const char*>(p), rows, stride, bytes, write};
     lines_ += rows * ((bytes + 63) / 64 + 1);
   }
   // An upper bound on the lines queued: what a caller spreads over its pieces of work.
@@ -36,14 +37,15 @@ class LinesAhead {
   void issue(int64_t n) {
     while (n > 0) {
       if (line_ < end_) {
-        __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, 3);
+        if (write_) __builtin_prefetch(reinterpret_cast<const void*>(line_), 1, 3);
+        else __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, 3);
         line_ += 64, --n;
         continue;
       }
       if (k_ == n_ranges_) return;
       const Range& g = ranges_[k_];
       const uintptr_t row = reinterpret_cast<uintptr_t>(g.p + r_ * g.stride);
-      line_ = row & ~uintptr_t(63), end_ = row + uintptr_t(g.bytes);
+      line_ = row & ~uintptr_t(63), end_ = row + uintptr_t(g.bytes), write_ = g.write;
       if (++r_ == g.rows) ++k_, r_ = 0;
     }
   }
@@ -53,11 +55,13 @@ class LinesAhead {
   struct Range {
     const char* p;
     int64_t rows, stride, bytes;
+    bool write;
   };
   Range ranges_[kMaxRanges];
   int n_ranges_ = 0, k_ = 0;
   int64_t r_ = 0, lines_ = 0;
   uintptr_t line_ = 0, end_ = 0;
+  bool write_ = false;
 };
 
 }  // namespace vitkern_cpu

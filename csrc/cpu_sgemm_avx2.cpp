@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu_prefetch.h"
+
 #define VITKERN_AVX2_TARGET __attribute__((target("avx2,fma")))
 
 namespace vitkern_cpu {
@@ -153,16 +155,20 @@ constexpr MicroKernel<ATrans> kKernels[kMr + 1] = {nullptr,
                                                    micro_kernel<6, ATrans>};
 
 // C[m, nc] = alpha · op(A)[m, kc] · B (+ C when add), B's 16-column panels panel_stride floats apart from bp.
+// ahead: `per_call` of its lines are fetched before each micro-kernel call.
 template <bool ATrans>
 VITKERN_AVX2_TARGET void run_panels(int64_t m, int64_t nc, int64_t kc, float alpha, const float* a, int64_t lda,
-                                    const float* bp, int64_t panel_stride, bool add, float* c, int64_t ldc) {
+                                    const float* bp, int64_t panel_stride, bool add, float* c, int64_t ldc,
+                                    LinesAhead* ahead = nullptr, int64_t per_call = 0) {
   for (int64_t i0 = 0; i0 < m; i0 += kMr) {
     const int64_t rows = std::min<int64_t>(kMr, m - i0);
     const float* ap = ATrans ? a + i0 : a + i0 * lda;
     const MicroKernel<ATrans> kernel = kKernels<ATrans>[rows];
-    for (int64_t jp = 0; jp < nc; jp += kNr)
+    for (int64_t jp = 0; jp < nc; jp += kNr) {
+      if (ahead) ahead->issue(per_call);
       kernel(kc, ap, lda, bp + (jp / kNr) * panel_stride, c + i0 * ldc + jp, ldc, alpha, add,
              std::min<int64_t>(kNr, nc - jp));
+    }
   }
 }
 
@@ -199,12 +205,14 @@ void sgemm_avx2_pack(bool b_trans, int64_t n, int64_t k, const float* b, int64_t
 
 // blocked()'s loops over panels packed once for the whole of k: a k-slice of a panel is a pointer offset.
 void sgemm_avx2_packed(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* bp,
-                       float beta, float* c, int64_t ldc) {
+                       float beta, float* c, int64_t ldc, LinesAhead* ahead) {
+  const int64_t calls = (m + kMr - 1) / kMr * ((n + kNr - 1) / kNr) * ((k + kKc - 1) / kKc);
+  const int64_t per_call = ahead ? (ahead->lines() + calls - 1) / calls : 0;
   for (int64_t j0 = 0; j0 < n; j0 += kNc) {
     const int64_t nc = std::min(kNc, n - j0);
     for (int64_t k0 = 0; k0 < k; k0 += kKc)
       run_panels<false>(m, nc, std::min(kKc, k - k0), alpha, a + k0, lda, bp + (j0 / kNr) * k * kNr + k0 * kNr,
-                        k * kNr, beta != 0.0f || k0 > 0, c + j0, ldc);
+                        k * kNr, beta != 0.0f || k0 > 0, c + j0, ldc, ahead, per_call);
   }
 }
 

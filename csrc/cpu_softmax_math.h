@@ -12,6 +12,9 @@
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define VITKERN_STREAM_STORES 1
+#else
+#define VITKERN_STREAM_STORES 0
 #endif
 
 namespace vitkern_cpu {
@@ -267,6 +270,32 @@ inline void exp_shift<float>(float* x, int64_t n, float shift) {
   }
 }
 #endif
+
+// Streaming (non-temporal) stores of float rows: o[c] = x[c] · a written around the caches, then one
+// stream_fence() before the rows are handed on. Where the build has no AVX2, can_stream_rows is false.
+inline bool can_stream_rows(const float* base, int64_t n, int64_t row_stride) {
+#if VITKERN_STREAM_STORES
+  return n % 8 == 0 && reinterpret_cast<uintptr_t>(base) % 32 == 0 && row_stride % 8 == 0;
+#else
+  (void)base, (void)n, (void)row_stride;
+  return false;
+#endif
+}
+
+inline void stream_scaled_row(float* o, const float* x, int64_t n, float a) {
+#if VITKERN_STREAM_STORES
+  const __m256 va = _mm256_set1_ps(a);
+  for (int64_t c = 0; c < n; c += 8) _mm256_stream_ps(o + c, _mm256_mul_ps(_mm256_loadu_ps(x + c), va));
+#else
+  for (int64_t c = 0; c < n; ++c) o[c] = x[c] * a;
+#endif
+}
+
+inline void stream_fence() {
+#if VITKERN_STREAM_STORES
+  _mm_sfence();
+#endif
+}
 
 template <typename T>
 inline void scale_row(T* x, int64_t n, T a) {

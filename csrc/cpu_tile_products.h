@@ -94,6 +94,10 @@ struct BlasProducts {
       : q(q_), k(k_), v(v_), D(p.D), Dv(p.Dv), scale(T(p.scale)), own(p.fp32_gemm), bn(t.bn) {}
   int64_t o_ld() const { return Dv; }
   void start(const QueryTile&) {}
+  // The lines to fetch during the next scores() (forward_tile's queue_inputs); the products take them only on
+  // the own AVX2 GEMM (takes_ahead()), between its micro-kernel calls.
+  LinesAhead* ahead = nullptr;
+  bool takes_ahead() const { return own == Fp32Gemm::kAvx2; }
   // Whether key tile j0 of keys [lo, hi) of (b, hk) is packed already, so its K and V rows will not be read.
   bool keys_packed(int64_t b, int64_t hk, int64_t lo, int64_t hi, int64_t j0) const {
     return own == Fp32Gemm::kAvx2 && panels.holds(b, hk, lo, hi, j0);
@@ -104,7 +108,7 @@ struct BlasProducts {
     if constexpr (std::is_same_v<T, float>) {
       if (own == Fp32Gemm::kAvx2) {
         panels.tile(k, v, w.b, hk, w.k_lo, w.k_hi, bn, D, Dv, j0, nb, &k_panel, &v_panel);
-        return sgemm_avx2_packed(mq, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k_panel, 0.0f, s, ld);
+        return sgemm_avx2_packed(mq, nb, D, scale, q.row(w.b, w.h, w.q0), q.sn, k_panel, 0.0f, s, ld, ahead);
       }
     }
     if (const T* panel = kt.columns(own, k, w.b, hk, w.k_lo, w.k_hi, D, j0))
@@ -114,7 +118,8 @@ struct BlasProducts {
   // O[mq, Dv] (+)= P[mq, nb] · V[j0:j0+nb].
   void accumulate(const QueryTile& w, int64_t hk, int64_t j0, int64_t nb, const T* s, int64_t ld, T* o, bool add) {
     if constexpr (std::is_same_v<T, float>)
-      if (own == Fp32Gemm::kAvx2) return sgemm_avx2_packed(w.q1 - w.q0, Dv, nb, 1.0f, s, ld, v_panel, add, o, Dv);
+      if (own == Fp32Gemm::kAvx2)
+        return sgemm_avx2_packed(w.q1 - w.q0, Dv, nb, 1.0f, s, ld, v_panel, add, o, Dv, ahead);
     gemm_nn<T>(w.q1 - w.q0, Dv, nb, T(1), s, ld, v.row(w.b, hk, j0), v.sn, T(add ? 1 : 0), o, Dv, own);
   }
   void finish() {}
@@ -143,6 +148,8 @@ struct LowpProducts {
                TilePath path_);
   int64_t o_ld() const { return Dvp; }
   void start(const QueryTile& w);
+  LinesAhead* ahead = nullptr;  // never taken: forward_tile fetches between its softmax rows
+  bool takes_ahead() const { return false; }
   bool keys_packed(int64_t b, int64_t hk, int64_t lo, int64_t hi, int64_t) const {
     return b == packed_b && hk == packed_hk && lo == packed_lo && hi == packed_hi;
   }

@@ -99,3 +99,14 @@ def test_non_contiguous_inputs(gemm):
     gen = torch.Generator().manual_seed(9)
     q, k, v = (rand(2, 197, 3, 64, gen=gen).transpose(1, 2).requires_grad_() for _ in range(3))
     check_against_truth(sdpa, (q, k, v), ref, f"{gemm} strided")
+
+
+@pytest.mark.parametrize("stream", ["1", "0"])
+@pytest.mark.parametrize("n,d,dv", [(197, 64, 64), (300, 80, 40), (50, 13, 7)])
+def test_streamed_output_rows(gemm, stream, n, d, dv, monkeypatch):
+    """Output rows written around the caches (VITKERN_CPU_STREAM_OUT=1; by default only when a call's tensors
+    overflow the last-level cache, too big for a test) and forced off; dv 7 cannot stream (rows of whole 8-float
+    vectors only) and takes the plain stores either way."""
+    monkeypatch.setenv("VITKERN_CPU_STREAM_OUT", stream)
+    q, k, v = qkv(2, 3, n, n, d, dv=dv, grad=True, seed=n + dv)
+    check_against_truth(sdpa, (q, k, v), ref, f"{gemm} stream={stream} n={n} d={d} dv={dv}")
