@@ -1,7 +1,6 @@
 // Software prefetch: for the rows the kernels store to, and (LinesAhead) for the inputs of the next work item.
-// For the stores. Why: the outputs are [B, N, H, D] tensors, their rows
-// (128-512 bytes) H·D elements apart, a few per 4 KB page, so the hardware's stream prefetchers never lock on and
-// every row stored waits for its lines. The forward fetches an output row for writing while the last key tile's
+// Stores: the outputs are [B, N, H, D] tensors, their rows (128-512 bytes) H·D elements apart, a few per 4 KB
+// page, so the hardware's stream prefetchers never lock on and every row stored waits for its lines. The forward fetches an output row for writing while the last key tile's
 // softmax runs (ViT-B/16 fp32 forward on an Intel Xeon AMX, model 167: the output stores were 8% of the kernel's
 // samples; with the prefetch the forward is 5-8% faster, fp32 and bf16, 1-2 threads). The same for the dQ, dK and
 // dV rows of the backward measured nothing outside the noise, so the backward has none.
@@ -20,7 +19,9 @@ inline void prefetch_for_write(const void* p, int64_t bytes) {
 // The lines of a few row ranges (the next work item's inputs), fetched a few at a time between pieces of the
 // current item's work, so they arrive while it computes. Why: a query tile's K and V rows (and Q's) were read
 // from memory by the first product that packs them, the core idle meanwhile: on a Zen 3 EPYC the packing
-// passes were 11% of a ViT-B/16 fp32 forward's kernel samples, nearly all of it waiting on those loads.
+// passes were 11% of a ViT-B/16 fp32 forward's kernel samples, nearly all of it waiting on those loads. Reads
+// are fetched with prefetcht1 (1-2% faster than prefetcht0 there: the fetches still stall on miss buffers now and
+// then, the T0 ones more).
 class LinesAhead {
  public:
   void clear() { n_ranges_ = k_ = r_ = 0, line_ = end_ = 0, lines_ = 0; }
@@ -38,7 +39,7 @@ class LinesAhead {
     while (n > 0) {
       if (line_ < end_) {
         if (write_) __builtin_prefetch(reinterpret_cast<const void*>(line_), 1, 3);
-        else __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, 3);
+        else __builtin_prefetch(reinterpret_cast<const void*>(line_), 0, 2);  // prefetcht1: see above
         line_ += 64, --n;
         continue;
       }
