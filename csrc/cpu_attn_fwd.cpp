@@ -146,7 +146,6 @@ void store_rows(const ForwardArgs<T>& a, const QueryTile& w, const T* o_buf, int
   const T ninf = -std::numeric_limits<T>::infinity();
   const T keep_scale = T(a.dropout.active ? a.dropout.keep_scale : 1.0);
   T* lse = a.lse + (w.b * p.Hq + w.h) * p.Nq + w.q0;
-
   for (int64_t r = 0; r < mq; ++r) {
     const T l = l_buf[r];
     const T inv = l == T(0) ? T(0) : keep_scale / l;  // a NaN l (a NaN score) gives a NaN row
@@ -377,8 +376,8 @@ void run_forward(const ForwardArgs<T>& a, const std::vector<QueryTile>& items, c
           continue;
         }
       }
-      forward_tile<T>(a, prod, items[idx], after < n ? &items[after] : nullptr, fetch_ahead ? &ahead : nullptr, s_buf.data(), o_buf.data(),
-                      m_buf.data(), l_buf.data());
+      forward_tile<T>(a, prod, items[idx], after < n ? &items[after] : nullptr, fetch_ahead ? &ahead : nullptr,
+                      s_buf.data(), o_buf.data(), m_buf.data(), l_buf.data());
     }
     prod.finish();
   });
@@ -433,7 +432,9 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd_cpu(const at::Tensor& q, const at::
                             direct_bf16 ? strided<bf16>(out) : Strided<bf16>{}, lse.data_ptr<scalar_t>(), &p, mv,
                             mv.kind == MaskView::kNone ? nullptr : &summary, Dropout(dropout_p, seed), tiles};
     if constexpr (std::is_same_v<scalar_t, float>)
-      a.stream_out = !direct_bf16 && streams_output(out_acc, int64_t(q.nbytes() + k.nbytes() + v.nbytes()));
+      // Not into a float32 staging copy (fp16 inputs): out.copy_ reads it straight back.
+      a.stream_out = !direct_bf16 && out_acc.is_same(out) &&
+                     streams_output(out_acc, int64_t(q.nbytes() + k.nbytes() + v.nbytes()));
     run_forward_on_path<scalar_t>(a, items, path, q, k, v, p, tiles);
   });
   if (!out_acc.is_same(out)) out.copy_(out_acc);

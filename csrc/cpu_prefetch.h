@@ -1,9 +1,10 @@
 // Software prefetch: for the rows the kernels store to, and (LinesAhead) for the inputs of the next work item.
 // Stores: the outputs are [B, N, H, D] tensors, their rows (128-512 bytes) H·D elements apart, a few per 4 KB
-// page, so the hardware's stream prefetchers never lock on and every row stored waits for its lines. The forward fetches an output row for writing while the last key tile's
-// softmax runs (ViT-B/16 fp32 forward on an Intel Xeon AMX, model 167: the output stores were 8% of the kernel's
-// samples; with the prefetch the forward is 5-8% faster, fp32 and bf16, 1-2 threads). The same for the dQ, dK and
-// dV rows of the backward measured nothing outside the noise, so the backward has none.
+// page, so the hardware's stream prefetchers never lock on and every row stored waits for its lines. The forward
+// fetches an output row for writing while the last key tile's softmax runs (ViT-B/16 fp32 forward on an Intel
+// Xeon AMX, model 167: the output stores were 8% of the kernel's samples; with the prefetch the forward is 5-8%
+// faster, fp32 and bf16, 1-2 threads). The same for the dQ, dK and dV rows of the backward measured nothing
+// outside the noise, so the backward has none.
 #pragma once
 #include <cstdint>
 

@@ -22,7 +22,7 @@ void sgemm_avx2(bool a_trans, bool b_trans, int64_t m, int64_t n, int64_t k, flo
 // 16-column panels, columns past n zero, into bp of sgemm_avx2_panels_size(n, k) floats; sgemm_avx2_packed
 // computes C[m, n] = alpha · A[m, k] · op(B) + beta · C from them (A row-major, m, n, k > 0, beta 0 or 1),
 // fetching the lines queued in `ahead` (if any) a few before each micro-kernel call: spread that thin, the
-// fetches never wait for a free miss buffer, as a burst of them between softmax rows did.
+// fetches wait for a free miss buffer less often than a burst of them between softmax rows did.
 int64_t sgemm_avx2_panels_size(int64_t n, int64_t k);
 void sgemm_avx2_pack(bool b_trans, int64_t n, int64_t k, const float* b, int64_t ldb, float* bp);
 void sgemm_avx2_packed(int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* bp,
