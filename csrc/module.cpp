@@ -8,6 +8,7 @@
 #include "cpu_attn_autograd.h"
 #include "cpu_attn_bwd.h"
 #include "cpu_attn_fwd.h"
+#include "cpu_softmax_math.h"
 
 namespace {
 
@@ -24,6 +25,19 @@ std::tuple<at::Tensor, at::Tensor> flash_varlen_fwd(const at::Tensor& q, const a
   return {out.select(0, 0).transpose(0, 1), lse.select(0, 0)};
 }
 
+// The online softmax's exp pass on its own, for the tests that bound its error in ulp: each row of a float32
+// [R, N] tensor becomes exp(x - shift) in place (the vector exp this build runs); returns the row sums [R].
+at::Tensor softmax_exp_rows_(at::Tensor& x, double shift) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "x: expected a contiguous float32 [R, N] CPU tensor, got ", x.scalar_type(), " ", x.sizes());
+  const int64_t rows = x.size(0), n = x.size(1);
+  at::Tensor sums = at::empty({rows}, x.options());
+  float* data = x.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r)
+    sums.data_ptr<float>()[r] = vitkern_cpu::exp_shift_sum<float>(data + r * n, n, static_cast<float>(shift));
+  return sums;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -38,4 +52,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("flash_attention_autograd", &vitkern_cpu::flash_attention_autograd,
         "flash_fwd with a C++ autograd node whose backward is flash_bwd (the eager path's boundary)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("softmax_exp_rows_", &softmax_exp_rows_,
+        "test hook: x [R, N] float32 <- exp(x - shift) in place by the kernels' exp pass; returns the row sums [R]");
 }
