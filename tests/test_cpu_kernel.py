@@ -122,7 +122,7 @@ def test_softmax_weights_are_float_exact(masked):
     torch.testing.assert_close(out.double(), want, rtol=2.0 ** -21, atol=2.0 ** -126)
 
 
-def test_exp_pass_is_within_one_ulp():
+def test_exp_pass_is_within_about_one_ulp():
     """The kernels' exp pass alone (the vector exp this build runs: exp8 on AVX2, exp16 on AVX-512), to a bound
     in ulp of the true exp: the tests above grant the exp about one ulp of their budget. A dense sample of
     [-87.33, 0] (every 2^-14 near 0, then a random million), the shift folded in exactly (x - 0.25 with x on
@@ -141,10 +141,12 @@ def test_exp_pass_is_within_one_ulp():
     sums = _ext._C.softmax_exp_rows_(e, 0.25)
     ulp = torch.ldexp(torch.ones_like(want), torch.floor(torch.log2(want)).to(torch.int64) - 23)
     err = ((e.double() - want).abs() / ulp).max().item()
-    # Error model: under 0.5 ulp for the final rounding, about 0.5 for the reduction, polynomial and 2^k's
-    # table or scaling together; the vector exps measure 0.88 (exp8) and 1.02 (exp16, exp_poly) ulp worst.
-    assert err <= 1.1, f"the exp pass is {err:.3f} ulp off"
-    # A row sum of 197 terms in 32 partial sums: a few ulp of the sum (each term's 1.1 ulp plus 8 roundings).
+    # Error model: 0.5 ulp for the final rounding, up to 0.5 for 2^k's table entry (exp8) and a few hundredths for
+    # the reduction and the polynomial; the degree-6 polynomials' last steps round twice (exp16, exp_poly: measured
+    # 1.02-1.08 ulp worst on earlier CPUs), exp8 measures 0.88 here. 1.25 leaves room for those, not for a bug.
+    assert err <= 1.25, f"the exp pass is {err:.3f} ulp off"
+    # The pass's row sums against float64 sums of the same exps: 32 partial sums reduced pairwise, a few
+    # roundings of the sum each.
     torch.testing.assert_close(sums.double(), e.double().sum(-1), rtol=2.0 ** -20, atol=0)
     edge = torch.tensor([[-87.34, -90.0, -1e30, -math.inf, math.nan, 0.0, -87.33, -1e-30]])
     e_sums = _ext._C.softmax_exp_rows_(edge, 0.0)
