@@ -80,79 +80,79 @@ VITKERN_AVX2_TARGET inline __m256i lanes_below(int64_t w) {
                             _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// C[R, w] = alpha · A[R, kc] · Bp[kc, 16] (+ C when add), w ≤ 16 columns stored.
-template <int R, bool ATrans>
+// C[R, w] = alpha · A[R, kc] · Bp[kc, 16] (+ C when add), w ≤ 8·NV columns stored. NV = 1 reads only the first 8
+// columns of each panel row: the last panel of a ragged n (197 keys: 5 of its 16 columns used) then costs 0.61 of
+// a full call (6 FMAs a step against 12, still a broadcast per row), not a full one.
+template <int R, bool ATrans, int NV>
 VITKERN_AVX2_TARGET void micro_kernel(int64_t kc, const float* a, int64_t lda, const float* bp, float* c,
                                       int64_t ldc, float alpha, bool add, int64_t w) {
-  __m256 acc[R][2];
+  static_assert(NV == 1 || NV == 2);
+  __m256 acc[R][NV];
 #pragma GCC unroll 6
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_setzero_ps();
+  // One step: acc[r] += A(r, p) · Bp[p, :8·NV], A(r, p) at ap[r · stride].
+  const auto step = [&](const float* ap, int64_t stride, const float* b) VITKERN_AVX2_TARGET {
+    __m256 bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + 8 * v);
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(ap + r * stride);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm256_fmadd_ps(x, bv[v], acc[r][v]);
+    }
+  };
   if constexpr (ATrans) {
     // A(i, p) = a[p·lda + i]: the R values of step p are adjacent.
-    for (int64_t p = 0; p < kc; ++p, a += lda, bp += kNr) {
-      const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const __m256 x = _mm256_broadcast_ss(a + r);
-        acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
-      }
-    }
+    for (int64_t p = 0; p < kc; ++p, a += lda, bp += kNr) step(a, 1, bp);
   } else {
-    const float* rows[R];
-#pragma GCC unroll 6
-    for (int r = 0; r < R; ++r) rows[r] = a + r * lda;
-    for (int64_t p = 0; p < kc; ++p, bp += kNr) {
-      const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
-#pragma GCC unroll 6
-      for (int r = 0; r < R; ++r) {
-        const __m256 x = _mm256_broadcast_ss(rows[r] + p);
-        acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
-      }
-    }
+    for (int64_t p = 0; p < kc; ++p, bp += kNr) step(a + p, lda, bp);
   }
   const __m256 al = _mm256_set1_ps(alpha);
-  if (w == kNr) {
+  if (w == 8 * NV) {
 #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       float* cr = c + r * ldc;
-      __m256 o0 = _mm256_mul_ps(acc[r][0], al), o1 = _mm256_mul_ps(acc[r][1], al);
-      if (add) {
-        o0 = _mm256_add_ps(o0, _mm256_loadu_ps(cr));
-        o1 = _mm256_add_ps(o1, _mm256_loadu_ps(cr + 8));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        __m256 o = _mm256_mul_ps(acc[r][v], al);
+        if (add) o = _mm256_add_ps(o, _mm256_loadu_ps(cr + 8 * v));
+        _mm256_storeu_ps(cr + 8 * v, o);
       }
-      _mm256_storeu_ps(cr, o0);
-      _mm256_storeu_ps(cr + 8, o1);
     }
     return;
   }
-  const __m256i m0 = lanes_below(w), m1 = lanes_below(w - 8);
+  __m256i m[NV];
+#pragma GCC unroll 2
+  for (int v = 0; v < NV; ++v) m[v] = lanes_below(w - 8 * v);
   // Unrolled like every loop over acc: one indexed by a run-time r would keep the accumulators in memory.
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
     float* cr = c + r * ldc;
-    __m256 o0 = _mm256_mul_ps(acc[r][0], al), o1 = _mm256_mul_ps(acc[r][1], al);
-    if (add) {
-      o0 = _mm256_add_ps(o0, _mm256_maskload_ps(cr, m0));
-      o1 = _mm256_add_ps(o1, _mm256_maskload_ps(cr + 8, m1));
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      __m256 o = _mm256_mul_ps(acc[r][v], al);
+      if (add) o = _mm256_add_ps(o, _mm256_maskload_ps(cr + 8 * v, m[v]));
+      _mm256_maskstore_ps(cr + 8 * v, m[v], o);
     }
-    _mm256_maskstore_ps(cr, m0, o0);
-    _mm256_maskstore_ps(cr + 8, m1, o1);
   }
 }
 
 template <bool ATrans>
 using MicroKernel = void (*)(int64_t, const float*, int64_t, const float*, float*, int64_t, float, bool, int64_t);
 
+// [rows][NV - 1]: the kernel for a block of `rows` rows of A and a panel of up to 8·NV columns.
 template <bool ATrans>
-constexpr MicroKernel<ATrans> kKernels[kMr + 1] = {nullptr,
-                                                   micro_kernel<1, ATrans>,
-                                                   micro_kernel<2, ATrans>,
-                                                   micro_kernel<3, ATrans>,
-                                                   micro_kernel<4, ATrans>,
-                                                   micro_kernel<5, ATrans>,
-                                                   micro_kernel<6, ATrans>};
+constexpr MicroKernel<ATrans> kKernels[kMr + 1][2] = {
+    {nullptr, nullptr},
+    {micro_kernel<1, ATrans, 1>, micro_kernel<1, ATrans, 2>},
+    {micro_kernel<2, ATrans, 1>, micro_kernel<2, ATrans, 2>},
+    {micro_kernel<3, ATrans, 1>, micro_kernel<3, ATrans, 2>},
+    {micro_kernel<4, ATrans, 1>, micro_kernel<4, ATrans, 2>},
+    {micro_kernel<5, ATrans, 1>, micro_kernel<5, ATrans, 2>},
+    {micro_kernel<6, ATrans, 1>, micro_kernel<6, ATrans, 2>}};
 
 // C[m, nc] = alpha · op(A)[m, kc] · B (+ C when add), B's 16-column panels panel_stride floats apart from bp.
 // ahead: `per_call` of its lines are fetched before each micro-kernel call.
@@ -163,11 +163,11 @@ VITKERN_AVX2_TARGET void run_panels(int64_t m, int64_t nc, int64_t kc, float alp
   for (int64_t i0 = 0; i0 < m; i0 += kMr) {
     const int64_t rows = std::min<int64_t>(kMr, m - i0);
     const float* ap = ATrans ? a + i0 : a + i0 * lda;
-    const MicroKernel<ATrans> kernel = kKernels<ATrans>[rows];
     for (int64_t jp = 0; jp < nc; jp += kNr) {
       if (ahead) ahead->issue(per_call);
-      kernel(kc, ap, lda, bp + (jp / kNr) * panel_stride, c + i0 * ldc + jp, ldc, alpha, add,
-             std::min<int64_t>(kNr, nc - jp));
+      const int64_t w = std::min<int64_t>(kNr, nc - jp);
+      kKernels<ATrans>[rows][w > 8](kc, ap, lda, bp + (jp / kNr) * panel_stride, c + i0 * ldc + jp, ldc, alpha,
+                                    add, w);
     }
   }
 }

@@ -1,5 +1,6 @@
 // vitkern's own float32 tile GEMM for AVX2+FMA CPUs: a 6×16 register-blocked micro-kernel over B packed in
-// 16-column panels (the BLIS layout for 16 ymm registers: 12 accumulators, two B vectors, one broadcast).
+// 16-column panels (the BLIS layout for 16 ymm registers: 12 accumulators, two B vectors, one broadcast), and
+// a 6×8 one for a last panel with at most 8 columns used (197 keys: 5 of the 13th panel's 16).
 // The attention tiles are short in one dimension (k = head dim 64 for S = Q·Kᵀ, n = 64 for P·V): MKL reaches
 // 54–64 GFLOP/s on them against 76 for a square product on one Zen 3 core; this kernel's loop does nothing but
 // FMAs and loads, whatever the shape.
