@@ -235,18 +235,20 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, c
   fill_row(l_buf, mq, T(0));
   bool o_live = false;  // the accumulator is written by the first visited tile's product (beta = 0)
   const int64_t j_last = last_visited(a, w, codes);
+  // The own AVX2 GEMM issues the queued fetches between its micro-kernel calls; otherwise they go between rows.
+  const bool gemm_fetches = ahead && prod.takes_ahead();
 
   for (int64_t j0 = w.k_lo; j0 < w.k_hi; j0 += bn) {
     const uint8_t code = codes ? codes[(j0 - w.k_lo) / bn] : uint8_t(kTileClean);
     if (code == kTileSkip) continue;
     const KeyTile t = key_tile<T, Products::kLowp>(a, w, j0, code);
     if (ahead) queue_inputs(*ahead, prod, p, bn, w, j0, next);
-    prod.ahead = ahead;
+    prod.ahead = gemm_fetches ? ahead : nullptr;
     if constexpr (Products::kLowp) prod.scores(w, hk, j0, t.nb, s_buf, ld, /*scaled=*/!t.raw);
     else prod.scores(w, hk, j0, t.nb, s_buf, ld);
     NoFeed none;
     const bool fetch_out = j0 == j_last && !a.stream_out;  // the output rows, for store_rows
-    const int64_t per_row = ahead && !prod.takes_ahead() ? (ahead->lines() + mq - 1) / mq : 0;
+    const int64_t per_row = ahead && !gemm_fetches ? (ahead->lines() + mq - 1) / mq : 0;
     for (int64_t r = 0; r < mq; ++r) {
       if (per_row) ahead->issue(per_row);
       if constexpr (Products::kLowp)
@@ -255,14 +257,14 @@ void forward_tile(const ForwardArgs<T>& a, Products& prod, const QueryTile& w, c
       else
         softmax_row<T, false>(a, w, t, r, s_buf + r * ld, nullptr, 0, m_buf + r, l_buf + r, o_buf + r * ldo,
                               o_live, false, none);
-      if (fetch_out && !(ahead && prod.takes_ahead())) prefetch_output_row(a, w, r);
+      if (fetch_out && !gemm_fetches) prefetch_output_row(a, w, r);
     }
-    if (ahead && prod.takes_ahead() && fetch_out) {
+    if (gemm_fetches && fetch_out) {
       // The output rows, fetched for writing between P·V's micro-kernel calls: store_rows follows it.
       ahead->clear();
       queue_output_rows(*ahead, a, w);
     }
-    prod.ahead = ahead && prod.takes_ahead() && fetch_out ? ahead : nullptr;
+    prod.ahead = gemm_fetches && fetch_out ? ahead : nullptr;
     if constexpr (Products::kLowp) prod.accumulate_p(w, hk, j0, o_buf, o_live);
     else prod.accumulate(w, hk, j0, t.nb, s_buf, ld, o_buf, o_live);
     o_live = true;
