@@ -33,8 +33,9 @@ at::Tensor softmax_exp_rows_(at::Tensor& x, double shift) {
   const int64_t rows = x.size(0), n = x.size(1);
   at::Tensor sums = at::empty({rows}, x.options());
   float* data = x.data_ptr<float>();
+  float* row_sums = sums.data_ptr<float>();
   for (int64_t r = 0; r < rows; ++r)
-    sums.data_ptr<float>()[r] = vitkern_cpu::exp_shift_sum<float>(data + r * n, n, static_cast<float>(shift));
+    row_sums[r] = vitkern_cpu::exp_shift_sum<float>(data + r * n, n, static_cast<float>(shift));
   return sums;
 }
 
